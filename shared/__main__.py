@@ -1,0 +1,99 @@
+"""Command line: ``python -m shared {validate,test-rules,replay} ...``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import RuleSetError
+from .normalize import FORMATS
+from .rules import default_rules_dir, load_rules
+
+
+def _rule_paths(values: list[str] | None) -> list[Path]:
+    return [Path(v) for v in values] if values else [default_rules_dir()]
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        rules = load_rules(_rule_paths(args.paths))
+    except RuleSetError as exc:
+        for error in exc.errors:
+            print(error, file=sys.stderr)
+        print(f"{len(exc.errors)} invalid rule file(s)", file=sys.stderr)
+        return 1
+    for rule in rules:
+        print(f"ok {rule.path} ({rule.id})")
+    return 0
+
+
+def cmd_test_rules(args: argparse.Namespace) -> int:
+    from .ruletests import run_rule_tests
+
+    try:
+        rules = load_rules(_rule_paths(args.paths))
+    except RuleSetError as exc:
+        for error in exc.errors:
+            print(error, file=sys.stderr)
+        return 2
+    results = run_rule_tests(rules)
+    for result in results:
+        print(result.line())
+    failed = sum(not r.passed for r in results)
+    print(f"{len(results) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .replay import replay
+
+    try:
+        rules = load_rules(_rule_paths(args.rules))
+    except RuleSetError as exc:
+        more = f" (+{len(exc.errors) - 1} more)" if len(exc.errors) > 1 else ""
+        print(f"error: invalid rules: {exc.errors[0]}{more}", file=sys.stderr)
+        return 2
+    missing = [f for f in args.files if f != "-" and not os.path.isfile(f)]
+    if missing:
+        print(f"error: no such file: {missing[0]}", file=sys.stderr)
+        return 2
+    summary = replay(args.files, rules, fmt=args.format, out=sys.stdout.buffer, err=sys.stderr, progress=sys.stderr.isatty())
+    for line in summary.lines():
+        print(line, file=sys.stderr)
+    return 1 if summary.rejected else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m shared", description="defender-correlator commands")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check rule files and print every error")
+    p.add_argument("paths", nargs="*", help="rule files or folders (default: the shipped rules/)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("test-rules", help="run the test cases carried by rule files")
+    p.add_argument("paths", nargs="*", help="rule files or folders (default: the shipped rules/)")
+    p.set_defaults(func=cmd_test_rules)
+
+    p = sub.add_parser("replay", help="run the rules over alert files; incidents as JSON lines on stdout")
+    p.add_argument("files", nargs="+", help="alert files in any supported format ('-' for stdin)")
+    p.add_argument("--rules", action="append", help="rule file or folder (repeatable; default: rules/)")
+    p.add_argument("--format", default="auto", choices=FORMATS, help="force a wire format (default: detect per record)")
+    p.set_defaults(func=cmd_replay)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors already
+        return int(exc.code or 0)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

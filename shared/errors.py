@@ -1,0 +1,89 @@
+"""One exception hierarchy for the product; every error says where it came from.
+
+All errors derive from :class:`CorrelatorError` (a ``ValueError``), so callers can catch one type.
+"""
+
+from __future__ import annotations
+
+
+class CorrelatorError(ValueError):
+    """Root of every error this package raises on purpose."""
+
+
+class RuleError(CorrelatorError):
+    """A rule file, field or query is invalid.
+
+    The message names the file, the field, and for query text the column, and quotes the
+    offending text, e.g. ``rules/x.yaml: subpatterns[0].query: column 12: unexpected 'AND'``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        field: str | None = None,
+        column: int | None = None,
+        text: str | None = None,
+    ) -> None:
+        self.reason = message
+        self.file = file
+        self.field = field
+        self.column = column
+        self.text = text
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        parts = [p for p in (self.file, self.field) if p]
+        if self.column is not None:
+            parts.append(f"column {self.column}")
+        parts.append(self.reason)
+        if self.text is not None:
+            parts[-1] += f" in {self.text!r}"
+        return ": ".join(parts)
+
+    def located(self, *, file: str | None = None, field: str | None = None) -> RuleError:
+        """Return a copy with the file and/or field filled in where they were unknown."""
+        return RuleError(
+            self.reason,
+            file=self.file or file,
+            field=self._join_field(field, self.field),
+            column=self.column,
+            text=self.text,
+        )
+
+    @staticmethod
+    def _join_field(outer: str | None, inner: str | None) -> str | None:
+        if outer and inner:
+            return f"{outer}.{inner}" if not inner.startswith("[") else f"{outer}{inner}"
+        return outer or inner
+
+
+class RuleSetError(CorrelatorError):
+    """Several rule files failed to load; ``errors`` holds every one of them."""
+
+    def __init__(self, errors: list[RuleError]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(str(e) for e in errors))
+
+
+class RecordError(CorrelatorError):
+    """A record could not be normalized (bad input). Raised inside the parser, returned as data."""
+
+    def __init__(self, reason: str, *, fmt: str | None = None, field: str | None = None) -> None:
+        self.reason = reason
+        self.fmt = fmt
+        self.field = field
+        super().__init__(reason)
+
+
+class StoreError(CorrelatorError):
+    """The state store failed in a way a retry of the whole batch may fix (infrastructure)."""
+
+
+class ConcurrencyConflict(StoreError):
+    """A conditional write lost to another writer (ETag mismatch or create of an existing key)."""
+
+
+class SettingsError(CorrelatorError):
+    """A required app setting is missing or malformed; the message names the setting."""

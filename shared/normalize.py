@@ -1,0 +1,569 @@
+"""Defender alerts in every wire format, normalized to FortiSIEM attribute names.
+
+Pure: bytes and parsed JSON in, :class:`NormalizedEvent` / :class:`Rejection` out. Bad input never
+raises out of a batch: each bad record becomes a ``Rejection`` naming the format tried, the field and
+the position, and every other record is still processed.
+
+Formats (detected per record, or forced): Graph ``alerts_v2`` (``graph``), Defender XDR streaming
+records (``streaming``), MDE alerts API (``mde``), legacy MDE SIEM API (``siem``) and
+already-normalized FortiSIEM-style events (``normalized``). The README has the attribute table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, BinaryIO, Union
+
+import orjson
+
+from .errors import RecordError
+
+MAX_RECORD_BYTES = 1 << 20  # one alert record; real alerts are a few KiB, Event Hub caps events at 1 MiB
+MAX_DOCUMENT_BYTES = 256 << 20  # a whole (non line-delimited) JSON file read at once
+MAX_RAW_BYTES = 4096  # raw record kept as incident evidence
+
+FORMATS = ("auto", "graph", "streaming", "mde", "siem", "normalized")
+
+ALERT, EVIDENCE, OTHER = "alert", "evidence", "event"
+
+_TECHNIQUE = re.compile(r"^T\d{4}(?:\.\d{3})?$")
+_TECHNIQUE_IN_TEXT = re.compile(r"\((T\d{4}(?:\.\d{3})?)\)")
+_SEVERITY = {
+    "informational": (1, "LOW"),
+    "low": (3, "LOW"),
+    "medium": (6, "MEDIUM"),
+    "high": (9, "HIGH"),
+}
+_STREAM_PREFIX = "AdvancedHunting-"
+_JSON_COLUMNS = ("AdditionalFields", "Categories")  # dynamic columns that arrive JSON-encoded
+
+
+@dataclass(slots=True)
+class NormalizedEvent:
+    """One event in FortiSIEM vocabulary, with what the engine needs besides the attributes."""
+
+    attrs: dict[str, Any]
+    identity: str  # same record twice -> same identity; new alert version -> new identity
+    event_time: datetime  # aware UTC; the record's own time, else its arrival time
+    time_fallback: bool  # True when event_time is the arrival time
+    kind: str  # alert | evidence | event
+    format: str
+    position: str
+    raw: Any = dc_field(repr=False, default=None)
+
+    @property
+    def event_type(self) -> str:
+        return str(self.attrs.get("eventType", ""))
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A record that could not be normalized, as data (the Functions layer dead-letters it)."""
+
+    position: str
+    reason: str
+    format: str | None = None
+    field: str | None = None
+    raw: bytes | None = dc_field(default=None, repr=False)
+
+    def __str__(self) -> str:
+        where = f" [{self.format}" + (f" field {self.field}" if self.field else "") + "]" if self.format else ""
+        return f"{self.position}: {self.reason}{where}"
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A well-formed record that no loaded rule can match; its attributes were never built."""
+
+    event_type: str
+
+
+Item = Union[NormalizedEvent, Rejection, Skipped]
+Prefilter = Callable[[str], bool]
+
+
+def parse_time(value: Any) -> datetime | None:
+    """ISO 8601 text (any fraction digits, ``Z`` or offset) or epoch seconds/ms -> aware UTC."""
+    if isinstance(value, str) and value:
+        text = value.strip()
+        if text.endswith(("Z", "z")):
+            text = text[:-1] + "+00:00"
+        frac = re.match(r"^(.*\.\d{6})\d+(.*)$", text)  # fromisoformat takes at most 6 digits
+        if frac:
+            text = frac.group(1) + frac.group(2)
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            return None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=timezone.utc)
+        return parsed.astimezone(timezone.utc)
+    if type(value) in (int, float) and value > 0:
+        seconds = value / 1000 if value > 1e11 else value
+        try:
+            return datetime.fromtimestamp(seconds, tz=timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            return None
+    return None
+
+
+def iso(ts: datetime) -> str:
+    return ts.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def technique_ids(values: Iterable[Any]) -> tuple[str, ...]:
+    """Upper-cased, de-duplicated technique ids, each sub-technique followed by its parent id."""
+    out: dict[str, None] = {}
+    for value in values:
+        if not isinstance(value, str) or not value.strip():
+            continue
+        tid = value.strip().upper()
+        out[tid] = None
+        if _TECHNIQUE.match(tid) and "." in tid:
+            out[tid.split(".", 1)[0]] = None
+    return tuple(out)
+
+
+def streaming_techniques(value: Any) -> tuple[str, ...]:
+    """``AttackTechniques``: a string holding a JSON list of ``"Name (Txxxx.yyy)"``, or ``""``."""
+    if value is None or value == "":
+        return ()
+    items: Any = value
+    if isinstance(value, str):
+        try:
+            items = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            items = [value]  # tolerate a bare "Name (T1234)" string
+    if isinstance(items, str):
+        items = [items]
+    if not isinstance(items, list):
+        raise RecordError("AttackTechniques is neither a list nor a JSON list in a string", field="AttackTechniques")
+    found = [m for item in items if isinstance(item, str) for m in _TECHNIQUE_IN_TEXT.findall(item)]
+    bare = [item for item in items if isinstance(item, str) and _TECHNIQUE.match(item.strip().upper())]
+    return technique_ids(found + bare)
+
+
+def _severity(attrs: dict[str, Any], value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        return
+    score = _SEVERITY.get(value.lower())
+    if score:
+        attrs["eventSeverity"], attrs["eventSeverityCat"] = score
+    else:
+        attrs["eventSeverityCat"] = "UNKNOWN"
+
+
+def _text(rec: dict[str, Any], key: str, fmt: str, *, required: bool = False, where: str = "") -> str | None:
+    value = rec.get(key)
+    if value is None or value == "":
+        if required:
+            raise RecordError(f"missing required field {where + key!r}", fmt=fmt, field=where + key)
+        return None
+    if isinstance(value, str):
+        return value
+    if type(value) is int:
+        return str(value)  # ids are numbers in some formats (MDE incidentId)
+    raise RecordError(f"field {where + key!r} must be a string, got {type(value).__name__}", fmt=fmt, field=where + key)
+
+
+def _put(attrs: dict[str, Any], name: str, value: Any) -> None:
+    if value is not None and value != "" and value != ():
+        attrs[name] = value
+
+
+def content_hash(obj: Any) -> str:
+    """Stable hash of a JSON value (key order does not matter)."""
+    data = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS, default=str)
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _pascal(text: str) -> str:
+    return "".join(part[:1].upper() + part[1:] for part in re.split(r"[\s_/]+", text) if part)
+
+
+def detect_format(rec: Any) -> str | None:
+    """Which wire format a single record is in, or None."""
+    if not isinstance(rec, dict):
+        return None
+    category = rec.get("category")
+    if isinstance(category, str) and category.startswith(_STREAM_PREFIX) and "properties" in rec:
+        return "streaming"
+    otype = rec.get("@odata.type")
+    if (
+        (isinstance(otype, str) and otype.endswith("security.alert"))
+        or "providerAlertId" in rec
+        or ("createdDateTime" in rec and ("serviceSource" in rec or "mitreTechniques" in rec))
+    ):
+        return "graph"
+    if "alertCreationTime" in rec or "aadTenantId" in rec or "machineId" in rec:
+        return "mde"
+    if "AlertTime" in rec and ("LinkToWDATP" in rec or "AlertTitle" in rec):
+        return "siem"
+    if "eventType" in rec:
+        return "normalized"
+    return None
+
+
+class Normalizer:
+    """Turns payloads into normalized events.
+
+    ``prefilter(event_type)`` says whether any loaded rule could match an event of that type; when
+    it says no, the record yields :class:`Skipped` without its attributes being built.
+    """
+
+    def __init__(self, *, fmt: str = "auto", prefilter: Prefilter | None = None) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+        self.fmt = fmt
+        self.prefilter = prefilter
+        self._handlers: dict[str, Callable[[dict[str, Any], str, datetime], Item]] = {
+            "graph": self._graph,
+            "streaming": self._streaming,
+            "mde": self._mde,
+            "siem": self._siem,
+            "normalized": self._normalized,
+        }
+
+    # -- entry points -------------------------------------------------------------------------
+
+    def from_bytes(self, body: bytes, position: str, arrival: datetime) -> Iterator[Item]:
+        """One message body, line or document: a record, a JSON array, or a records/value envelope.
+
+        A body that is not one JSON document is tried as JSON lines.
+        """
+        if len(body) > MAX_DOCUMENT_BYTES:
+            yield Rejection(position, f"payload of {len(body)} bytes exceeds {MAX_DOCUMENT_BYTES}", raw=body[:256])
+            return
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            lines = body.splitlines()
+            if len(lines) > 1:
+                for number, line in enumerate(lines, 1):
+                    if line.strip():
+                        yield from self.from_line(line, f"{position}:{number}", arrival)
+                return
+            yield Rejection(position, _json_reason(exc, body), raw=body[:256])
+            return
+        yield from self.from_document(doc, position, arrival)
+
+    def from_line(self, line: bytes, position: str, arrival: datetime) -> Iterator[Item]:
+        """One line of JSON lines input."""
+        if len(line) > MAX_RECORD_BYTES:
+            yield Rejection(position, f"record of {len(line)} bytes exceeds the {MAX_RECORD_BYTES}-byte cap", raw=line[:256])
+            return
+        try:
+            doc = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            yield Rejection(position, _json_reason(exc, line), raw=line[:256])
+            return
+        yield from self.from_document(doc, position, arrival)
+
+    def from_document(self, doc: Any, position: str, arrival: datetime) -> Iterator[Item]:
+        """Unwrap envelopes (``records``, ``value``, bare array) and normalize each record."""
+        if isinstance(doc, dict):
+            records = doc.get("records")
+            if isinstance(records, list) and "category" not in doc:
+                for i, rec in enumerate(records):
+                    yield self.normalize(rec, f"{position}#{i}", arrival)
+                return
+            value = doc.get("value")
+            if isinstance(value, list) and ("@odata.context" in doc or "@odata.nextLink" in doc or "id" not in doc):
+                for i, rec in enumerate(value):
+                    yield self.normalize(rec, f"{position}#{i}", arrival)
+                return
+            yield self.normalize(doc, position, arrival)
+            return
+        if isinstance(doc, list):
+            for i, rec in enumerate(doc):
+                yield self.normalize(rec, f"{position}#{i}", arrival)
+            return
+        yield Rejection(position, f"expected a JSON object or array, got {type(doc).__name__}")
+
+    def normalize(self, rec: Any, position: str, arrival: datetime) -> Item:
+        """Normalize one record; never raises for bad input."""
+        fmt = self.fmt if self.fmt != "auto" else detect_format(rec)
+        if fmt is None:
+            keys = ", ".join(sorted(rec)[:6]) if isinstance(rec, dict) else type(rec).__name__
+            return Rejection(position, f"record of no known format (keys: {keys})", raw=_preview(rec))
+        if not isinstance(rec, dict):
+            return Rejection(position, f"expected a JSON object, got {type(rec).__name__}", fmt)
+        try:
+            return self._handlers[fmt](rec, position, arrival)
+        except RecordError as err:
+            return Rejection(position, err.reason, err.fmt or fmt, err.field, raw=_preview(rec))
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:  # wrong shapes deep inside
+            return Rejection(position, f"malformed record ({type(exc).__name__}: {exc})", fmt, raw=_preview(rec))
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _skip(self, event_type: str) -> bool:
+        return self.prefilter is not None and not self.prefilter(event_type)
+
+    @staticmethod
+    def _time(attrs: dict[str, Any], value: Any, arrival: datetime) -> tuple[datetime, bool]:
+        parsed = parse_time(value)
+        if parsed is None:
+            attrs["eventTimeSource"] = "arrival"
+            parsed, fallback = arrival, True
+        else:
+            fallback = False
+        attrs["eventTime"] = iso(parsed)
+        return parsed, fallback
+
+    # -- formats ------------------------------------------------------------------------------
+
+    def _graph(self, rec: dict[str, Any], position: str, arrival: datetime) -> Item:
+        fmt = "graph"
+        category = _text(rec, "category", fmt) or ""
+        event_type = "M365Defender-Alert" + (f"-{_pascal(category)}" if category else "")
+        if self._skip(event_type):
+            return Skipped(event_type)
+        alert_id = _text(rec, "id", fmt, required=True)
+        attrs: dict[str, Any] = {"eventType": event_type, "alertIdStr": alert_id}
+        _put(attrs, "alertName", _text(rec, "title", fmt))
+        _put(attrs, "tenantId", _text(rec, "tenantId", fmt))
+        techniques = rec.get("mitreTechniques") or []
+        if not isinstance(techniques, list):
+            raise RecordError("field 'mitreTechniques' must be a list", fmt=fmt, field="mitreTechniques")
+        _put(attrs, "attackTechniqueId", technique_ids(techniques))
+        _put(attrs, "attackTactic", category)
+        _severity(attrs, rec.get("severity"))
+        _put(attrs, "incidentExtTicketId", _text(rec, "incidentId", fmt))
+        _put(attrs, "alertWebUrl", _text(rec, "alertWebUrl", fmt))
+        _put(attrs, "serviceSource", _text(rec, "serviceSource", fmt))
+        _put(attrs, "detectionSource", _text(rec, "detectionSource", fmt))
+        _put(attrs, "alertStatus", _text(rec, "status", fmt))
+        _put(attrs, "description", _text(rec, "description", fmt))
+        _put(attrs, "alertCreatedTime", _text(rec, "createdDateTime", fmt))
+        host, user = _graph_host_user(rec.get("evidence"))
+        _put(attrs, "hostName", host)
+        _put(attrs, "user", user)
+        version = _text(rec, "lastUpdateDateTime", fmt) or _text(rec, "createdDateTime", fmt)
+        when, fallback = self._time(attrs, version, arrival)
+        identity = f"graph:{alert_id}:{version or content_hash(rec)}"
+        return NormalizedEvent(attrs, identity, when, fallback, ALERT, fmt, position, rec)
+
+    def _mde(self, rec: dict[str, Any], position: str, arrival: datetime) -> Item:
+        fmt = "mde"
+        category = _text(rec, "category", fmt) or ""
+        event_type = "MS-Defender-Endpoint-Alert" + (f"-{_pascal(category)}" if category else "")
+        if self._skip(event_type):
+            return Skipped(event_type)
+        alert_id = _text(rec, "id", fmt, required=True)
+        attrs: dict[str, Any] = {"eventType": event_type, "alertIdStr": alert_id}
+        _put(attrs, "alertName", _text(rec, "title", fmt))
+        _put(attrs, "tenantId", _text(rec, "aadTenantId", fmt))
+        techniques = rec.get("mitreTechniques") or []
+        if isinstance(techniques, str):
+            techniques = [t for t in re.split(r"[,\s]+", techniques) if t]
+        if not isinstance(techniques, list):
+            raise RecordError("field 'mitreTechniques' must be a list", fmt=fmt, field="mitreTechniques")
+        _put(attrs, "attackTechniqueId", technique_ids(techniques))
+        _put(attrs, "attackTactic", category)
+        _severity(attrs, rec.get("severity"))
+        _put(attrs, "incidentExtTicketId", _text(rec, "incidentId", fmt))
+        _put(attrs, "serviceSource", "microsoftDefenderForEndpoint")
+        _put(attrs, "detectionSource", _text(rec, "detectionSource", fmt))
+        _put(attrs, "alertStatus", _text(rec, "status", fmt))
+        _put(attrs, "description", _text(rec, "description", fmt))
+        _put(attrs, "hostName", _text(rec, "computerDnsName", fmt))
+        _put(attrs, "alertCreatedTime", _text(rec, "alertCreationTime", fmt))
+        related = rec.get("relatedUser")
+        if isinstance(related, dict):
+            _put(attrs, "user", _text(related, "userName", fmt, where="relatedUser."))
+        version = _text(rec, "lastUpdateTime", fmt) or _text(rec, "alertCreationTime", fmt)
+        when, fallback = self._time(attrs, version, arrival)
+        # Evidence is not part of the identity: Elastic's capture splits one alert per evidence line.
+        identity = f"mde:{alert_id}:{version or content_hash({k: v for k, v in rec.items() if k != 'evidence'})}"
+        return NormalizedEvent(attrs, identity, when, fallback, ALERT, fmt, position, rec)
+
+    def _siem(self, rec: dict[str, Any], position: str, arrival: datetime) -> Item:
+        fmt = "siem"
+        category = _text(rec, "Category", fmt) or ""
+        event_type = "Microsoft-WinDefATP-Alert" + (f"-{_pascal(category)}" if category else "")
+        if self._skip(event_type):
+            return Skipped(event_type)
+        alert_id = _text(rec, "AlertId", fmt, required=True)
+        attrs: dict[str, Any] = {"eventType": event_type, "alertIdStr": alert_id}
+        _put(attrs, "alertName", _text(rec, "AlertTitle", fmt))
+        _put(attrs, "attackTactic", category)
+        _severity(attrs, rec.get("Severity"))
+        _put(attrs, "alertWebUrl", _text(rec, "LinkToWDATP", fmt))
+        _put(attrs, "detectionSource", _text(rec, "Source", fmt))
+        _put(attrs, "description", _text(rec, "Description", fmt))
+        _put(attrs, "hostName", _text(rec, "ComputerDnsName", fmt) or _text(rec, "MachineName", fmt))
+        user, domain = _text(rec, "UserName", fmt), _text(rec, "UserDomain", fmt)
+        _put(attrs, "user", f"{domain}\\{user}" if user and domain else user)
+        _put(attrs, "attackName", _text(rec, "ThreatName", fmt) or _text(rec, "AlertTitle", fmt))
+        _put(attrs, "fileName", _text(rec, "FileName", fmt))
+        _put(attrs, "hashCode", _text(rec, "Sha1", fmt) or _text(rec, "Sha256", fmt))
+        _put(attrs, "serviceSource", "microsoftDefenderForEndpoint")
+        when, fallback = self._time(attrs, rec.get("AlertTime"), arrival)
+        version = _text(rec, "LastProcessedTimeUtc", fmt) or content_hash(rec)
+        return NormalizedEvent(attrs, f"siem:{alert_id}:{version}", when, fallback, ALERT, fmt, position, rec)
+
+    def _streaming(self, rec: dict[str, Any], position: str, arrival: datetime) -> Item:
+        fmt = "streaming"
+        category = rec.get("category")
+        props = rec.get("properties")
+        if not isinstance(category, str) or not category.startswith(_STREAM_PREFIX):
+            raise RecordError("missing or bad 'category' (expected 'AdvancedHunting-<Table>')", fmt=fmt, field="category")
+        if not isinstance(props, dict):
+            raise RecordError("'properties' must be an object", fmt=fmt, field="properties")
+        table = category[len(_STREAM_PREFIX) :]
+        if table == "AlertInfo":
+            alert_category = _text(props, "Category", fmt, where="properties.") or ""
+            event_type = "MS-Defender-Endpoint-Alert" + (f"-{_pascal(alert_category)}" if alert_category else "")
+            kind = ALERT
+        elif table == "AlertEvidence":
+            event_type, kind, alert_category = "MS-Defender-Endpoint-AlertEvidence", EVIDENCE, ""
+        else:
+            event_type, kind, alert_category = f"MS-Defender-{table}", OTHER, ""
+        if self._skip(event_type):
+            return Skipped(event_type)
+        attrs: dict[str, Any] = {}
+        if kind != ALERT:
+            for key, value in props.items():  # raw columns stay queryable by their own names
+                _put(attrs, key, value)
+            for key in _JSON_COLUMNS:
+                _decode_json_column(attrs, key)
+        attrs["eventType"] = event_type
+        tenant = rec.get("tenantId")
+        _put(attrs, "tenantId", tenant if isinstance(tenant, str) else None)
+        if kind != OTHER:
+            alert_id = _text(props, "AlertId", fmt, required=True, where="properties.")
+            attrs["alertIdStr"] = alert_id
+            _put(attrs, "alertName", _text(props, "Title", fmt, where="properties."))
+            _put(attrs, "attackTechniqueId", streaming_techniques(props.get("AttackTechniques")))
+            _put(attrs, "serviceSource", _text(props, "ServiceSource", fmt, where="properties."))
+            _put(attrs, "detectionSource", _text(props, "DetectionSource", fmt, where="properties."))
+            _severity(attrs, props.get("Severity"))
+        if kind == ALERT:
+            _put(attrs, "attackTactic", alert_category)
+        _put(attrs, "hostName", props.get("DeviceName") if isinstance(props.get("DeviceName"), str) else None)
+        account = props.get("AccountName") or props.get("InitiatingProcessAccountName")
+        _put(attrs, "user", account if isinstance(account, str) else None)
+        when, fallback = self._time(attrs, props.get("Timestamp") or rec.get("time"), arrival)
+        identity = f"stream:{table}:{props.get('AlertId') or ''}:{content_hash(props)}"
+        return NormalizedEvent(attrs, identity, when, fallback, kind, fmt, position, rec)
+
+    def _normalized(self, rec: dict[str, Any], position: str, arrival: datetime) -> Item:
+        fmt = "normalized"
+        event_type = rec.get("eventType")
+        if not isinstance(event_type, str) or not event_type:
+            raise RecordError("missing required field 'eventType'", fmt=fmt, field="eventType")
+        if self._skip(event_type):
+            return Skipped(event_type)
+        attrs = {k: v for k, v in rec.items() if v is not None}
+        techniques = attrs.get("attackTechniqueId")
+        if techniques is not None:
+            attrs["attackTechniqueId"] = technique_ids([techniques] if isinstance(techniques, str) else techniques)
+        when, fallback = self._time(attrs, rec.get("eventTime"), arrival)
+        event_id = rec.get("eventId")
+        identity = f"event:{event_id}" if isinstance(event_id, (str, int)) else f"event:{content_hash(rec)}"
+        kind = ALERT if "alertIdStr" in attrs else OTHER
+        return NormalizedEvent(attrs, identity, when, fallback, kind, fmt, position, rec)
+
+
+def _decode_json_column(attrs: dict[str, Any], key: str) -> None:
+    value = attrs.get(key)
+    if not isinstance(value, str) or value[:1] not in ("{", "["):
+        return
+    try:
+        decoded = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return  # keep the text: a malformed decoration is not a reason to lose the event
+    if isinstance(decoded, dict):
+        for sub, sub_value in decoded.items():
+            if isinstance(sub_value, (str, int, float, bool)):
+                attrs[f"{key}.{sub}"] = sub_value
+    elif isinstance(decoded, list):
+        attrs[key] = tuple(decoded)
+
+
+def _graph_host_user(evidence: Any) -> tuple[str | None, str | None]:
+    host = user = None
+    if not isinstance(evidence, list):
+        return None, None
+    for item in evidence:
+        if not isinstance(item, dict):
+            continue
+        otype = str(item.get("@odata.type", ""))
+        if host is None and otype.endswith("deviceEvidence"):
+            value = item.get("deviceDnsName") or item.get("hostName")
+            host = value if isinstance(value, str) else None
+        if user is None and otype.endswith(("userEvidence", "processEvidence")):
+            account = item.get("userAccount")
+            if isinstance(account, dict):
+                value = account.get("accountName") or account.get("userPrincipalName")
+                user = value if isinstance(value, str) else None
+    return host, user
+
+
+def _json_reason(exc: orjson.JSONDecodeError, body: bytes) -> str:
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as uexc:
+        return f"invalid UTF-8 at byte {uexc.start}"
+    return f"not JSON ({exc})"
+
+
+def _preview(rec: Any) -> bytes | None:
+    try:
+        return orjson.dumps(rec, default=str)[:256]
+    except TypeError:
+        return None
+
+
+def raw_evidence(raw: Any, limit: int = MAX_RAW_BYTES) -> Any:
+    """The raw record for incident evidence, replaced by a marked preview when over ``limit``."""
+    data = orjson.dumps(raw, default=str)
+    if len(data) <= limit:
+        return raw
+    return {"truncated": True, "bytes": len(data), "preview": data[: limit // 2].decode("utf-8", "replace")}
+
+
+def iter_file(normalizer: Normalizer, stream: BinaryIO, name: str, arrival: Callable[[], datetime]) -> Iterator[Item]:
+    """Stream a file: JSON lines are read line by line (bounded memory); a file whose first line is
+    not a complete JSON value is read as one document (capped at ``MAX_DOCUMENT_BYTES``)."""
+    first = stream.readline(MAX_RECORD_BYTES + 1)
+    while first and not first.strip():
+        first = stream.readline(MAX_RECORD_BYTES + 1)
+    if not first:
+        return
+    try:
+        orjson.loads(first)
+        line_mode = True
+    except orjson.JSONDecodeError:
+        line_mode = False
+    if not line_mode:
+        rest = stream.read(MAX_DOCUMENT_BYTES + 1 - len(first))
+        yield from normalizer.from_bytes(first + rest, name, arrival())
+        return
+    number = 1
+    line: bytes = first
+    while line:
+        if len(line) > MAX_RECORD_BYTES and not line.endswith(b"\n"):
+            yield Rejection(f"{name}:{number}", f"record exceeds the {MAX_RECORD_BYTES}-byte cap")
+            while line and not line.endswith(b"\n"):  # skip the rest of the oversized line
+                line = stream.readline(MAX_RECORD_BYTES + 1)
+        elif line.strip():
+            yield from normalizer.from_line(line, f"{name}:{number}", arrival())
+        number += 1
+        line = stream.readline(MAX_RECORD_BYTES + 1)
+
+
+def open_input(path: str) -> tuple[BinaryIO, str]:
+    """Open an input path (``-`` for stdin) for binary streaming."""
+    import sys
+
+    if path == "-":
+        return sys.stdin.buffer, "<stdin>"
+    return Path(path).open("rb"), path

@@ -1,0 +1,533 @@
+"""FortiSIEM's subpattern query language: grammar, syntax tree, printer and compiled predicates.
+
+A query is parsed once (``parse_query``) into an immutable syntax tree, which ``compile`` turns into
+a plain Python closure: evaluating an event is then only attribute look-ups and comparisons.
+
+Semantics (also in the README's rule-language section):
+
+* string comparisons are case-insensitive for every operator;
+* an attribute may hold several values (a list); a positive operator holds if any value
+  satisfies it, its negation holds if none does;
+* a missing attribute satisfies no positive operator and every negated one;
+* ``IS NULL`` holds when the attribute is missing, null, ``""`` or an empty list;
+* ``<``, ``<=``, ``>``, ``>=`` and ``BETWEEN`` compare numbers (numeric strings count as numbers;
+  anything else does not match); ``BETWEEN`` also compares IP addresses when both bounds are IPs;
+* ``=`` with a number literal compares numerically; with a string literal, as text;
+* regular expressions are Python ``re`` patterns, searched (not anchored), case-insensitive,
+  compiled once; a bad pattern is a rule error.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Union
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
+
+from .errors import RuleError
+from .values import as_number, as_text, is_empty
+
+Predicate = Callable[[Mapping[str, Any]], bool]
+Literal = Union[str, int, float]
+
+GRAMMAR = r"""
+?start: or_expr
+?or_expr: and_expr (_OR and_expr)*
+?and_expr: not_expr (_AND not_expr)*
+?not_expr: _NOT not_expr -> negate
+         | atom
+?atom: "(" or_expr ")"
+     | comparison
+?comparison: ATTR CMP_OP value                             -> compare
+           | ATTR _CONTAIN value                           -> contain
+           | ATTR _NOT _CONTAIN value                      -> not_contain
+           | ATTR _IN "(" value ("," value)* ")"           -> in_list
+           | ATTR _NOT _IN "(" value ("," value)* ")"      -> not_in_list
+           | ATTR _REGEXP STRING                           -> regexp
+           | ATTR _NOT _REGEXP STRING                      -> not_regexp
+           | ATTR _BETWEEN "(" value "," value ")"         -> between
+           | ATTR _NOT _BETWEEN "(" value "," value ")"    -> not_between
+           | ATTR _IS _NULL                                -> is_null
+           | ATTR _IS _NOT _NULL                           -> is_not_null
+?value: STRING | IPV4 | NUMBER
+CMP_OP: "<=" | ">=" | "!=" | "<>" | "=" | "<" | ">"
+_OR.2: /or\b/i
+_AND.2: /and\b/i
+_NOT.2: /not\b/i
+_CONTAIN.2: /contains?\b/i
+_IN.2: /in\b/i
+_REGEXP.2: /regexp\b/i
+_BETWEEN.2: /between\b/i
+_IS.2: /is\b/i
+_NULL.2: /null\b/i
+ATTR: /[A-Za-z_$@][A-Za-z0-9_.$@]*/
+STRING: /"(?:[^"\\]|\\.)*"/ | /'(?:[^'\\]|\\.)*'/
+IPV4.3: /\d{1,3}(?:\.\d{1,3}){3}(?![0-9.])/
+NUMBER: /-?\d+(?:\.\d+)?(?![A-Za-z0-9_.])/
+%ignore /\s+/
+"""
+
+_PARSER = Lark(GRAMMAR, parser="lalr", maybe_placeholders=False, propagate_positions=False)
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "'": "'", "\\": "\\"}
+_STRING_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
+
+
+def _decode_string(token: str) -> str:
+    """Unquote a string literal: ``\\"``, ``\\'``, ``\\\\``, ``\\n``, ``\\t``, ``\\r`` are escapes."""
+    body = token[1:-1]
+    return _STRING_ESCAPE.sub(lambda m: _ESCAPES.get(m.group(1), "\\" + m.group(1)), body)
+
+
+def _decode_regex(token: str) -> str:
+    """Unquote a regex literal: only the quote escape is removed; ``\\\\`` stays a regex escape."""
+    quote = token[0]
+    body = token[1:-1]
+    return re.sub(r"\\(.)", lambda m: m.group(1) if m.group(1) == quote else m.group(0), body)
+
+
+def _encode_string(value: str) -> str:
+    out = value.replace("\\", "\\\\").replace('"', '\\"')
+    out = out.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    return f'"{out}"'
+
+
+def _encode_regex(pattern: str) -> str:
+    # Keep backslash pairs as they are; escape a bare quote.
+    return '"' + re.sub(r'\\.|"', lambda m: '\\"' if m.group(0) == '"' else m.group(0), pattern) + '"'
+
+
+def _literal_text(value: Literal) -> str:
+    return _encode_string(value) if isinstance(value, str) else repr(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Syntax tree
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Compare:
+    attr: str
+    op: str  # one of = != < <= > >=
+    value: Literal
+
+
+@dataclass(frozen=True)
+class Contain:
+    attr: str
+    value: Literal
+    negated: bool = False
+
+
+@dataclass(frozen=True)
+class InList:
+    attr: str
+    values: tuple[Literal, ...]
+    negated: bool = False
+
+
+@dataclass(frozen=True)
+class Regexp:
+    attr: str
+    pattern: str
+    negated: bool = False
+
+
+@dataclass(frozen=True)
+class Between:
+    attr: str
+    low: Literal
+    high: Literal
+    negated: bool = False
+
+
+@dataclass(frozen=True)
+class IsNull:
+    attr: str
+    negated: bool = False
+
+
+@dataclass(frozen=True)
+class Not:
+    child: Node
+
+
+@dataclass(frozen=True)
+class And:
+    children: tuple[Node, ...]
+
+
+@dataclass(frozen=True)
+class Or:
+    children: tuple[Node, ...]
+
+
+Node = Union[Compare, Contain, InList, Regexp, Between, IsNull, Not, And, Or]
+Leaf = Union[Compare, Contain, InList, Regexp, Between, IsNull]
+
+
+def to_text(node: Node) -> str:
+    """Print a syntax tree as query text that parses back to the same tree."""
+    if isinstance(node, (And, Or)):
+        joiner = " AND " if isinstance(node, And) else " OR "
+        return joiner.join(_child_text(c) for c in node.children)
+    if isinstance(node, Not):
+        return "NOT " + _child_text(node.child)
+    neg = "NOT " if getattr(node, "negated", False) else ""
+    if isinstance(node, Compare):
+        return f"{node.attr} {node.op} {_literal_text(node.value)}"
+    if isinstance(node, Contain):
+        return f"{node.attr} {neg}CONTAIN {_literal_text(node.value)}"
+    if isinstance(node, InList):
+        return f"{node.attr} {neg}IN ({', '.join(_literal_text(v) for v in node.values)})"
+    if isinstance(node, Regexp):
+        return f"{node.attr} {neg}REGEXP {_encode_regex(node.pattern)}"
+    if isinstance(node, Between):
+        return f"{node.attr} {neg}BETWEEN ({_literal_text(node.low)}, {_literal_text(node.high)})"
+    return f"{node.attr} IS {neg}NULL"
+
+
+def _child_text(node: Node) -> str:
+    text = to_text(node)
+    return f"({text})" if isinstance(node, (And, Or, Not)) else text
+
+
+def attributes_of(node: Node) -> set[str]:
+    """Every attribute name the query reads."""
+    if isinstance(node, (And, Or)):
+        return set().union(*(attributes_of(c) for c in node.children))
+    if isinstance(node, Not):
+        return attributes_of(node.child)
+    return {node.attr}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------------------------
+
+
+def _number(token: Token) -> int | float:
+    text = str(token)
+    return float(text) if "." in text else int(text)
+
+
+def _value(token: Token) -> Literal:
+    if token.type == "STRING":
+        return _decode_string(token)
+    if token.type == "IPV4":
+        return str(token)
+    return _number(token)
+
+
+@v_args(inline=True)
+class _ToTree(Transformer[Token, Node]):
+    def or_expr(self, *children: Node) -> Node:
+        return Or(tuple(children))
+
+    def and_expr(self, *children: Node) -> Node:
+        return And(tuple(children))
+
+    def negate(self, child: Node) -> Node:
+        return Not(child)
+
+    def compare(self, attr: Token, op: Token, value: Token) -> Node:
+        operator = "!=" if str(op) == "<>" else str(op)
+        literal = _value(value)
+        if operator in ("<", "<=", ">", ">=") and as_number(literal) is None:
+            raise RuleError(f"operator {operator} needs a number", column=value.column, text=str(value))
+        return Compare(str(attr), operator, literal)
+
+    def contain(self, attr: Token, value: Token) -> Node:
+        return Contain(str(attr), _value(value))
+
+    def not_contain(self, attr: Token, value: Token) -> Node:
+        return Contain(str(attr), _value(value), True)
+
+    def in_list(self, attr: Token, *values: Token) -> Node:
+        return InList(str(attr), tuple(_value(v) for v in values))
+
+    def not_in_list(self, attr: Token, *values: Token) -> Node:
+        return InList(str(attr), tuple(_value(v) for v in values), True)
+
+    def regexp(self, attr: Token, pattern: Token, negated: bool = False) -> Node:
+        text = _decode_regex(str(pattern))
+        try:
+            re.compile(text)
+        except re.error as exc:
+            raise RuleError(f"bad regular expression ({exc})", column=pattern.column, text=text) from None
+        return Regexp(str(attr), text, negated)
+
+    def not_regexp(self, attr: Token, pattern: Token) -> Node:
+        return self.regexp(attr, pattern, True)
+
+    def between(self, attr: Token, low: Token, high: Token, negated: bool = False) -> Node:
+        lo, hi = _value(low), _value(high)
+        if _range_kind(lo, hi) is None:
+            raise RuleError("BETWEEN needs two numbers or two IP addresses", column=low.column, text=f"{lo}, {hi}")
+        return Between(str(attr), lo, hi, negated)
+
+    def not_between(self, attr: Token, low: Token, high: Token) -> Node:
+        return self.between(attr, low, high, True)
+
+    def is_null(self, attr: Token) -> Node:
+        return IsNull(str(attr))
+
+    def is_not_null(self, attr: Token) -> Node:
+        return IsNull(str(attr), True)
+
+
+_TO_TREE = _ToTree()
+
+
+def _syntax_error(exc: UnexpectedInput, text: str) -> RuleError:
+    if isinstance(exc, UnexpectedEOF):
+        return RuleError("unexpected end of query", column=len(text) + 1, text=text)
+    if isinstance(exc, UnexpectedCharacters):
+        return RuleError(f"unexpected character {text[exc.pos_in_stream or 0]!r}", column=exc.column, text=text)
+    token = getattr(exc, "token", None)
+    if token is not None and token.type == "$END":
+        return RuleError("unexpected end of query", column=len(text) + 1, text=text)
+    shown = str(token) if token is not None else "?"
+    return RuleError(f"unexpected {shown!r}", column=exc.column, text=text)
+
+
+def parse_query(text: str) -> Node:
+    """Parse query text into a syntax tree.
+
+    Raises:
+        RuleError: the text is not a valid query; the message gives the column.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise RuleError("empty query")
+    try:
+        tree = _PARSER.parse(text)
+        result = _TO_TREE.transform(tree)
+    except UnexpectedInput as exc:
+        raise _syntax_error(exc, text) from None
+    except VisitError as exc:
+        if isinstance(exc.orig_exc, RuleError):
+            err = exc.orig_exc
+            raise RuleError(err.reason, column=err.column, text=err.text) from None
+        raise RuleError(f"cannot compile ({exc.orig_exc})", text=text) from None
+    except RecursionError:
+        raise RuleError("query nested too deeply", text=text[:80]) from None
+    if isinstance(result, Token):  # a bare attribute or literal is not a condition
+        raise RuleError("a condition is missing its operator", column=1, text=text)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Compilation to closures
+# ---------------------------------------------------------------------------------------------
+
+
+def _range_kind(low: Literal, high: Literal) -> str | None:
+    if as_number(low) is not None and as_number(high) is not None:
+        return "number"
+    try:
+        ipaddress.ip_address(str(low))
+        ipaddress.ip_address(str(high))
+    except ValueError:
+        return None
+    return "ip"
+
+
+def _any(values: Any, test: Callable[[Any], bool]) -> bool:
+    if type(values) in (list, tuple):
+        return any(test(v) for v in values if v is not None)
+    return test(values)
+
+
+def _compile_equal(attr: str, literal: Literal) -> Predicate:
+    target_num = as_number(literal) if not isinstance(literal, str) else None
+    if target_num is not None:
+
+        def num_test(v: Any) -> bool:
+            return as_number(v) == target_num
+
+        def eq_num(event: Mapping[str, Any]) -> bool:
+            v = event.get(attr)
+            return v is not None and _any(v, num_test)
+
+        return eq_num
+
+    target = as_text(literal)
+
+    def text_test(v: Any) -> bool:
+        return as_text(v) == target
+
+    def eq_text(event: Mapping[str, Any]) -> bool:
+        v = event.get(attr)
+        if v is None:
+            return False
+        if type(v) is str:
+            return v == target or v.lower() == target
+        return _any(v, text_test)
+
+    return eq_text
+
+
+_ORDER: dict[str, Callable[[float, float], bool]] = {
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+}
+
+
+def _compile_leaf(node: Leaf) -> Predicate:
+    attr = node.attr
+    if isinstance(node, IsNull):
+        if node.negated:
+            return lambda e: not is_empty(e.get(attr))
+        return lambda e: is_empty(e.get(attr))
+
+    test: Callable[[Any], bool]
+    if isinstance(node, Compare):
+        if node.op in ("=", "!="):
+            eq = _compile_equal(attr, node.value)
+            if node.op == "=":
+                return eq
+            return lambda e: not eq(e)
+        bound = as_number(node.value)
+        assert bound is not None  # checked at parse time
+        order = _ORDER[node.op]
+
+        def test(v: Any) -> bool:
+            n = as_number(v)
+            return n is not None and order(n, bound)
+
+        negated = False
+    elif isinstance(node, Contain):
+        needle = as_text(node.value)
+
+        def test(v: Any) -> bool:
+            return needle in as_text(v)
+
+        negated = node.negated
+    elif isinstance(node, InList):
+        texts = frozenset(as_text(v) for v in node.values if isinstance(v, str))
+        numbers = frozenset(n for v in node.values if not isinstance(v, str) for n in [as_number(v)] if n is not None)
+
+        def test(v: Any) -> bool:
+            if as_text(v) in texts:
+                return True
+            return bool(numbers) and as_number(v) in numbers
+
+        negated = node.negated
+    elif isinstance(node, Regexp):
+        search = re.compile(node.pattern, re.IGNORECASE).search
+
+        def test(v: Any) -> bool:
+            return search(v if type(v) is str else str(v)) is not None
+
+        negated = node.negated
+    else:
+        test = _between_test(node)
+        negated = node.negated
+
+    if negated:
+
+        def none_match(event: Mapping[str, Any]) -> bool:
+            v = event.get(attr)
+            return v is None or not _any(v, test)
+
+        return none_match
+
+    def any_match(event: Mapping[str, Any]) -> bool:
+        v = event.get(attr)
+        return v is not None and _any(v, test)
+
+    return any_match
+
+
+def _between_test(node: Between) -> Callable[[Any], bool]:
+    if _range_kind(node.low, node.high) == "number":
+        lo, hi = as_number(node.low), as_number(node.high)
+        assert lo is not None and hi is not None
+
+        def in_numbers(v: Any) -> bool:
+            n = as_number(v)
+            return n is not None and lo <= n <= hi
+
+        return in_numbers
+    ip_lo, ip_hi = ipaddress.ip_address(str(node.low)), ipaddress.ip_address(str(node.high))
+
+    def in_ips(v: Any) -> bool:
+        try:
+            ip = ipaddress.ip_address(str(v))
+        except ValueError:
+            return False
+        return ip.version == ip_lo.version and ip_lo <= ip <= ip_hi  # type: ignore[operator]
+
+    return in_ips
+
+
+def compile_node(node: Node) -> Predicate:
+    """Turn a syntax tree into a predicate over an event's attribute mapping."""
+    if isinstance(node, Not):
+        inner = compile_node(node.child)
+        return lambda e: not inner(e)
+    if isinstance(node, (And, Or)):
+        parts = [compile_node(c) for c in node.children]
+        if isinstance(node, And):
+            if len(parts) == 2:
+                a, b = parts
+                return lambda e: a(e) and b(e)
+            return lambda e: all(p(e) for p in parts)
+        if len(parts) == 2:
+            a, b = parts
+            return lambda e: a(e) or b(e)
+        return lambda e: any(p(e) for p in parts)
+    return _compile_leaf(node)
+
+
+def partial_eval(node: Node, known: Mapping[str, Any]) -> bool | None:
+    """Three-valued evaluation with only some attributes known: ``None`` means "depends".
+
+    Used to skip events early: if a query is ``False`` knowing only an event's type, no other
+    attribute can make it match, so the event's full attribute set is never built.
+    """
+    if isinstance(node, Not):
+        inner = partial_eval(node.child, known)
+        return None if inner is None else not inner
+    if isinstance(node, (And, Or)):
+        results = [partial_eval(c, known) for c in node.children]
+        if isinstance(node, And):
+            if False in results:
+                return False
+            return True if all(r is True for r in results) else None
+        if True in results:
+            return True
+        return False if all(r is False for r in results) else None
+    if node.attr not in known:
+        return None
+    return _compiled_leaf(node)(known)
+
+
+@lru_cache(maxsize=4096)
+def _compiled_leaf(node: Leaf) -> Predicate:
+    return _compile_leaf(node)
+
+
+@dataclass(frozen=True)
+class Query:
+    """A parsed and compiled subpattern query."""
+
+    text: str
+    tree: Node
+    matches: Predicate
+
+    @classmethod
+    def parse(cls, text: str) -> Query:
+        tree = parse_query(text)
+        return cls(text=text, tree=tree, matches=compile_node(tree))
+
+    def could_match(self, known: Mapping[str, Any]) -> bool:
+        return partial_eval(self.tree, known) is not False

@@ -153,6 +153,7 @@ def apply_events(
     revision in this batch). Events whose identity the window already holds change nothing.
     """
     st = state if state is not None else GroupState(key)
+    key = st.key  # the group's values keep the case of its first event
     window_ms = rule.window_s * 1000
     lifetime_ms = rule.lifetime_s * 1000
     seen = {e[1] for e in st.entries}

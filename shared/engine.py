@@ -20,7 +20,9 @@ from .errors import StoreError
 from .normalize import NormalizedEvent, iso, raw_evidence
 from .rules import Rule
 from .state import (
+    MAX_STATE_BYTES,
     MAX_WINDOW_ENTRIES,
+    SIZE_CHECK_ENTRIES,
     Change,
     GroupKey,
     GroupState,
@@ -221,11 +223,27 @@ def apply_events(
         # retried after its state was saved but before its output was delivered loses nothing.
         stats.add("reemitted", rule=rule.id)
         return st, [snapshot(rule, key, st.incident, "updated" if st.incident.revision > 1 else "created", list(ordered))]
+    _fit(st, stats, rule.id)
     snapshots = []
     for inc, action, evidence in touched.values():
         stats.add("incidents_" + action, rule=rule.id)
         snapshots.append(snapshot(rule, key, inc, action, evidence))
     return st, snapshots
+
+
+def _fit(st: GroupState, stats: Stats, rule_id: str) -> None:
+    """Evict the oldest entries until the encoded state fits one Table property (never fail a write)."""
+    small_values = sum(len(v) for v in st.key.values) < 4096 and all(len(e) == 2 for e in st.entries[-1:])
+    if len(st.entries) < SIZE_CHECK_ENTRIES and small_values:
+        return
+    size = len(st.to_bytes())
+    while size > MAX_STATE_BYTES and st.entries:
+        drop = max(1, len(st.entries) // 10)
+        del st.entries[:drop]
+        st.evicted += drop
+        stats.add("evicted", drop, rule=rule_id)
+        log.warning("state of %s over %d bytes: evicted %d oldest window entries", st.key.text[:200], MAX_STATE_BYTES, drop)
+        size = len(st.to_bytes())
 
 
 def _all_known(st: GroupState, events: Sequence[NormalizedEvent]) -> bool:

@@ -17,7 +17,9 @@ import orjson
 
 from .errors import ConcurrencyConflict
 
-MAX_WINDOW_ENTRIES = 2000  # keeps an encoded group under Table's 64 KiB property limit (see README)
+MAX_WINDOW_ENTRIES = 1000  # entries per group window; COUNT(*) entries are ~40 bytes encoded
+MAX_STATE_BYTES = 60 * 1024  # encoded group state stays under Table's 64 KiB property limit
+SIZE_CHECK_ENTRIES = 200  # below this many entries a state cannot reach MAX_STATE_BYTES without huge values
 
 
 def identity_hash(identity: str) -> int:

@@ -13,3 +13,127 @@ def samples() -> Path:
     if not SAMPLES.is_dir():
         pytest.skip("../shared/samples/real is not beside the repository")
     return SAMPLES
+
+
+# -- Azurite -----------------------------------------------------------------------------------
+import os  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+# Azurite's published development account key (documented by Microsoft; not a secret).
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+class Azurite:
+    """A running Azurite: the one .ci/run started, or one this fixture starts and stops."""
+
+    def __init__(
+        self, connection_string: str, process: subprocess.Popen[bytes] | None = None, ports: dict[str, int] | None = None
+    ):
+        self.connection_string = connection_string
+        self.process = process
+        self.ports = ports or {}
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+    def start(self) -> None:
+        """Restart on the same ports (in-memory: state is lost, like a fresh service)."""
+        assert self.process is not None, "only a fixture-started Azurite can be restarted"
+        self.process = _spawn(self.ports)
+
+
+def _azurite_binary() -> str | None:
+    local = REPO / ".tools" / "node_modules" / ".bin" / "azurite"
+    if local.exists():
+        return str(local)
+    return shutil.which("azurite")
+
+
+def _spawn(ports: dict[str, int]) -> subprocess.Popen[bytes]:
+    binary = _azurite_binary()
+    assert binary is not None
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--silent",
+            "--inMemoryPersistence",
+            "--disableTelemetry",
+            "--skipApiVersionCheck",
+            "--blobPort",
+            str(ports["blob"]),
+            "--queuePort",
+            str(ports["queue"]),
+            "--tablePort",
+            str(ports["table"]),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    if not (_wait_port(ports["table"]) and _wait_port(ports["queue"])):
+        proc.terminate()
+        raise RuntimeError("Azurite did not start")
+    return proc
+
+
+def connection_string(ports: dict[str, int]) -> str:
+    base = "http://127.0.0.1:{}/devstoreaccount1"
+    return (
+        f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={AZURITE_KEY};"
+        f"BlobEndpoint={base.format(ports['blob'])};QueueEndpoint={base.format(ports['queue'])};"
+        f"TableEndpoint={base.format(ports['table'])};"
+    )
+
+
+@pytest.fixture(scope="session")
+def azurite() -> Iterator[Azurite]:
+    given = os.environ.get("AZURITE_CONNECTION_STRING")
+    if given:
+        yield Azurite(given)
+        return
+    if _azurite_binary() is None:
+        pytest.fail("Azurite is needed: run `bash scripts/test.sh` (installs it into .tools/) or `npm install -g azurite`")
+    ports = {"blob": _free_port(), "queue": _free_port(), "table": _free_port()}
+    instance = Azurite(connection_string(ports), _spawn(ports), ports)
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture
+def private_azurite() -> Iterator[Azurite]:
+    """An Azurite of the test's own, which the test may stop and restart."""
+    if _azurite_binary() is None:
+        pytest.fail("Azurite is needed: run `bash scripts/test.sh`")
+    ports = {"blob": _free_port(), "queue": _free_port(), "table": _free_port()}
+    instance = Azurite(connection_string(ports), _spawn(ports), ports)
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture
+def table_name(request: pytest.FixtureRequest) -> str:
+    import hashlib
+
+    return "t" + hashlib.blake2b(request.node.nodeid.encode(), digest_size=8).hexdigest()

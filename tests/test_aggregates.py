@@ -38,7 +38,13 @@ def test_count_distinct_is_case_insensitive_and_flattens_lists() -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("SUM(bytes) = 60", True), ("AVG(bytes) = 20", True), ("MIN(bytes) = 10", True), ("MAX(bytes) > 29", True), ("MAX(bytes) > 30", False)],
+    [
+        ("SUM(bytes) = 60", True),
+        ("AVG(bytes) = 20", True),
+        ("MIN(bytes) = 10", True),
+        ("MAX(bytes) > 29", True),
+        ("MAX(bytes) > 30", False),
+    ],
 )
 def test_numeric_aggregates_use_numeric_strings(text: str, expected: bool) -> None:
     assert holds(text, [{"bytes": 10}, {"bytes": "20"}, {"bytes": 30.0}, {"bytes": "n/a"}]) is expected

@@ -154,7 +154,9 @@ class TestErrors:
 
 attrs = st.sampled_from(["eventType", "alertName", "attackTechniqueId", "x.y", "_a1"])
 text_values = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
-numbers = st.one_of(st.integers(-(10**6), 10**6), st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False).map(lambda f: round(f, 3)))
+numbers = st.one_of(
+    st.integers(-(10**6), 10**6), st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False).map(lambda f: round(f, 3))
+)
 literals = st.one_of(text_values, numbers.filter(lambda n: not (isinstance(n, float) and n.is_integer())))
 regexes = st.sampled_from(["^a", "T10\\d\\d", "x|y", "\\\\server\\\\", 'say "hi"', "[a-z]+$"])
 
@@ -185,7 +187,9 @@ def test_printed_query_parses_back_to_the_same_tree(tree) -> None:
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.text(alphabet=st.sampled_from(list('abAND OR NOT()=!<>"\'\\,.0123456789IN REGEXP IS NULL CONTAIN BETWEEN')), max_size=40))
+@given(
+    st.text(alphabet=st.sampled_from(list("abAND OR NOT()=!<>\"'\\,.0123456789IN REGEXP IS NULL CONTAIN BETWEEN")), max_size=40)
+)
 def test_random_text_never_crashes_the_parser_with_anything_but_rule_error(text: str) -> None:
     try:
         Query.parse(text)

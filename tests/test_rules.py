@@ -86,7 +86,11 @@ def test_shipped_rule_tests_pass() -> None:
     [
         ("severity: 5", "severity: 11", r"bad.yaml: severity: Input should be less than or equal to 10"),
         ("timeWindow: 60", "timeWindow: -1", r"bad.yaml: timeWindow: Input should be greater than 0"),
-        ('query: eventType = "x"', 'query: eventType = "x" AND', r"bad.yaml: subpatterns\[0\]\.query: column 20: unexpected end of query"),
+        (
+            'query: eventType = "x"',
+            'query: eventType = "x" AND',
+            r"bad.yaml: subpatterns\[0\]\.query: column 20: unexpected end of query",
+        ),
         ("COUNT(*) >= 2", "MEDIAN(x) >= 2", r"subpatterns\[0\]\.aggregateConstraint: column 1: unknown aggregate 'MEDIAN'"),
         ("hostName: sp.hostName", "user: sp.user", r"incidentAttributes\.user: attribute 'user' is neither a group-by"),
         ("n: sp.COUNT(*)", "n: other.COUNT(*)", r"incidentAttributes\.n: must be 'sp\.<attribute>'"),
@@ -101,7 +105,10 @@ def test_rule_errors_name_file_field_and_text(old: str, new: str, pattern: str) 
 
 def test_several_subpatterns_are_rejected_as_not_supported_yet() -> None:
     text = MINIMAL + "  - name: sp2\n    query: a = 1\n    groupBy: [a]\n    aggregateConstraint: COUNT(*) >= 1\n"
-    text = text.replace("incidentAttributes:\n  hostName: sp.hostName\n  n: sp.COUNT(*)\n  - name: sp2", "incidentAttributes: {}\nx:\n  - name: sp2")
+    text = text.replace(
+        "incidentAttributes:\n  hostName: sp.hostName\n  n: sp.COUNT(*)\n  - name: sp2",
+        "incidentAttributes: {}\nx:\n  - name: sp2",
+    )
     text = MINIMAL.replace(
         "incidentAttributes:",
         "  - name: sp2\n    query: a = 1\n    groupBy: [a]\n    aggregateConstraint: COUNT(*) >= 1\nincidentAttributes:",

@@ -1,0 +1,54 @@
+# Shared set-up steps for scripts/*.sh (sourced, not run).
+
+step() { printf '\n== %s ==\n' "$*" >&2; }
+
+setup_python() {
+  step "python environment (.venv)"
+  local py="${PYTHON:-python3}"
+  if [ ! -x .venv/bin/python ]; then
+    "$py" -m venv .venv
+  fi
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+}
+
+setup_azurite() {
+  step "azurite (npm, into .tools/)"
+  if [ ! -x .tools/node_modules/.bin/azurite ]; then
+    mkdir -p .tools
+    [ -f .tools/package.json ] || echo '{"name": "defender-correlator-tools", "private": true}' > .tools/package.json
+    (cd .tools && npm install --no-audit --no-fund --loglevel=error azurite@3 >&2)
+  fi
+}
+
+free_port() {
+  .venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+start_azurite() {
+  if [ -n "${AZURITE_CONNECTION_STRING:-}" ]; then
+    return  # already provided by the caller
+  fi
+  step "starting azurite on free ports"
+  local blob queue table dir
+  blob=$(free_port); queue=$(free_port); table=$(free_port)
+  dir=$(mktemp -d)
+  .tools/node_modules/.bin/azurite --silent --inMemoryPersistence --disableTelemetry --skipApiVersionCheck \
+    --blobPort "$blob" --queuePort "$queue" --tablePort "$table" >"$dir/azurite.log" 2>&1 &
+  AZURITE_PID=$!
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$table") 2>/dev/null && (exec 3<>"/dev/tcp/127.0.0.1/$queue") 2>/dev/null; then
+      break
+    fi
+    sleep 0.2
+  done
+  local key="Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+  export AZURITE_CONNECTION_STRING="DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=$key;BlobEndpoint=http://127.0.0.1:$blob/devstoreaccount1;QueueEndpoint=http://127.0.0.1:$queue/devstoreaccount1;TableEndpoint=http://127.0.0.1:$table/devstoreaccount1;"
+  export AZURITE_PID
+}
+
+stop_azurite() {
+  if [ -n "${AZURITE_PID:-}" ]; then
+    kill "$AZURITE_PID" 2>/dev/null || true
+    wait "$AZURITE_PID" 2>/dev/null || true
+  fi
+}

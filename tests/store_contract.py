@@ -1,0 +1,99 @@
+"""The state store contract: every StateStore implementation must pass these.
+
+Subclass ``StoreContract`` and provide a ``store`` fixture (a fresh, empty store).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.state import Change, GroupKey, GroupState, Incident, KeysConflict, StateStore
+
+NOW = 1_800_000_000_000  # epoch ms, past 2**31 on purpose (Int64 territory)
+
+
+def state_for(key: GroupKey, n: int = 1) -> GroupState:
+    st = GroupState(key)
+    st.entries = [[NOW + i, -(2**62) + i, "v", [1, 2]] for i in range(n)]
+    st.newest = NOW + n - 1
+    st.incident = Incident("inc-1", 2, NOW, NOW + 5, NOW + 5, NOW, 1, {"alertName": "Task", "incidentCount": n})
+    return st
+
+
+class StoreContract:
+    def test_absent_keys_load_as_none_without_token(self, store: StateStore) -> None:
+        key = GroupKey("R", ("a",))
+        loaded = store.load([key], NOW)
+        assert loaded[key].state is None and loaded[key].token is None
+
+    def test_saved_state_round_trips_exactly(self, store: StateStore) -> None:
+        key = GroupKey("R", ("Alert A", "da1_1", "tenant/with#bad?chars\\"))
+        st = state_for(key, 3)
+        store.save([Change(key, st, None, NOW + 60_000)])
+        got = store.load([key], NOW)[key]
+        assert got.state is not None
+        assert got.state.to_bytes() == st.to_bytes()
+        assert got.token is not None
+
+    def test_keys_compare_case_insensitively(self, store: StateStore) -> None:
+        store.save([Change(GroupKey("R", ("Host1",)), state_for(GroupKey("R", ("Host1",))), None, NOW + 60_000)])
+        got = store.load([GroupKey("R", ("HOST1",))], NOW)
+        assert next(iter(got.values())).state is not None
+
+    def test_rules_and_tenants_never_share_state(self, store: StateStore) -> None:
+        a, b, c = GroupKey("R1", ("x", "t1")), GroupKey("R2", ("x", "t1")), GroupKey("R1", ("x", "t2"))
+        store.save([Change(a, state_for(a), None, NOW + 60_000)])
+        loaded = store.load([a, b, c], NOW)
+        assert loaded[a].state is not None
+        assert loaded[b].state is None and loaded[c].state is None
+
+    def test_create_over_an_existing_state_conflicts(self, store: StateStore) -> None:
+        key = GroupKey("R", ("a",))
+        store.save([Change(key, state_for(key), None, NOW + 60_000)])
+        with pytest.raises(KeysConflict) as info:
+            store.save([Change(key, state_for(key, 2), None, NOW + 60_000)])
+        assert info.value.keys == [key]
+        assert store.load([key], NOW)[key].state.to_bytes() == state_for(key).to_bytes()  # type: ignore[union-attr]
+
+    def test_update_with_a_stale_token_conflicts_and_fresh_token_wins(self, store: StateStore) -> None:
+        key = GroupKey("R", ("a",))
+        store.save([Change(key, state_for(key), None, NOW + 60_000)])
+        first = store.load([key], NOW)[key]
+        store.save([Change(key, state_for(key, 2), first.token, NOW + 60_000)])
+        with pytest.raises(KeysConflict):
+            store.save([Change(key, state_for(key, 3), first.token, NOW + 60_000)])
+        fresh = store.load([key], NOW)[key]
+        assert fresh.state is not None and len(fresh.state.entries) == 2
+        store.save([Change(key, state_for(key, 4), fresh.token, NOW + 60_000)])
+        assert len(store.load([key], NOW)[key].state.entries) == 4  # type: ignore[union-attr]
+
+    def test_a_conflict_on_one_key_still_writes_the_others(self, store: StateStore) -> None:
+        a, b = GroupKey("R", ("a",)), GroupKey("R", ("b",))
+        store.save([Change(a, state_for(a), None, NOW + 60_000)])
+        with pytest.raises(KeysConflict) as info:
+            store.save([Change(a, state_for(a, 2), None, NOW + 60_000), Change(b, state_for(b), None, NOW + 60_000)])
+        assert info.value.keys == [a]
+        assert store.load([b], NOW)[b].state is not None
+
+    def test_expired_state_is_ignored_on_read_and_can_be_overwritten(self, store: StateStore) -> None:
+        key = GroupKey("R", ("a",))
+        store.save([Change(key, state_for(key), None, NOW + 1000)])
+        later = store.load([key], NOW + 1000)[key]
+        assert later.state is None
+        store.save([Change(key, state_for(key, 2), later.token, NOW + 90_000)])
+        assert len(store.load([key], NOW + 2000)[key].state.entries) == 2  # type: ignore[union-attr]
+
+    def test_purge_deletes_only_expired_states(self, store: StateStore) -> None:
+        keys = [GroupKey("R", (f"k{i}",)) for i in range(5)]
+        store.save([Change(k, state_for(k), None, NOW + (1000 if i < 3 else 10**9)) for i, k in enumerate(keys)])
+        assert store.purge_expired(NOW + 5000) == 3
+        loaded = store.load(keys, NOW)
+        assert [loaded[k].state is not None for k in keys] == [False, False, False, True, True]
+        assert store.purge_expired(NOW + 5000) == 0
+
+    def test_delete_change_removes_state(self, store: StateStore) -> None:
+        key = GroupKey("R", ("a",))
+        store.save([Change(key, state_for(key), None, NOW + 60_000)])
+        token = store.load([key], NOW)[key].token
+        store.save([Change(key, None, token, 0)])
+        assert store.load([key], NOW)[key].state is None

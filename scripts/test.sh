@@ -11,8 +11,8 @@ start_azurite
 trap stop_azurite EXIT
 
 step "ruff"
-.venv/bin/ruff check shared tests function_app.py benchmarks scripts
-.venv/bin/ruff format --check shared tests function_app.py benchmarks scripts
+.venv/bin/ruff check shared tests function_app.py benchmarks
+.venv/bin/ruff format --check shared tests function_app.py benchmarks
 
 step "mypy"
 .venv/bin/mypy

@@ -17,7 +17,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .errors import StoreError
-from .normalize import NormalizedEvent, iso, raw_evidence
+from .normalize import EVIDENCE, EVIDENCE_EVENT_TYPE, NormalizedEvent, iso, raw_evidence
+from .query import mentions
 from .rules import Rule
 from .state import (
     MAX_STATE_BYTES,
@@ -287,6 +288,8 @@ class Engine:
 
     def __init__(self, rules: Sequence[Rule], store: StateStore, clock: Clock = utc_now) -> None:
         self.rules = [r for r in rules if r.model.enabled]
+        # Alert evidence rows are not alerts: only rules that name the evidence type see them.
+        self.evidence_rules = [r for r in self.rules if mentions(r.query.tree, "eventType", "AlertEvidence")]
         self.store = store
         self.clock = clock
         self._wanted: dict[str, bool] = {}
@@ -295,7 +298,8 @@ class Engine:
         """Prefilter for the normalizer: can any rule match an event of this type?"""
         hit = self._wanted.get(event_type)
         if hit is None:
-            hit = any(r.query.could_match({"eventType": event_type}) for r in self.rules)
+            rules = self.evidence_rules if event_type == EVIDENCE_EVENT_TYPE else self.rules
+            hit = any(r.query.could_match({"eventType": event_type}) for r in rules)
             self._wanted[event_type] = hit
         return hit
 
@@ -309,7 +313,7 @@ class Engine:
         stats = Stats()
         groups: dict[GroupKey, tuple[Rule, list[NormalizedEvent]]] = {}
         for event in events:
-            for rule in self.rules:
+            for rule in self.evidence_rules if event.kind == EVIDENCE else self.rules:
                 if rule.query.matches(event.attrs):
                     stats.add("matched", rule=rule.id)
                     key = group_key(rule, event)

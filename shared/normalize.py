@@ -31,6 +31,7 @@ MAX_RAW_BYTES = 4096  # raw record kept as incident evidence
 FORMATS = ("auto", "graph", "streaming", "mde", "siem", "normalized")
 
 ALERT, EVIDENCE, OTHER = "alert", "evidence", "event"
+EVIDENCE_EVENT_TYPE = "MS-Defender-Endpoint-AlertEvidence"
 
 _TECHNIQUE = re.compile(r"^T\d{4}(?:\.\d{3})?$")
 _TECHNIQUE_IN_TEXT = re.compile(r"\((T\d{4}(?:\.\d{3})?)\)")
@@ -423,7 +424,7 @@ class Normalizer:
             event_type = "MS-Defender-Endpoint-Alert" + (f"-{_pascal(alert_category)}" if alert_category else "")
             kind = ALERT
         elif table == "AlertEvidence":
-            event_type, kind, alert_category = "MS-Defender-Endpoint-AlertEvidence", EVIDENCE, ""
+            event_type, kind, alert_category = EVIDENCE_EVENT_TYPE, EVIDENCE, ""
         else:
             event_type, kind, alert_category = f"MS-Defender-{table}", OTHER, ""
         if self._skip(event_type):

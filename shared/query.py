@@ -359,16 +359,16 @@ def _compile_equal(attr: str, literal: Literal) -> Predicate:
 
     target = as_text(literal)
 
-    def text_test(v: Any) -> bool:
-        return as_text(v) == target
-
     def eq_text(event: Mapping[str, Any]) -> bool:
         v = event.get(attr)
         if v is None:
             return False
-        if type(v) is str:
-            return v == target or v.lower() == target
-        return _any(v, text_test)
+        kind = type(v)
+        if kind is str:
+            return bool(v == target or v.lower() == target)
+        if kind is tuple or kind is list:
+            return any((x.lower() if type(x) is str else as_text(x)) == target for x in v)
+        return as_text(v) == target
 
     return eq_text
 
@@ -410,7 +410,16 @@ def _compile_leaf(node: Leaf) -> Predicate:
         def test(v: Any) -> bool:
             return needle in as_text(v)
 
-        negated = node.negated
+        if not node.negated:
+
+            def contain(event: Mapping[str, Any]) -> bool:
+                v = event.get(attr)
+                if type(v) is str:
+                    return needle in v.lower()
+                return v is not None and _any(v, test)
+
+            return contain
+        negated = True
     elif isinstance(node, InList):
         texts = frozenset(as_text(v) for v in node.values if isinstance(v, str))
         numbers = frozenset(n for v in node.values if not isinstance(v, str) for n in [as_number(v)] if n is not None)
@@ -470,22 +479,44 @@ def _between_test(node: Between) -> Callable[[Any], bool]:
 
 
 def compile_node(node: Node) -> Predicate:
-    """Turn a syntax tree into a predicate over an event's attribute mapping."""
+    """Turn a syntax tree into one predicate function over an event's attribute mapping.
+
+    The tree is compiled to the source of a single Python function: string ``=`` and ``CONTAIN``
+    on single-valued attributes are inlined (the hot path of every Defender rule); every other
+    condition calls its own closure. Values reach the code through the function's namespace, never
+    through its source text, so rule text cannot inject code.
+    """
+    namespace: dict[str, Any] = {"_as_text": as_text}
+    source = _emit(node, namespace)
+    code = f"def _predicate(e):\n    return bool({source})\n"
+    exec(compile(code, "<rule query>", "exec"), namespace)
+    predicate: Predicate = namespace["_predicate"]
+    return predicate
+
+
+def _emit(node: Node, ns: dict[str, Any]) -> str:
+    n = len(ns)
     if isinstance(node, Not):
-        inner = compile_node(node.child)
-        return lambda e: not inner(e)
+        return f"(not {_emit(node.child, ns)})"
     if isinstance(node, (And, Or)):
-        parts = [compile_node(c) for c in node.children]
-        if isinstance(node, And):
-            if len(parts) == 2:
-                a, b = parts
-                return lambda e: a(e) and b(e)
-            return lambda e: all(p(e) for p in parts)
-        if len(parts) == 2:
-            a, b = parts
-            return lambda e: a(e) or b(e)
-        return lambda e: any(p(e) for p in parts)
-    return _compile_leaf(node)
+        joiner = " and " if isinstance(node, And) else " or "
+        return "(" + joiner.join(_emit(c, ns) for c in node.children) + ")"
+    leaf = _compile_leaf(node)
+    ns[f"_leaf{n}"] = leaf
+    ns[f"_attr{n}"] = node.attr
+    if isinstance(node, Compare) and node.op == "=" and isinstance(node.value, str):
+        ns[f"_t{n}"] = as_text(node.value)
+        return (
+            f"((_v{n} := e.get(_attr{n})).__class__ is str and (_v{n} == _t{n} or _v{n}.lower() == _t{n})"
+            f" or _v{n} is not None and _v{n}.__class__ is not str and _leaf{n}(e))"
+        )
+    if isinstance(node, Contain) and not node.negated:
+        ns[f"_t{n}"] = as_text(node.value)
+        return (
+            f"((_v{n} := e.get(_attr{n})).__class__ is str and _t{n} in _v{n}.lower()"
+            f" or _v{n} is not None and _v{n}.__class__ is not str and _leaf{n}(e))"
+        )
+    return f"_leaf{n}(e)"
 
 
 def partial_eval(node: Node, known: Mapping[str, Any]) -> bool | None:
@@ -509,6 +540,25 @@ def partial_eval(node: Node, known: Mapping[str, Any]) -> bool | None:
     if node.attr not in known:
         return None
     return _compiled_leaf(node)(known)
+
+
+def mentions(node: Node, attr: str, needle: str) -> bool:
+    """Whether a positive condition on ``attr`` names a value containing ``needle`` (any case)."""
+    if isinstance(node, (And, Or)):
+        return any(mentions(c, attr, needle) for c in node.children)
+    if isinstance(node, Not):
+        return False
+    if node.attr != attr or getattr(node, "negated", False):
+        return False
+    if (isinstance(node, Compare) and node.op == "=") or isinstance(node, Contain):
+        values: tuple[Literal, ...] = (node.value,)  # type: ignore[union-attr]
+    elif isinstance(node, InList):
+        values = node.values
+    elif isinstance(node, Regexp):
+        values = (node.pattern,)
+    else:
+        return False
+    return any(needle.lower() in str(v).lower() for v in values)
 
 
 @lru_cache(maxsize=4096)

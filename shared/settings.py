@@ -18,12 +18,8 @@ class Settings(BaseModel):
 
     alerts_eventhub_name: str = Field(alias="ALERTS_EVENTHUB_NAME", min_length=1)
     alerts_consumer_group: str = Field(alias="ALERTS_CONSUMER_GROUP", default="$Default", min_length=1)
-    incidents_queue: str = Field(
-        alias="INCIDENTS_QUEUE", default="incidents", pattern=r"^[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}$"
-    )
-    rejected_queue: str = Field(
-        alias="REJECTED_QUEUE", default="rejected-alerts", pattern=r"^[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}$"
-    )
+    incidents_queue: str = Field(alias="INCIDENTS_QUEUE", default="incidents", pattern=r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
+    rejected_queue: str = Field(alias="REJECTED_QUEUE", default="rejected-alerts", pattern=r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
     state_table: str = Field(alias="STATE_TABLE", default="correlatorstate", pattern=r"^[A-Za-z][A-Za-z0-9]{2,62}$")
     purge_schedule: str = Field(alias="PURGE_SCHEDULE", default="0 */15 * * * *")
     rules_dir: str | None = Field(alias="RULES_DIR", default=None)

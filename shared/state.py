@@ -194,7 +194,8 @@ class MemoryStateStore:
                     self._data.pop(change.key, None)
                 else:
                     version = (current_token or 0) + 1
-                    self._data[change.key] = (change.state.to_bytes(), version, change.expires_at)
+                    # Copy to an exact-size bytes object: orjson's result keeps a 4 KiB buffer.
+                    self._data[change.key] = (bytes(memoryview(change.state.to_bytes())), version, change.expires_at)
         if conflicts:
             raise KeysConflict(conflicts)
 

@@ -48,11 +48,16 @@ class Azurite:
     """A running Azurite: the one .ci/run started, or one this fixture starts and stops."""
 
     def __init__(
-        self, connection_string: str, process: subprocess.Popen[bytes] | None = None, ports: dict[str, int] | None = None
+        self,
+        connection_string: str,
+        process: subprocess.Popen[bytes] | None = None,
+        ports: dict[str, int] | None = None,
+        location: str | None = None,
     ):
         self.connection_string = connection_string
         self.process = process
         self.ports = ports or {}
+        self.location = location
 
     def stop(self) -> None:
         if self.process is not None:
@@ -60,9 +65,9 @@ class Azurite:
             self.process.wait(timeout=10)
 
     def start(self) -> None:
-        """Restart on the same ports (in-memory: state is lost, like a fresh service)."""
+        """Restart on the same ports; a private Azurite keeps its data on disk across restarts."""
         assert self.process is not None, "only a fixture-started Azurite can be restarted"
-        self.process = _spawn(self.ports)
+        self.process = _spawn(self.ports, self.location)
 
 
 def _azurite_binary() -> str | None:
@@ -72,23 +77,13 @@ def _azurite_binary() -> str | None:
     return shutil.which("azurite")
 
 
-def _spawn(ports: dict[str, int]) -> subprocess.Popen[bytes]:
+def _spawn(ports: dict[str, int], location: str | None = None) -> subprocess.Popen[bytes]:
     binary = _azurite_binary()
     assert binary is not None
+    persistence = ["--location", location] if location else ["--inMemoryPersistence"]
+    ports_args = ["--blobPort", str(ports["blob"]), "--queuePort", str(ports["queue"]), "--tablePort", str(ports["table"])]
     proc = subprocess.Popen(
-        [
-            binary,
-            "--silent",
-            "--inMemoryPersistence",
-            "--disableTelemetry",
-            "--skipApiVersionCheck",
-            "--blobPort",
-            str(ports["blob"]),
-            "--queuePort",
-            str(ports["queue"]),
-            "--tablePort",
-            str(ports["table"]),
-        ],
+        [binary, "--silent", *persistence, "--disableTelemetry", "--skipApiVersionCheck", *ports_args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -122,12 +117,13 @@ def azurite() -> Iterator[Azurite]:
 
 
 @pytest.fixture
-def private_azurite() -> Iterator[Azurite]:
-    """An Azurite of the test's own, which the test may stop and restart."""
+def private_azurite(tmp_path: Path) -> Iterator[Azurite]:
+    """An Azurite of the test's own, persisting to disk, which the test may stop and restart."""
     if _azurite_binary() is None:
         pytest.fail("Azurite is needed: run `bash scripts/test.sh`")
     ports = {"blob": _free_port(), "queue": _free_port(), "table": _free_port()}
-    instance = Azurite(connection_string(ports), _spawn(ports), ports)
+    location = str(tmp_path / "azurite")
+    instance = Azurite(connection_string(ports), _spawn(ports, location), ports, location)
     yield instance
     instance.stop()
 

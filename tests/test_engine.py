@@ -213,7 +213,8 @@ def test_window_is_capped_and_evicts_the_oldest() -> None:
 def test_distinct_count_rule_fires_only_at_its_threshold() -> None:
     rule = parse_rule_text(
         "id: SPRAY\nname: spray\nseverity: 5\ncategory: Security\ntimeWindow: 600\nsubpatterns:\n"
-        "  - {name: s, query: 'eventType CONTAIN \"Alert\"', groupBy: [tenantId], aggregateConstraint: 'COUNT(DISTINCT hostName) >= 3'}\n"
+        "  - {name: s, query: 'eventType CONTAIN \"Alert\"', groupBy: [tenantId],\n"
+        "     aggregateConstraint: 'COUNT(DISTINCT hostName) >= 3'}\n"
         "incidentAttributes: {tenantId: s.tenantId, hosts: s.COUNT(DISTINCT hostName), n: s.COUNT(*)}\n"
     )
     tl = Timeline([rule])
@@ -261,3 +262,25 @@ def test_trigger_events_carry_capped_raw_records(cap: int) -> None:
     raw = snap["triggerEvents"][0]["raw"]
     assert raw["truncated"] is True and raw["bytes"] > 10000
     assert len(snap["triggerEvents"]) <= cap
+
+
+def test_alert_evidence_never_counts_as_an_alert_unless_a_rule_names_it() -> None:
+    generic = next(r for r in load_rules([default_rules_dir()]) if r.id == "PH_RULE_MS_DefEndpoint_Alert_Generic")
+    evidence_rule = parse_rule_text(
+        "id: EVID\nname: evidence\nseverity: 3\ncategory: Security\ntimeWindow: 60\nsubpatterns:\n"
+        "  - {name: s, query: 'eventType = \"MS-Defender-Endpoint-AlertEvidence\"', groupBy: [alertIdStr],\n"
+        "     aggregateConstraint: 'COUNT(*) >= 1'}\n"
+        "incidentAttributes: {alertIdStr: s.alertIdStr}\n"
+    )
+    record = {
+        "category": "AdvancedHunting-AlertEvidence",
+        "tenantId": "t",
+        "properties": {"Timestamp": "2026-03-01T00:00:00Z", "AlertId": "da1", "EntityType": "File"},
+    }
+    tl = Timeline([generic, evidence_rule])
+    assert tl.engine.could_match("MS-Defender-Endpoint-AlertEvidence")
+    ev = Normalizer().normalize(record, "t", T0)
+    assert isinstance(ev, NormalizedEvent) and ev.kind == "evidence"
+    snaps = tl.feed(ev)
+    assert [s["ruleId"] for s in snaps] == ["EVID"]  # Generic's CONTAIN "MS-Defender-Endpoint-Alert" does not see it
+    assert not Timeline([generic]).engine.could_match("MS-Defender-Endpoint-AlertEvidence")

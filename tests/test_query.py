@@ -192,6 +192,8 @@ def test_printed_query_parses_back_to_the_same_tree(tree) -> None:
 )
 def test_random_text_never_crashes_the_parser_with_anything_but_rule_error(text: str) -> None:
     try:
-        Query.parse(text)
-    except RuleError:
-        pass
+        q = Query.parse(text)
+    except RuleError as err:
+        assert err.column is not None or "empty" in str(err) or "nested" in str(err), str(err)
+    else:
+        assert parse_query(to_text(q.tree)) == q.tree

@@ -1,0 +1,36 @@
+"""Azure Functions entry point (Python v2 model): bindings only; the logic lives in ``shared``."""
+
+from __future__ import annotations
+
+import typing
+
+import azure.functions as func
+
+from shared.functions import get_runtime
+
+app = func.FunctionApp()
+
+
+@app.function_name("correlate_alerts")
+@app.retry(strategy="exponential_backoff", max_retry_count="-1", minimum_interval="00:00:05", maximum_interval="00:05:00")
+@app.event_hub_message_trigger(
+    arg_name="events",
+    connection="ALERTS_EVENTHUB",
+    event_hub_name="%ALERTS_EVENTHUB_NAME%",
+    consumer_group="%ALERTS_CONSUMER_GROUP%",
+    cardinality=func.Cardinality.MANY,
+    data_type="binary",
+)
+@app.queue_output(arg_name="incidents", queue_name="%INCIDENTS_QUEUE%", connection="AzureWebJobsStorage")
+def correlate_alerts(events: typing.List[func.EventHubEvent], incidents: func.Out[typing.List[str]]) -> None:  # noqa: UP006
+    """Correlate a batch of Defender alerts; incident snapshots go to the incidents queue."""
+    outcome = get_runtime().handler.handle(events)
+    if outcome.incidents:
+        incidents.set(outcome.incidents)
+
+
+@app.function_name("purge_expired_state")
+@app.timer_trigger(arg_name="timer", schedule="%PURGE_SCHEDULE%", run_on_startup=False, use_monitor=True)
+def purge_expired_state(timer: func.TimerRequest) -> None:
+    """Delete window state whose window and incident lifetime have both passed."""
+    get_runtime().purge()

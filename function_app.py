@@ -6,7 +6,7 @@ import typing
 
 import azure.functions as func
 
-from shared.functions import get_runtime
+from shared.functions import get_forwarder, get_runtime
 
 app = func.FunctionApp()
 
@@ -34,3 +34,10 @@ def correlate_alerts(events: typing.List[func.EventHubEvent], incidents: func.Ou
 def purge_expired_state(timer: func.TimerRequest) -> None:
     """Delete window state whose window and incident lifetime have both passed."""
     get_runtime().purge()
+
+
+@app.function_name("forward_incident")
+@app.queue_trigger(arg_name="message", queue_name="%INCIDENTS_QUEUE%", connection="AzureWebJobsStorage")
+def forward_incident(message: func.QueueMessage) -> None:
+    """POST an incident snapshot, signed, to the configured webhook(s); idempotent per revision."""
+    get_forwarder().handle(message.get_body(), dequeue_count=message.dequeue_count or 1, message_id=message.id)

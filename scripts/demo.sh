@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default (in-memory state, no Azure account): replay the bundled demo
-# alerts (every wire format) through the shipped rules and print the incidents.
+# alerts (every wire format) through the shipped rules, print the incident snapshots, and forward
+# them, signed, to a local webhook receiver that verifies each signature and prints what arrives.
 # Usage: bash scripts/demo.sh [alert files...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,5 +11,20 @@ setup_python >/dev/null
 if [ "$#" -eq 0 ]; then
   set -- samples/demo/*.json samples/demo/*.jsonl
 fi
-step "replaying $# file(s) through rules/ (incident snapshots below, one JSON per line)"
-.venv/bin/python -m shared replay "$@"
+WEBHOOK_SECRET="$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(16))')"
+export WEBHOOK_SECRET
+port=$(free_port)
+log=$(mktemp)
+.venv/bin/python -m shared receiver --port "$port" >"$log" 2>&1 &
+receiver=$!
+trap 'kill $receiver 2>/dev/null || true; rm -f "$log"' EXIT
+for _ in $(seq 1 50); do grep -q listening "$log" && break; sleep 0.1; done
+
+step "replaying $# file(s) through rules/: incident snapshots (JSON lines)"
+status=0
+.venv/bin/python -m shared replay --forward "http://127.0.0.1:$port/incidents" "$@" || status=$?
+
+step "what the local webhook receiver got (signatures verified)"
+sleep 0.3
+grep -v listening "$log" || true
+exit "$status"

@@ -59,10 +59,32 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if missing:
         print(f"error: no such file: {missing[0]}", file=sys.stderr)
         return 2
-    summary = replay(args.files, rules, fmt=args.format, out=sys.stdout.buffer, err=sys.stderr, progress=sys.stderr.isatty())
+    forward = None
+    if args.forward:
+        from .errors import SettingsError
+        from .webhook import Forwarder, MemoryDeliveryLog, WebhookTarget
+
+        secret = os.environ.get("WEBHOOK_SECRET")
+        target = WebhookTarget.model_validate(
+            {"url": args.forward, "secret": secret, "allow_http": True, "retries": 2, "backoff_s": 0.2}
+        )
+        try:
+            forward = Forwarder([target], MemoryDeliveryLog())
+        except SettingsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    summary = replay(
+        args.files, rules, fmt=args.format, out=sys.stdout.buffer, err=sys.stderr, progress=sys.stderr.isatty(), forward=forward
+    )
     for line in summary.lines():
         print(line, file=sys.stderr)
     return 1 if summary.rejected else 0
+
+
+def cmd_receiver(args: argparse.Namespace) -> int:
+    from .receiver import main as receiver_main
+
+    return receiver_main(args.host, args.port, args.secret_env)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", help="alert files in any supported format ('-' for stdin)")
     p.add_argument("--rules", action="append", help="rule file or folder (repeatable; default: rules/)")
     p.add_argument("--format", default="auto", choices=FORMATS, help="force a wire format (default: detect per record)")
+    p.add_argument("--forward", metavar="URL", help="also POST each incident, signed with $WEBHOOK_SECRET, to this webhook")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("receiver", help="a local webhook receiver that verifies signatures and prints incidents")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8787)
+    p.add_argument("--secret-env", default="WEBHOOK_SECRET", help="environment variable holding the shared secret")
+    p.set_defaults(func=cmd_receiver)
     return parser
 
 

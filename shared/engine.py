@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import orjson
+
 from .errors import StoreError
 from .normalize import EVIDENCE, EVIDENCE_EVENT_TYPE, NormalizedEvent, iso, raw_evidence
 from .query import mentions
@@ -145,6 +147,28 @@ def snapshot(rule: Rule, key: GroupKey, incident: Incident, action: str, trigger
         "remediation": model.remediation,
         "triggerEvents": [_event_summary(e) for e in trigger_events[-MAX_TRIGGER_EVENTS:]],
     }
+
+
+def fit_snapshot(snapshot: dict[str, Any], limit: int) -> bytes:
+    """Encode a snapshot within ``limit`` bytes: its oldest trigger events are dropped first, and
+    ``triggerEventsTrimmed`` says how many; then long attribute values are cut to 1 KiB."""
+    data = orjson.dumps(snapshot)
+    if len(data) <= limit:
+        return data
+    trimmed = dict(snapshot)
+    events = list(trimmed.get("triggerEvents", []))
+    dropped = 0
+    while events and len(data) > limit:
+        events.pop(0)
+        dropped += 1
+        trimmed["triggerEvents"] = events
+        trimmed["triggerEventsTrimmed"] = dropped
+        data = orjson.dumps(trimmed)
+    if len(data) > limit:
+        trimmed["attributes"] = {k: (v[:1024] if isinstance(v, str) else v) for k, v in trimmed.get("attributes", {}).items()}
+        trimmed["attributesTrimmed"] = True
+        data = orjson.dumps(trimmed)
+    return data
 
 
 def apply_events(

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import orjson
 from azure.core.exceptions import AzureError, ResourceExistsError
 
-from .engine import Clock, Engine, to_ms, utc_now
+from .engine import Clock, Engine, fit_snapshot, to_ms, utc_now
 from .errors import StoreError
 from .normalize import MAX_RECORD_BYTES, NormalizedEvent, Normalizer, Rejection, Skipped
 from .rules import Rule, load_rules
@@ -31,7 +31,7 @@ log = logging.getLogger("defender_correlator")
 
 MAX_MESSAGE_BYTES = MAX_RECORD_BYTES + 64 * 1024  # Event Hub caps an event at 1 MiB; a little slack for envelopes
 MAX_DEAD_LETTER_PREVIEW = 16 * 1024  # raw bytes kept in a dead letter (queue messages max 64 KiB)
-MAX_QUEUE_MESSAGE_BYTES = 60 * 1024  # incident messages stay under the 64 KiB queue message limit
+MAX_QUEUE_MESSAGE_BYTES = 45 * 1024  # base64 of a queue message (64 KiB max) leaves 48 KiB of payload
 
 
 class HubEvent(Protocol):
@@ -93,26 +93,6 @@ def dead_letter(rejection: Rejection, *, partition: str, sequence: int | None, e
         "rawPreview": base64.b64encode((rejection.raw or b"")[:MAX_DEAD_LETTER_PREVIEW]).decode(),
     }
     return orjson.dumps(body).decode()
-
-
-def fit_message(snapshot: dict[str, Any], limit: int = MAX_QUEUE_MESSAGE_BYTES) -> str:
-    """Encode a snapshot, dropping its oldest trigger events (with a marker) until it fits."""
-    data = orjson.dumps(snapshot)
-    if len(data) <= limit:
-        return data.decode()
-    trimmed = dict(snapshot)
-    events = list(trimmed.get("triggerEvents", []))
-    dropped = 0
-    while events and len(data) > limit:
-        events.pop(0)
-        dropped += 1
-        trimmed["triggerEvents"] = events
-        trimmed["triggerEventsTrimmed"] = dropped
-        data = orjson.dumps(trimmed)
-    if len(data) > limit:
-        trimmed["attributes"] = {k: (str(v)[:1024] if isinstance(v, str) else v) for k, v in trimmed["attributes"].items()}
-        data = orjson.dumps(trimmed)
-    return data.decode()
 
 
 @dataclass
@@ -178,7 +158,7 @@ class AlertBatchHandler:
             "durationMs": round((time.monotonic() - started) * 1000, 1),
         }
         log.info("batch_summary %s", orjson.dumps(summary).decode(), extra={"custom_dimensions": summary})
-        return BatchOutcome([fit_message(s) for s in result.incidents], summary)
+        return BatchOutcome([fit_snapshot(s, MAX_QUEUE_MESSAGE_BYTES).decode() for s in result.incidents], summary)
 
 
 def _lag(events: Sequence[HubEvent], now: datetime) -> float | None:
@@ -253,3 +233,55 @@ def set_runtime(runtime: Runtime | None) -> None:
     global _runtime
     with _lock:
         _runtime = runtime
+
+
+class QueuePoison:
+    """Poison messages (with their reason) on an Azure Storage queue."""
+
+    def __init__(self, queue: Any) -> None:
+        self.letters = QueueDeadLetters(queue)
+
+    def send(self, message: str) -> None:
+        self.letters.send([message])
+
+
+_forwarder: Any = None
+
+
+def build_forwarder(env: dict[str, str] | None = None) -> Any:
+    """The webhook forwarder from app settings: Table delivery records, poison queue."""
+    from azure.data.tables import TableClient
+    from azure.storage.queue import QueueClient
+
+    from .settings import load_webhook_settings
+    from .webhook import Forwarder, TableDeliveryLog
+
+    hooks = load_webhook_settings(env)
+    settings = load_settings(env)
+    if settings.storage_connection:
+        table = TableClient.from_connection_string(settings.storage_connection, hooks.delivery_table)
+        queue = QueueClient.from_connection_string(settings.storage_connection, hooks.poison_queue)
+    else:
+        from azure.identity import ManagedIdentityCredential
+
+        credential = ManagedIdentityCredential(client_id=settings.managed_identity_client_id)
+        assert settings.table_service_uri and settings.queue_service_uri
+        table = TableClient(settings.table_service_uri, hooks.delivery_table, credential=credential)
+        queue = QueueClient(settings.queue_service_uri, hooks.poison_queue, credential=credential)
+    return Forwarder(
+        list(hooks.targets), TableDeliveryLog(table), poison=QueuePoison(queue), max_dequeue_count=hooks.max_dequeue_count
+    )
+
+
+def get_forwarder() -> Any:
+    global _forwarder
+    with _lock:
+        if _forwarder is None:
+            _forwarder = build_forwarder()
+        return _forwarder
+
+
+def set_forwarder(forwarder: Any) -> None:
+    global _forwarder
+    with _lock:
+        _forwarder = forwarder

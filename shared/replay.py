@@ -23,6 +23,7 @@ class ReplaySummary:
     records: int = 0
     rejected: int = 0
     skipped: int = 0
+    forwarded: int = 0
     stats: Stats = field(default_factory=Stats)
     rejections: list[Rejection] = field(default_factory=list)
 
@@ -33,6 +34,8 @@ class ReplaySummary:
             f"events matched: {c['matched']}, counted: {c['counted']}, duplicates: {c['duplicates']}, "
             f"late: {c['late']}, incidents created: {c['incidents_created']}, updated: {c['incidents_updated']}",
         ]
+        if self.forwarded:
+            out.append(f"incidents forwarded to the webhook: {self.forwarded}")
         for rule_id, rc in sorted(self.stats.per_rule.items()):
             out.append(
                 f"  {rule_id}: matched {rc['matched']}, late {rc['late']}, duplicates {rc['duplicates']}, "
@@ -51,6 +54,7 @@ def replay(
     store: StateStore | None = None,
     clock: Clock = utc_now,
     progress: bool = False,
+    forward: Any = None,
 ) -> ReplaySummary:
     """Stream every input through the engine; snapshots go to ``out`` as JSON lines."""
     engine = Engine(rules, store or MemoryStateStore(), clock)
@@ -63,7 +67,10 @@ def replay(
         result = engine.process(batch)
         summary.stats += result.stats
         for snap in result.incidents:
-            out.write(orjson.dumps(snap) + b"\n")
+            data = orjson.dumps(snap)
+            out.write(data + b"\n")
+            if forward is not None:
+                _forward(forward, data, err, summary)
         batch.clear()
 
     for item in _items(paths, normalizer, clock):
@@ -88,6 +95,19 @@ def replay(
         err.write("\n")
     out.flush()
     return summary
+
+
+def _forward(forwarder: Any, data: bytes, err: IO[str], summary: ReplaySummary) -> None:
+    from .webhook import DeliveryError
+
+    try:
+        result = forwarder.handle(data, dequeue_count=forwarder.max_dequeue_count)
+    except DeliveryError as exc:
+        result = None
+        err.write(f"webhook: {exc}\n")
+    if result is not None and result.failed:
+        err.write(f"webhook: {'; '.join(result.failed.values())}\n")
+    summary.forwarded += len(result.delivered) if result is not None else 0
 
 
 def _items(paths: Iterable[str], normalizer: Normalizer, clock: Clock) -> Iterator[Any]:

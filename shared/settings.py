@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -56,3 +57,94 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             "STATE_STORAGE__queueServiceUri for identity-based access)"
         )
     return settings
+
+
+class WebhookSettings(BaseModel):
+    """Settings of ``forward_incident``: the targets, the delivery table and the poison queue."""
+
+    model_config = ConfigDict(frozen=True)
+
+    targets: tuple[Any, ...]
+    delivery_table: str
+    poison_queue: str
+    max_dequeue_count: int
+
+
+def load_webhook_settings(env: Mapping[str, str] | None = None) -> WebhookSettings:
+    """Targets from ``WEBHOOK_URL`` (+ ``WEBHOOK_SECRET``, ``WEBHOOK_FORMAT``, ``WEBHOOK_ACTIONS``,
+    ``WEBHOOK_MIN_SEVERITY``, ``WEBHOOK_ALLOW_HTTP``) and/or ``WEBHOOK_TARGETS`` (a JSON list of
+    ``{name, url, secretSetting, format, actions, minSeverity}``; each secret read from the app
+    setting it names, e.g. a Key Vault reference).
+
+    Raises:
+        SettingsError: naming the setting (never its secret value).
+    """
+    import json
+
+    from pydantic import ValidationError as _VE
+
+    from .webhook import WebhookTarget
+
+    source = dict(os.environ if env is None else env)
+    allow_http = source.get("WEBHOOK_ALLOW_HTTP", "false").lower() in ("1", "true", "yes")
+    raw: list[dict[str, Any]] = []
+    if source.get("WEBHOOK_URL"):
+        raw.append(
+            {
+                "name": "default",
+                "url": source["WEBHOOK_URL"],
+                "secret": source.get("WEBHOOK_SECRET") or None,
+                "format": source.get("WEBHOOK_FORMAT", "json"),
+                "actions": tuple(a.strip() for a in source.get("WEBHOOK_ACTIONS", "created,updated").split(",") if a.strip()),
+                "min_severity": source.get("WEBHOOK_MIN_SEVERITY", "1"),
+                "allow_http": allow_http,
+            }
+        )
+    if source.get("WEBHOOK_TARGETS"):
+        try:
+            listed = json.loads(source["WEBHOOK_TARGETS"])
+            assert isinstance(listed, list)
+        except (ValueError, AssertionError):
+            raise SettingsError("app setting WEBHOOK_TARGETS: must be a JSON list of targets") from None
+        for i, item in enumerate(listed):
+            if not isinstance(item, dict):
+                raise SettingsError(f"app setting WEBHOOK_TARGETS[{i}]: must be an object")
+            secret_setting = item.get("secretSetting")
+            if secret_setting and not source.get(secret_setting):
+                raise SettingsError(f"app setting {secret_setting} (secret of WEBHOOK_TARGETS[{i}]) is missing")
+            raw.append(
+                {
+                    "name": item.get("name", f"target{i}"),
+                    "url": item.get("url", ""),
+                    "secret": source.get(secret_setting) if secret_setting else None,
+                    "format": item.get("format", "json"),
+                    "actions": tuple(item.get("actions", ("created", "updated"))),
+                    "min_severity": item.get("minSeverity", 1),
+                    "allow_http": allow_http,
+                }
+            )
+    if not raw:
+        raise SettingsError("app setting WEBHOOK_URL (or WEBHOOK_TARGETS) is missing")
+    targets = []
+    for i, item in enumerate(raw):
+        where = "WEBHOOK_URL" if item["name"] == "default" and i == 0 and source.get("WEBHOOK_URL") else f"WEBHOOK_TARGETS[{i}]"
+        try:
+            target = WebhookTarget.model_validate(item)
+        except _VE as exc:
+            first = exc.errors()[0]
+            raise SettingsError(f"app setting {where}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        target.check_url()
+        targets.append(target)
+    if len({t.name for t in targets}) != len(targets):
+        raise SettingsError("app setting WEBHOOK_TARGETS: target names repeat")
+    try:
+        max_dequeue = int(source.get("WEBHOOK_MAX_DEQUEUE_COUNT", "5"))
+    except ValueError:
+        raise SettingsError("app setting WEBHOOK_MAX_DEQUEUE_COUNT: must be an integer") from None
+    incidents_queue = source.get("INCIDENTS_QUEUE", "incidents")
+    return WebhookSettings(
+        targets=tuple(targets),
+        delivery_table=source.get("DELIVERY_TABLE", "webhookdeliveries"),
+        poison_queue=source.get("INCIDENTS_POISON_QUEUE", f"{incidents_queue}-poison"),
+        max_dequeue_count=max_dequeue,
+    )

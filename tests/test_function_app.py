@@ -19,9 +19,9 @@ from azure.functions.meta import Datum
 from azure.storage.queue import QueueClient
 
 import function_app
-from shared.engine import Engine
+from shared.engine import Engine, fit_snapshot
 from shared.errors import SettingsError, StoreError
-from shared.functions import AlertBatchHandler, QueueDeadLetters, Runtime, fit_message, set_runtime
+from shared.functions import AlertBatchHandler, QueueDeadLetters, Runtime, set_runtime
 from shared.rules import default_rules_dir, load_rules
 from shared.settings import load_settings
 from shared.state import Change, GroupKey, Loaded
@@ -198,7 +198,7 @@ def test_local_settings_example_sets_every_required_setting() -> None:
 
 def test_oversized_snapshot_is_trimmed_with_a_marker() -> None:
     snap = {"attributes": {"a": "x"}, "triggerEvents": [{"raw": "y" * 30000} for _ in range(4)]}
-    encoded = fit_message(snap, 64 * 1024)
+    encoded = fit_snapshot(snap, 64 * 1024)
     decoded = json.loads(encoded)
     assert len(encoded) <= 64 * 1024
     assert decoded["triggerEventsTrimmed"] == 2 and len(decoded["triggerEvents"]) == 2

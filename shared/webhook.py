@@ -1,0 +1,491 @@
+"""Incidents forwarded to webhooks: signed, retried, idempotent, never lost.
+
+Pure parts (payload formats, signing, verification, filters) and the HTTP edge (``requests`` with
+``urllib3``'s ``Retry`` for backoff, jitter and ``Retry-After``). Delivery records (which revision of
+which incident reached which target) sit behind a small interface with a Table Storage and an
+in-memory implementation.
+
+Signature scheme (documented in the README, verified by :func:`verify_signature`):
+``X-Signature-256: sha256=<hex HMAC-SHA256(secret, "<X-Webhook-Timestamp>." + body)>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+from urllib.parse import urljoin, urlsplit
+
+import orjson
+import requests
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from requests.adapters import HTTPAdapter
+from urllib3.util import Retry
+
+from .engine import fit_snapshot
+from .errors import CorrelatorError, SettingsError
+
+log = logging.getLogger("defender_correlator.webhook")
+
+SCHEMA_VERSION = "1.0"
+MAX_PAYLOAD_BYTES = 256 * 1024  # receivers (Teams workflows, Slack) reject bodies far smaller than 1 MiB
+TEAMS_MAX_BYTES = 28 * 1024  # Teams cards are limited to about 28 KB
+SIGNATURE_HEADER = "X-Signature-256"
+TIMESTAMP_HEADER = "X-Webhook-Timestamp"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+DEFAULT_TOLERANCE_S = 300  # receivers reject timestamps older than this (replay protection)
+RETRY_STATUSES = (408, 429, 500, 502, 503, 504)
+MAX_REDIRECTS = 3
+POISON_BODY_BYTES = 40 * 1024  # poison messages carry the snapshot, within the queue message limit
+
+Format = Literal["json", "teams", "slack"]
+
+
+class DeliveryError(CorrelatorError):
+    """Delivery failed. ``permanent`` failures (4xx other than 408/429, bad redirects) are not retried."""
+
+    def __init__(self, message: str, *, permanent: bool, status: int | None = None) -> None:
+        self.permanent = permanent
+        self.status = status
+        super().__init__(message)
+
+
+class WebhookTarget(BaseModel):
+    """One destination. The secret is a ``SecretStr``: it never shows in logs, reprs or errors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(default="default", pattern=r"^[A-Za-z0-9_-]{1,40}$")
+    url: str
+    secret: SecretStr | None = None
+    format: Format = "json"
+    actions: tuple[str, ...] = ("created", "updated")
+    min_severity: int = Field(default=1, ge=1, le=10)
+    allow_http: bool = False  # plain HTTP is allowed to loopback only, and only with this flag
+    timeout_s: float = Field(default=10.0, gt=0)
+    retries: int = Field(default=4, ge=0, le=10)
+    backoff_s: float = Field(default=1.0, ge=0)
+
+    @field_validator("actions")
+    @classmethod
+    def _known_actions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = set(value) - {"created", "updated"}
+        if unknown:
+            raise ValueError(f"unknown actions {sorted(unknown)} (known: created, updated)")
+        return value
+
+    def check_url(self) -> None:
+        """Raises: SettingsError unless HTTPS, or HTTP to loopback with ``allow_http``."""
+        parts = urlsplit(self.url)
+        if parts.scheme == "https" and parts.hostname:
+            return
+        if parts.scheme == "http" and parts.hostname and _is_loopback(parts.hostname):
+            if self.allow_http:
+                return
+            raise SettingsError(f"webhook target {self.name}: http:// needs the allow-http override (tests and local runs only)")
+        raise SettingsError(f"webhook target {self.name}: URL must be https:// (or http:// to loopback with the override)")
+
+    def wants(self, snapshot: Mapping[str, Any]) -> bool:
+        return snapshot.get("action") in self.actions and int(snapshot.get("severity", 0)) >= self.min_severity
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+# -- payloads ----------------------------------------------------------------------------------
+
+
+def json_payload(snapshot: dict[str, Any], limit: int = MAX_PAYLOAD_BYTES) -> bytes:
+    """The documented JSON body: the snapshot plus ``schemaVersion``, trimmed to ``limit``."""
+    return fit_snapshot({"schemaVersion": SCHEMA_VERSION, **snapshot}, limit)
+
+
+def _title(snapshot: Mapping[str, Any]) -> str:
+    attrs = snapshot.get("attributes", {})
+    subject = attrs.get("alertName") or attrs.get("incidentTitle") or attrs.get("hostName") or ""
+    return f"{snapshot.get('ruleName', snapshot.get('ruleId'))}" + (f": {subject}" if subject else "")
+
+
+def _facts(snapshot: Mapping[str, Any]) -> list[tuple[str, str]]:
+    facts = [
+        ("Severity", str(snapshot.get("severity"))),
+        ("Action", f"{snapshot.get('action')} (revision {snapshot.get('revision')})"),
+        ("First seen", str(snapshot.get("firstSeen"))),
+        ("Last seen", str(snapshot.get("lastSeen"))),
+        ("Triggers", str(snapshot.get("triggerCount"))),
+    ]
+    facts += [(str(k), str(v)[:200]) for k, v in snapshot.get("attributes", {}).items()]
+    techniques = ", ".join(t.get("id", "") for t in snapshot.get("techniques", []))
+    if techniques:
+        facts.append(("Techniques", techniques))
+    return facts
+
+
+def teams_payload(snapshot: dict[str, Any]) -> bytes:
+    """An Adaptive Card (1.4) in the message envelope that Teams workflow webhooks accept."""
+    card: dict[str, Any] = {
+        "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
+        "type": "AdaptiveCard",
+        "version": "1.4",
+        "body": [
+            {"type": "TextBlock", "text": _title(snapshot)[:300], "weight": "Bolder", "size": "Medium", "wrap": True},
+            {"type": "FactSet", "facts": [{"title": k, "value": v} for k, v in _facts(snapshot)]},
+            {"type": "TextBlock", "text": str(snapshot.get("remediation", ""))[:1000], "wrap": True, "isSubtle": True},
+        ],
+        "msteams": {"width": "Full"},
+    }
+    url = _alert_url(snapshot)
+    if url:
+        card["actions"] = [{"type": "Action.OpenUrl", "title": "Open in Microsoft Defender", "url": url}]
+    body = {
+        "type": "message",
+        "attachments": [{"contentType": "application/vnd.microsoft.card.adaptive", "contentUrl": None, "content": card}],
+    }
+    return orjson.dumps(body)
+
+
+def slack_payload(snapshot: dict[str, Any]) -> bytes:
+    """Slack Block Kit message for an incoming webhook (``text`` is the notification fallback)."""
+    fields = [{"type": "mrkdwn", "text": f"*{k}*\n{v}"[:2000]} for k, v in _facts(snapshot)][:10]  # Slack: at most 10 fields
+    blocks: list[dict[str, Any]] = [
+        {"type": "header", "text": {"type": "plain_text", "text": _title(snapshot)[:150], "emoji": False}},
+        {"type": "section", "fields": fields},
+    ]
+    remediation = str(snapshot.get("remediation", ""))
+    if remediation:
+        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": remediation[:2000]}]})
+    url = _alert_url(snapshot)
+    if url:
+        blocks.append(
+            {
+                "type": "actions",
+                "elements": [{"type": "button", "text": {"type": "plain_text", "text": "Open in Defender"}, "url": url}],
+            }
+        )
+    return orjson.dumps({"text": _title(snapshot)[:3000], "blocks": blocks})
+
+
+def _alert_url(snapshot: Mapping[str, Any]) -> str | None:
+    for event in reversed(snapshot.get("triggerEvents", [])):
+        url = event.get("attributes", {}).get("alertWebUrl")
+        if isinstance(url, str) and url.startswith("https://"):
+            return url
+    return None
+
+
+def payload_for(target: WebhookTarget, snapshot: dict[str, Any]) -> bytes:
+    if target.format == "teams":
+        return teams_payload(snapshot)
+    if target.format == "slack":
+        return slack_payload(snapshot)
+    return json_payload(snapshot)
+
+
+# -- signing -----------------------------------------------------------------------------------
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return f"sha256={digest}"
+
+
+def verify_signature(
+    secret: str, headers: Mapping[str, str], body: bytes, *, tolerance_s: int = DEFAULT_TOLERANCE_S, now: float | None = None
+) -> bool:
+    """Receiver-side check: the signature matches the body and the timestamp is fresh."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    timestamp = lowered.get(TIMESTAMP_HEADER.lower(), "")
+    signature = lowered.get(SIGNATURE_HEADER.lower(), "")
+    if not timestamp.isdigit() or abs((now if now is not None else time.time()) - int(timestamp)) > tolerance_s:
+        return False
+    return hmac.compare_digest(sign(secret, timestamp, body), signature)
+
+
+def headers_for(target: WebhookTarget, snapshot: Mapping[str, Any], body: bytes, now: float) -> dict[str, str]:
+    timestamp = str(int(now))
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": "defender-correlator/1",
+        TIMESTAMP_HEADER: timestamp,
+        IDEMPOTENCY_HEADER: f"{snapshot['incidentId']}:{snapshot['revision']}",
+    }
+    if target.secret is not None:
+        headers[SIGNATURE_HEADER] = sign(target.secret.get_secret_value(), timestamp, body)
+    return headers
+
+
+# -- HTTP --------------------------------------------------------------------------------------
+
+
+class _Retry(Retry):
+    # Honour Retry-After on every status we retry, not only 413/429/503.
+    RETRY_AFTER_STATUS_CODES = frozenset(RETRY_STATUSES)
+
+
+@dataclass
+class Attempt:
+    status: int | None
+    attempts: int
+    location: str | None = None
+
+
+class Poster(Protocol):
+    def post(self, target: WebhookTarget, url: str, body: bytes, headers: dict[str, str]) -> Attempt: ...
+
+
+class RequestsPoster:
+    """POST with timeouts and retries (exponential backoff with jitter, ``Retry-After``)."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[tuple[int, float], requests.Session] = {}
+
+    def _session(self, target: WebhookTarget) -> requests.Session:
+        key = (target.retries, target.backoff_s)
+        session = self._sessions.get(key)
+        if session is None:
+            retry = _Retry(
+                total=target.retries,
+                connect=target.retries,
+                read=target.retries,
+                status=target.retries,
+                other=0,
+                redirect=0,
+                allowed_methods=None,  # POST too: the Idempotency-Key makes a repeat harmless
+                status_forcelist=RETRY_STATUSES,
+                backoff_factor=target.backoff_s,
+                backoff_max=60,
+                backoff_jitter=target.backoff_s / 2,
+                respect_retry_after_header=True,
+                retry_after_max=120,
+                raise_on_status=False,
+                raise_on_redirect=False,
+            )
+            session = requests.Session()
+            session.mount("https://", HTTPAdapter(max_retries=retry))
+            session.mount("http://", HTTPAdapter(max_retries=retry))
+            session.trust_env = False  # no proxy or netrc credentials picked up from the environment
+            self._sessions[key] = session
+        return session
+
+    def post(self, target: WebhookTarget, url: str, body: bytes, headers: dict[str, str]) -> Attempt:
+        try:
+            response = self._session(target).post(
+                url, data=body, headers=headers, timeout=target.timeout_s, allow_redirects=False
+            )
+        except requests.RequestException as exc:
+            raise DeliveryError(f"{type(exc).__name__} after retries", permanent=False) from None
+        history = getattr(getattr(response.raw, "retries", None), "history", ()) or ()
+        return Attempt(response.status_code, len(history) + 1, response.headers.get("Location"))
+
+
+def deliver(target: WebhookTarget, snapshot: dict[str, Any], poster: Poster, now: Callable[[], float] = time.time) -> Attempt:
+    """POST one snapshot to one target, following redirects only within the same host.
+
+    Raises:
+        DeliveryError: ``permanent`` for 4xx (other than 408/429) and refused redirects; transient
+            for 5xx/429/408 and network errors once the retry budget is spent.
+    """
+    target.check_url()
+    body = payload_for(target, snapshot)
+    url = target.url
+    for _ in range(MAX_REDIRECTS + 1):
+        result = poster.post(target, url, body, headers_for(target, snapshot, body, now()))
+        status = result.status or 0
+        if 200 <= status < 300:
+            return result
+        if status in (301, 302, 303, 307, 308) and result.location:
+            nxt = urljoin(url, result.location)
+            if (urlsplit(nxt).scheme, urlsplit(nxt).netloc) != (urlsplit(url).scheme, urlsplit(url).netloc):
+                raise DeliveryError(f"refused redirect to another host ({urlsplit(nxt).netloc})", permanent=True, status=status)
+            url = nxt
+            continue
+        permanent = (400 <= status < 500 and status not in (408, 429)) or 300 <= status < 400
+        raise DeliveryError(f"HTTP {status} after {result.attempts} attempt(s)", permanent=permanent, status=status)
+    raise DeliveryError("too many redirects", permanent=True)
+
+
+# -- delivery records --------------------------------------------------------------------------
+
+
+class DeliveryLog(Protocol):
+    def delivered_revision(self, target: str, incident_id: str) -> int:
+        """Highest revision delivered to ``target`` for the incident (0: none)."""
+        ...
+
+    def record(self, target: str, incident_id: str, revision: int) -> None: ...
+
+
+@dataclass
+class MemoryDeliveryLog:
+    data: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def delivered_revision(self, target: str, incident_id: str) -> int:
+        return self.data.get((target, incident_id), 0)
+
+    def record(self, target: str, incident_id: str, revision: int) -> None:
+        key = (target, incident_id)
+        self.data[key] = max(revision, self.data.get(key, 0))
+
+
+class TableDeliveryLog:
+    """Delivery records in Azure Table Storage: one entity per (target, incident)."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self._ready = False
+
+    def _ensure(self) -> None:
+        if not self._ready:
+            from azure.core.exceptions import ResourceExistsError
+
+            with contextlib.suppress(ResourceExistsError):
+                self.table.create_table()
+            self._ready = True
+
+    @staticmethod
+    def _keys(target: str, incident_id: str) -> tuple[str, str]:
+        return target, hashlib.blake2b(incident_id.encode(), digest_size=16).hexdigest()
+
+    def delivered_revision(self, target: str, incident_id: str) -> int:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        self._ensure()
+        try:
+            entity = self.table.get_entity(*self._keys(target, incident_id))
+        except ResourceNotFoundError:
+            return 0
+        return int(entity.get("revision", 0))
+
+    def record(self, target: str, incident_id: str, revision: int) -> None:
+        from azure.core import MatchConditions
+        from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+        from azure.data.tables import UpdateMode
+
+        self._ensure()
+        pk, rk = self._keys(target, incident_id)
+        for _ in range(5):  # conditional write: never lower a revision another worker recorded
+            try:
+                entity = self.table.get_entity(pk, rk)
+            except ResourceNotFoundError:
+                try:
+                    self.table.create_entity({"PartitionKey": pk, "RowKey": rk, "incidentId": incident_id, "revision": revision})
+                    return
+                except ResourceExistsError:
+                    continue
+            if int(entity.get("revision", 0)) >= revision:
+                return
+            entity["revision"] = revision
+            try:
+                self.table.update_entity(
+                    entity, mode=UpdateMode.REPLACE, etag=entity.metadata["etag"], match_condition=MatchConditions.IfNotModified
+                )
+                return
+            except ResourceModifiedError:
+                continue
+
+
+# -- the forwarder -------------------------------------------------------------------------------
+
+
+@dataclass
+class ForwardResult:
+    delivered: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # target -> reason (permanent)
+
+
+class PoisonSink(Protocol):
+    def send(self, message: str) -> None: ...
+
+
+class Forwarder:
+    """Forward one incident snapshot to every target that wants it."""
+
+    def __init__(
+        self,
+        targets: Sequence[WebhookTarget],
+        deliveries: DeliveryLog,
+        poster: Poster | None = None,
+        poison: PoisonSink | None = None,
+        max_dequeue_count: int = 5,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        for target in targets:
+            target.check_url()
+        self.targets = list(targets)
+        self.deliveries = deliveries
+        self.poster = poster or RequestsPoster()
+        self.poison = poison
+        self.max_dequeue_count = max_dequeue_count
+        self.now = now
+
+    def handle(self, body: bytes, *, dequeue_count: int = 1, message_id: str | None = None) -> ForwardResult:
+        """Deliver a queued snapshot.
+
+        Raises:
+            DeliveryError: a transient failure while retries remain (the queue re-delivers the
+                message later). On the last dequeue, and for permanent failures, the message goes to
+                the poison sink with its reason instead, and nothing is raised.
+        """
+        result = ForwardResult()
+        try:
+            snapshot = orjson.loads(body)
+            incident_id, revision = str(snapshot["incidentId"]), int(snapshot["revision"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            self._to_poison(body, f"not an incident snapshot ({type(exc).__name__})", message_id)
+            result.failed["*"] = "not an incident snapshot"
+            return result
+        transient: list[str] = []
+        for target in self.targets:
+            if not target.wants(snapshot):
+                result.skipped.append(target.name)
+                continue
+            if self.deliveries.delivered_revision(target.name, incident_id) >= revision:
+                result.skipped.append(target.name)  # already delivered, or a newer revision was
+                continue
+            try:
+                attempt = deliver(target, snapshot, self.poster, self.now)
+            except DeliveryError as err:
+                reason = f"target {target.name}: {err}"
+                log.warning("webhook delivery failed: %s (incident %s revision %d)", reason, incident_id, revision)
+                if err.permanent:
+                    result.failed[target.name] = reason
+                else:
+                    transient.append(reason)
+                continue
+            self.deliveries.record(target.name, incident_id, revision)
+            result.delivered.append(target.name)
+            log.info(
+                "webhook delivered to %s: %s revision %d in %d attempt(s)", target.name, incident_id, revision, attempt.attempts
+            )
+        if result.failed:
+            self._to_poison(body, "; ".join(result.failed.values()), message_id)
+        if transient:
+            reason = "; ".join(transient)
+            if dequeue_count >= self.max_dequeue_count:
+                self._to_poison(body, f"gave up after {dequeue_count} deliveries of the message: {reason}", message_id)
+                result.failed.update({"*": reason})
+                return result
+            raise DeliveryError(reason, permanent=False)
+        return result
+
+    def _to_poison(self, body: bytes, reason: str, message_id: str | None) -> None:
+        log.error("incident message %s to poison queue: %s", message_id, reason)
+        if self.poison is not None:
+            self.poison.send(
+                orjson.dumps(
+                    {"reason": reason, "messageId": message_id, "body": body[:POISON_BODY_BYTES].decode("utf-8", "replace")}
+                ).decode()
+            )

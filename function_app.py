@@ -6,7 +6,7 @@ import typing
 
 import azure.functions as func
 
-from shared.functions import get_forwarder, get_runtime
+from shared.functions import get_forwarder, get_graph_runtime, get_runtime
 
 app = func.FunctionApp()
 
@@ -41,3 +41,12 @@ def purge_expired_state(timer: func.TimerRequest) -> None:
 def forward_incident(message: func.QueueMessage) -> None:
     """POST an incident snapshot, signed, to the configured webhook(s); idempotent per revision."""
     get_forwarder().handle(message.get_body(), dequeue_count=message.dequeue_count or 1, message_id=message.id)
+
+
+@app.function_name("poll_graph_alerts")
+@app.timer_trigger(arg_name="timer", schedule="%GRAPH_POLL_SCHEDULE%", run_on_startup=False, use_monitor=True)
+def poll_graph_alerts(timer: func.TimerRequest) -> None:
+    """Poll Graph alerts_v2 for each tenant in GRAPH_TENANTS and publish them to the alerts hub."""
+    graph = get_graph_runtime()
+    if graph is not None:  # off unless GRAPH_TENANTS is configured
+        graph.run()

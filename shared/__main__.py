@@ -87,6 +87,25 @@ def cmd_receiver(args: argparse.Namespace) -> int:
     return receiver_main(args.host, args.port, args.secret_env)
 
 
+def cmd_send(args: argparse.Namespace) -> int:
+    from .graph import eventhub_publisher
+    from .send import make_producer, send
+
+    missing = [f for f in args.files if f != "-" and not os.path.isfile(f)]
+    if missing:
+        print(f"error: no such file: {missing[0]}", file=sys.stderr)
+        return 2
+    connection = os.environ.get(args.connection_env) if args.connection_env else None
+    if not connection and not args.namespace:
+        print(f"error: set ${args.connection_env} to an Event Hubs connection string, or pass --namespace", file=sys.stderr)
+        return 2
+    producer = make_producer(connection, args.namespace, args.hub)
+    with producer:
+        counts = send(args.files, eventhub_publisher(producer), fmt=args.format, progress=sys.stderr.isatty())
+    print(f"read {counts['read']}, sent {counts['sent']}, rejected {counts['rejected']}", file=sys.stderr)
+    return 1 if counts["rejected"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m shared", description="defender-correlator commands")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", choices=FORMATS, help="force a wire format (default: detect per record)")
     p.add_argument("--forward", metavar="URL", help="also POST each incident, signed with $WEBHOOK_SECRET, to this webhook")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("send", help="publish alert files to an Event Hub (partition key = tenant)")
+    p.add_argument("files", nargs="+", help="alert files in any supported format ('-' for stdin)")
+    p.add_argument("--hub", required=True, help="Event Hub name")
+    p.add_argument("--namespace", help="Event Hubs namespace (uses DefaultAzureCredential)")
+    p.add_argument(
+        "--connection-env",
+        default="EVENTHUB_CONNECTION_STRING",
+        help="environment variable holding a connection string (default: EVENTHUB_CONNECTION_STRING)",
+    )
+    p.add_argument("--format", default="auto", choices=FORMATS)
+    p.set_defaults(func=cmd_send)
 
     p = sub.add_parser("receiver", help="a local webhook receiver that verifies signatures and prints incidents")
     p.add_argument("--host", default="127.0.0.1")

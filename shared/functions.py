@@ -285,3 +285,87 @@ def set_forwarder(forwarder: Any) -> None:
     global _forwarder
     with _lock:
         _forwarder = forwarder
+
+
+_graph: Any = None
+
+
+@dataclass
+class GraphRuntime:
+    poller: Any
+    tenants: tuple[str, ...]
+    close: Any
+
+    def run(self) -> list[Any]:
+        results = self.poller.poll_all(self.tenants)
+        for r in results:
+            log.info("graph_poll_summary %s", orjson.dumps({k: v for k, v in r.__dict__.items()}).decode())
+        return list(results)
+
+
+def build_graph_runtime(env: dict[str, str] | None = None) -> GraphRuntime | None:
+    """The Graph poller from app settings, or None when ``GRAPH_TENANTS`` is not configured."""
+    from azure.data.tables import TableClient
+    from azure.eventhub import EventHubProducerClient
+
+    from .graph import GraphPoller, TableCursorStore, eventhub_publisher
+    from .settings import load_graph_settings
+
+    graph = load_graph_settings(env)
+    if not graph.tenants:
+        return None
+    settings = load_settings(env)
+    from azure import identity
+
+    def credential_for(tenant: str) -> Any:
+        if graph.auth == "client_secret":
+            assert graph.client_id and graph.client_secret
+            return identity.ClientSecretCredential(tenant, graph.client_id, graph.client_secret.get_secret_value())
+        if graph.auth == "certificate":
+            assert graph.client_id and graph.certificate_path
+            return identity.CertificateCredential(tenant, graph.client_id, certificate_path=graph.certificate_path)
+        return identity.ManagedIdentityCredential(client_id=settings.managed_identity_client_id)
+
+    credentials: dict[str, Any] = {}
+
+    def cached(tenant: str) -> Any:
+        if tenant not in credentials:
+            credentials[tenant] = credential_for(tenant)
+        return credentials[tenant]
+
+    if settings.storage_connection:
+        table = TableClient.from_connection_string(settings.storage_connection, graph.cursor_table)
+    else:
+        assert settings.table_service_uri
+        table = TableClient(
+            settings.table_service_uri,
+            graph.cursor_table,
+            credential=identity.ManagedIdentityCredential(client_id=settings.managed_identity_client_id),
+        )
+    if graph.eventhub_connection is not None and "Endpoint=" in graph.eventhub_connection.get_secret_value():
+        producer = EventHubProducerClient.from_connection_string(
+            graph.eventhub_connection.get_secret_value(), eventhub_name=graph.eventhub_name
+        )
+    else:
+        assert graph.eventhub_namespace
+        producer = EventHubProducerClient(
+            fully_qualified_namespace=graph.eventhub_namespace,
+            eventhub_name=graph.eventhub_name,
+            credential=identity.ManagedIdentityCredential(client_id=settings.managed_identity_client_id),
+        )
+    poller = GraphPoller(cached, TableCursorStore(table), eventhub_publisher(producer), base_url=graph.base_url)
+    return GraphRuntime(poller, graph.tenants, producer.close)
+
+
+def get_graph_runtime() -> GraphRuntime | None:
+    global _graph
+    with _lock:
+        if _graph is None:
+            _graph = build_graph_runtime() or False
+        return _graph or None
+
+
+def set_graph_runtime(runtime: GraphRuntime | None) -> None:
+    global _graph
+    with _lock:
+        _graph = runtime

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from .errors import SettingsError
 
@@ -147,4 +147,54 @@ def load_webhook_settings(env: Mapping[str, str] | None = None) -> WebhookSettin
         delivery_table=source.get("DELIVERY_TABLE", "webhookdeliveries"),
         poison_queue=source.get("INCIDENTS_POISON_QUEUE", f"{incidents_queue}-poison"),
         max_dequeue_count=max_dequeue,
+    )
+
+
+class GraphSettings(BaseModel):
+    """Settings of ``poll_graph_alerts``; ``tenants`` empty means the poller is off."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tenants: tuple[str, ...]
+    auth: str
+    client_id: str | None
+    client_secret: SecretStr | None
+    certificate_path: str | None
+    cursor_table: str
+    base_url: str
+    eventhub_namespace: str | None
+    eventhub_connection: SecretStr | None
+    eventhub_name: str
+
+
+def load_graph_settings(env: Mapping[str, str] | None = None) -> GraphSettings:
+    """Raises: SettingsError naming the setting."""
+    source = dict(os.environ if env is None else env)
+    tenants = tuple(t.strip() for t in source.get("GRAPH_TENANTS", "").split(",") if t.strip())
+    auth = source.get("GRAPH_AUTH", "managed_identity")
+    if auth not in ("managed_identity", "client_secret", "certificate"):
+        raise SettingsError("app setting GRAPH_AUTH: must be managed_identity, client_secret or certificate")
+    if tenants and auth == "client_secret" and not (source.get("GRAPH_CLIENT_ID") and source.get("GRAPH_CLIENT_SECRET")):
+        raise SettingsError("app settings GRAPH_CLIENT_ID and GRAPH_CLIENT_SECRET are needed with GRAPH_AUTH=client_secret")
+    if tenants and auth == "certificate" and not (source.get("GRAPH_CLIENT_ID") and source.get("GRAPH_CERTIFICATE_PATH")):
+        raise SettingsError("app settings GRAPH_CLIENT_ID and GRAPH_CERTIFICATE_PATH are needed with GRAPH_AUTH=certificate")
+    namespace = source.get("ALERTS_EVENTHUB__fullyQualifiedNamespace")
+    connection = source.get("ALERTS_EVENTHUB")
+    if tenants and not (namespace or connection):
+        raise SettingsError(
+            "app setting ALERTS_EVENTHUB__fullyQualifiedNamespace (or ALERTS_EVENTHUB) is needed to publish Graph alerts"
+        )
+    if tenants and not source.get("ALERTS_EVENTHUB_NAME"):
+        raise SettingsError("app setting ALERTS_EVENTHUB_NAME is missing")
+    return GraphSettings(
+        tenants=tenants,
+        auth=auth,
+        client_id=source.get("GRAPH_CLIENT_ID") or source.get("AZURE_CLIENT_ID"),
+        client_secret=SecretStr(source["GRAPH_CLIENT_SECRET"]) if source.get("GRAPH_CLIENT_SECRET") else None,
+        certificate_path=source.get("GRAPH_CERTIFICATE_PATH"),
+        cursor_table=source.get("GRAPH_CURSOR_TABLE", "graphcursors"),
+        base_url=source.get("GRAPH_BASE_URL", "https://graph.microsoft.com/v1.0"),
+        eventhub_namespace=namespace,
+        eventhub_connection=SecretStr(connection) if connection else None,
+        eventhub_name=source.get("ALERTS_EVENTHUB_NAME", ""),
     )

@@ -1,0 +1,349 @@
+"""The Graph poller against a Graph emulator on loopback, and the Event Hub publisher's batching."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+import pytest
+from azure.data.tables import TableClient
+from azure.eventhub import EventDataBatch
+
+import function_app
+from shared.engine import Engine
+from shared.errors import SettingsError
+from shared.functions import build_graph_runtime
+from shared.graph import BatchPublisher, GraphError, GraphPoller, MemoryCursorStore, RateLimiter, TableCursorStore, graph_session
+from shared.normalize import NormalizedEvent, Normalizer
+from shared.rules import default_rules_dir, load_rules
+from shared.send import send
+from shared.settings import load_graph_settings
+from shared.state import MemoryStateStore
+
+from .conftest import Azurite
+
+REPO = Path(__file__).resolve().parent.parent
+T0 = datetime(2026, 11, 20, 9, 0, tzinfo=timezone.utc)
+
+
+def alert(tenant: str, n: int, seconds: int | None = None) -> dict[str, Any]:
+    updated = (T0 + timedelta(seconds=n if seconds is None else seconds)).isoformat().replace("+00:00", "Z")
+    return {
+        "@odata.type": "#microsoft.graph.security.alert",
+        "id": f"da{tenant}_{n}",
+        "tenantId": tenant,
+        "title": "Suspicious Task Scheduler activity",
+        "category": "Persistence",
+        "mitreTechniques": ["T1053.005"],
+        "serviceSource": "microsoftDefenderForEndpoint",
+        "createdDateTime": T0.isoformat().replace("+00:00", "Z"),
+        "lastUpdateDateTime": updated,
+    }
+
+
+class GraphEmulator:
+    """Serves /v1.0/security/alerts_v2 with $filter=lastUpdateDateTime ge, paging, and injected faults."""
+
+    def __init__(self, page_size: int = 2) -> None:
+        self.alerts: dict[str, list[dict[str, Any]]] = {}
+        self.faults: list[tuple[str, Any]] = []  # consumed one per request: ("429", retry_after|None), ("503", None), ...
+        self.requests: list[tuple[str, str]] = []
+        self.valid_tokens: set[str] = set()
+        emu = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+            def do_GET(self) -> None:
+                token = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                emu.requests.append((self.path, token))
+                fault = emu.faults.pop(0) if emu.faults else None
+                if fault and fault[0] == "429":
+                    self.send_response(429)
+                    if fault[1] is not None:
+                        self.send_header("Retry-After", str(fault[1]))
+                    self.end_headers()
+                    self.wfile.write(b'{"error":{"code":"TooManyRequests"}}')
+                    return
+                if fault and fault[0] == "503":
+                    self.send_response(503)
+                    self.end_headers()
+                    return
+                if token not in emu.valid_tokens:
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                if fault and fault[0] == "malformed":
+                    self.send_response(200)
+                    self.end_headers()
+                    self.wfile.write(b'{"value": [ {"id": "x"')
+                    return
+                tenant = token.split(":")[0]
+                query = parse_qs(urlsplit(self.path).query)
+                since = query["$filter"][0].split(" ge ")[1]
+                skip = int(query.get("$skip", ["0"])[0])
+                items = sorted(
+                    (a for a in emu.alerts.get(tenant, []) if a["lastUpdateDateTime"] >= since),
+                    key=lambda a: a["lastUpdateDateTime"],
+                )
+                page = items[skip : skip + page_size]
+                body: dict[str, Any] = {"@odata.context": "x", "value": page}
+                if skip + page_size < len(items):
+                    nxt = dict(query)
+                    nxt["$skip"] = [str(skip + page_size)]
+                    body["@odata.nextLink"] = f"http://127.0.0.1:{emu.port}/v1.0/security/alerts_v2?" + "&".join(
+                        f"{k}={v[0]}" for k, v in nxt.items()
+                    )
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1.0"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Token:
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.expires_on = int(time.time()) + 3600
+
+
+class FakeCredential:
+    """An azure-identity compatible credential; each refresh issues a new token."""
+
+    def __init__(self, tenant: str, emu: GraphEmulator) -> None:
+        self.tenant, self.emu, self.calls = tenant, emu, 0
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> Token:
+        assert scopes == ("https://graph.microsoft.com/.default",)
+        self.calls += 1
+        token = f"{self.tenant}:{self.calls}"
+        self.emu.valid_tokens.add(token)
+        return Token(token)
+
+
+class Published:
+    def __init__(self) -> None:
+        self.records: list[tuple[str, dict[str, Any]]] = []
+
+    def publish(self, tenant: str, records: list[bytes]) -> list[str]:
+        self.records += [(tenant, orjson.loads(r)) for r in records]
+        return []
+
+    def ids(self, tenant: str) -> list[str]:
+        return [r["id"] for t, r in self.records if t == tenant]
+
+
+@pytest.fixture
+def emu() -> Iterator[GraphEmulator]:
+    e = GraphEmulator()
+    yield e
+    e.close()
+
+
+def make_poller(emu: GraphEmulator, **kw: Any) -> tuple[GraphPoller, Published, dict[str, FakeCredential]]:
+    creds: dict[str, FakeCredential] = {}
+    published = kw.pop("published", Published())
+
+    def credential_for(tenant: str) -> FakeCredential:
+        return creds.setdefault(tenant, FakeCredential(tenant, emu))
+
+    poller = GraphPoller(
+        credential_for,
+        kw.pop("cursors", MemoryCursorStore()),
+        published,
+        base_url=emu.base_url,
+        session=graph_session(retries=4, backoff_s=0.05),
+        clock=lambda: T0 - timedelta(hours=1),
+        **kw,
+    )
+    return poller, published, creds
+
+
+def test_paging_publishes_every_alert_once_in_order_and_moves_the_cursor(emu: GraphEmulator) -> None:
+    emu.alerts["tA"] = [alert("tA", n) for n in range(7)]
+    poller, published, _ = make_poller(emu)
+    result = poller.poll("tA")
+    assert published.ids("tA") == [f"datA_{n}" for n in range(7)]
+    assert result.pages == 4 and result.published == 7
+    assert result.cursor == "2026-11-20T09:00:06Z"
+    again = poller.poll("tA")  # `ge` returns the boundary alert again: recognised, not re-published
+    assert again.published == 0 and again.duplicates == 1
+    emu.alerts["tA"].append(alert("tA", 7))
+    poller.poll("tA")
+    assert published.ids("tA") == [f"datA_{n}" for n in range(8)]
+
+
+def test_429_with_and_without_retry_after_and_503_are_retried(emu: GraphEmulator) -> None:
+    emu.alerts["tA"] = [alert("tA", n) for n in range(3)]
+    emu.faults = [("429", "0.3"), ("429", None), ("503", None)]
+    poller, published, _ = make_poller(emu)
+    start = time.monotonic()
+    poller.poll("tA")
+    assert time.monotonic() - start >= 0.3  # the fractional Retry-After was honoured
+    assert published.ids("tA") == ["datA_0", "datA_1", "datA_2"]
+    assert len(emu.requests) == 3 + 2  # three faults, then two pages
+
+
+def test_expired_token_triggers_exactly_one_refresh(emu: GraphEmulator) -> None:
+    emu.alerts["tA"] = [alert("tA", 0)]
+
+    class ExpiredFirst(FakeCredential):
+        """Hands out a token the server no longer accepts, then fresh ones."""
+
+        def get_token(self, *scopes: str, **kwargs: Any) -> Token:
+            self.calls += 1
+            if self.calls == 1:
+                return Token("tA:expired")
+            token = f"tA:{self.calls}"
+            self.emu.valid_tokens.add(token)
+            return Token(token)
+
+    credential = ExpiredFirst("tA", emu)
+    published = Published()
+    poller = GraphPoller(
+        lambda t: credential,
+        MemoryCursorStore(),
+        published,
+        base_url=emu.base_url,
+        session=graph_session(retries=2, backoff_s=0.05),
+        clock=lambda: T0 - timedelta(hours=1),
+    )
+    poller.poll("tA")
+    assert published.ids("tA") == ["datA_0"]
+    assert [t for _, t in emu.requests] == ["tA:expired", "tA:2"]
+    assert credential.calls == 2
+
+
+def test_malformed_json_fails_that_tenant_only_and_loses_nothing(emu: GraphEmulator) -> None:
+    emu.alerts["tA"] = [alert("tA", n) for n in range(5)]
+    emu.alerts["tB"] = [alert("tB", n) for n in range(2)]
+    poller, published, _ = make_poller(emu)
+    emu.faults = [(None, None), ("malformed", None)]  # first page fine, second page broken
+    results = poller.poll_all(["tA", "tB"])
+    assert results[0].error and "malformed JSON" in results[0].error
+    assert published.ids("tA") == ["datA_0", "datA_1"]
+    assert published.ids("tB") == ["datB_0", "datB_1"]
+    poller.poll("tA")  # the next run resumes from the saved cursor: no gap, no repeat
+    assert published.ids("tA") == [f"datA_{n}" for n in range(5)]
+
+
+def test_crash_between_publish_and_cursor_save_re_publishes_but_never_skips(emu: GraphEmulator) -> None:
+    emu.alerts["tA"] = [alert("tA", n) for n in range(4)]
+
+    class Flaky(MemoryCursorStore):
+        fail = True
+
+        def save(self, tenant: str, cursor: str, boundary: list[str]) -> None:
+            if self.fail and cursor > "2026-11-20T09:00:01Z":
+                self.fail = False
+                raise RuntimeError("crash before the cursor was saved")
+            super().save(tenant, cursor, boundary)
+
+    cursors = Flaky()
+    poller, published, _ = make_poller(emu, cursors=cursors)
+    with pytest.raises(RuntimeError):
+        poller.poll("tA")
+    poller.poll("tA")
+    ids = published.ids("tA")
+    assert set(ids) == {f"datA_{n}" for n in range(4)}  # nothing skipped
+    assert len(ids) > 4  # page 2 was published twice ...
+    engine = Engine(load_rules([default_rules_dir()]), MemoryStateStore())
+    events = [Normalizer().normalize(r, "p", T0) for _, r in published.records]
+    result = engine.process([e for e in events if isinstance(e, NormalizedEvent)])
+    counts = sorted(s["attributes"]["incidentCount"] for s in result.incidents)
+    assert counts == [1, 1, 1, 1]  # ... and the correlator counts each alert version once
+
+
+def test_rate_limiter_keeps_to_150_requests_per_minute_per_tenant() -> None:
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    limiter = RateLimiter(150, 60, clock=lambda: now[0], sleep=sleep)
+    for i in range(150):
+        now[0] = i * 0.1
+        assert limiter.acquire("tA") == 0
+    assert limiter.acquire("tB") == 0  # another tenant has its own budget
+    waited = limiter.acquire("tA")
+    assert waited == pytest.approx(60 - 14.9, abs=0.01) and slept
+
+
+def test_publisher_splits_batches_at_the_size_limit_and_rejects_oversized_records() -> None:
+    sent: list[EventDataBatch] = []
+    publisher = BatchPublisher(lambda key: EventDataBatch(max_size_in_bytes=1500, partition_key=key), sent.append)
+    records = [orjson.dumps({"n": i, "pad": "x" * 300}) for i in range(10)] + [orjson.dumps({"pad": "y" * 5000})]
+    rejected = publisher.publish("tenant-1", records)
+    assert len(rejected) == 1 and "exceeds the hub's batch size limit" in rejected[0] and "record 10" in rejected[0]
+    assert sum(len(b) for b in sent) == 10 and len(sent) >= 3
+    assert all(b.size_in_bytes <= 1500 for b in sent)
+    assert publisher.sent == 10
+
+
+def test_send_command_publishes_demo_files_by_tenant() -> None:
+    by_key: dict[str, int] = {}
+
+    def make(key: str) -> EventDataBatch:
+        by_key.setdefault(key, 0)
+        return EventDataBatch(max_size_in_bytes=256 * 1024, partition_key=key)
+
+    def record(batch: EventDataBatch) -> None:
+        by_key[batch._partition_key.decode() if isinstance(batch._partition_key, bytes) else batch._partition_key] += len(batch)
+
+    files = [str(p) for p in sorted((REPO / "samples" / "demo").glob("*.json*"))]
+    counts = send(files, BatchPublisher(make, record))
+    assert counts["rejected"] == 0 and counts["sent"] == counts["read"] == 9
+    assert by_key["0b1f6c2e-5a3d-4e8f-9c7b-1d2e3f4a5b6c"] >= 5 and by_key["5d7e8f90-1a2b-4c3d-8e9f-0a1b2c3d4e5f"] == 1
+
+
+def test_poll_function_binding_and_off_unless_tenants_configured() -> None:
+    functions = {f.get_function_name(): f for f in function_app.app.get_functions()}
+    bindings = json.loads(functions["poll_graph_alerts"].get_function_json())["bindings"]
+    assert bindings[0]["type"] == "timerTrigger" and bindings[0]["schedule"] == "%GRAPH_POLL_SCHEDULE%"
+    assert build_graph_runtime({"ALERTS_EVENTHUB_NAME": "a", "STATE_STORAGE_CONNECTION": "x"}) is None
+    with pytest.raises(SettingsError, match="GRAPH_CLIENT_SECRET"):
+        load_graph_settings({"GRAPH_TENANTS": "t1", "GRAPH_AUTH": "client_secret", "GRAPH_CLIENT_ID": "c"})
+    s = load_graph_settings(
+        {
+            "GRAPH_TENANTS": "t1, t2",
+            "ALERTS_EVENTHUB__fullyQualifiedNamespace": "ns.servicebus.windows.net",
+            "ALERTS_EVENTHUB_NAME": "alerts",
+        }
+    )
+    assert s.tenants == ("t1", "t2") and s.auth == "managed_identity"
+
+
+@pytest.mark.azurite
+def test_table_cursor_store_round_trips(azurite: Azurite, table_name: str) -> None:
+    store = TableCursorStore(TableClient.from_connection_string(azurite.connection_string, table_name))
+    assert store.load("tenant/1") == (None, [])
+    store.save("tenant/1", "2026-11-20T09:00:06Z", ["graph:a:1", "graph:b:1"])
+    assert store.load("tenant/1") == ("2026-11-20T09:00:06Z", ["graph:a:1", "graph:b:1"])
+
+
+def test_graph_error_is_a_correlator_error() -> None:
+    assert issubclass(GraphError, ValueError)

@@ -52,3 +52,12 @@ stop_azurite() {
     wait "$AZURITE_PID" 2>/dev/null || true
   fi
 }
+
+setup_checkov() {
+  step "checkov (own venv in .tools/, its pins stay apart from the project's)"
+  if [ ! -x .tools/checkov-venv/bin/checkov ]; then
+    mkdir -p .tools
+    "${PYTHON:-python3}" -m venv .tools/checkov-venv
+    .tools/checkov-venv/bin/python -m pip install --quiet --disable-pip-version-check "checkov==3.3.30"
+  fi
+}

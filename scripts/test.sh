@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 setup_python
+setup_checkov
 setup_azurite
 start_azurite
 trap stop_azurite EXIT
@@ -16,6 +17,9 @@ step "ruff"
 
 step "mypy"
 .venv/bin/mypy
+
+step "checkov (Bicep; every skip carries its justification inline)"
+.tools/checkov-venv/bin/checkov -d infra --framework bicep --compact --quiet --skip-download
 
 step "rule validation and rule tests"
 .venv/bin/python -m shared validate >/dev/null

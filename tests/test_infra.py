@@ -120,7 +120,10 @@ def test_outputs_carry_names_never_secrets() -> None:
     for path in BICEP_FILES:
         text = path.read_text()
         for line in re.findall(r"^output .*$", text, re.MULTILINE):
-            bad = r"(?i)listkeys|listconnectionstrings|primarykey|secondarykey|connectionstring|password|webhookSecret\b|graphClientSecret\b"
+            bad = (
+                r"(?i)listkeys|listconnectionstrings|primarykey|secondarykey|connectionstring|password"
+                r"|webhookSecret\b|graphClientSecret\b"
+            )
             assert not re.search(bad, line), f"{path}: {line}"
 
 

@@ -105,10 +105,60 @@ def best_of(runs: int, fn) -> float:  # type: ignore[no-untyped-def]
     return min(times)
 
 
+def big_file(megabytes: int) -> None:
+    """Replay a large JSON-lines file through `python -m shared replay` and report the child's peak RSS."""
+    import subprocess
+
+    path = Path(f"/tmp/bench-big-{megabytes}mb.jsonl")
+    chunk = generate(20_000, seed=11)
+    if not path.exists() or path.stat().st_size < megabytes * 1_000_000:
+        with path.open("wb") as f:
+            written = 0
+            while written < megabytes * 1_000_000:
+                f.write(chunk)
+                written += len(chunk)
+    start = time.perf_counter()
+    # Sample the child's own RSS from /proc: ru_maxrss of a child also counts the parent's pages at fork.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared", "replay", str(path)],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    peak_kb = 0
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/status") as status:
+                for line in status:
+                    if line.startswith("VmRSS:"):
+                        peak_kb = max(peak_kb, int(line.split()[1]))
+        except OSError:
+            break
+        time.sleep(0.05)
+    stderr = proc.stderr.read() if proc.stderr else b""
+    elapsed = time.perf_counter() - start
+    peak_mb = peak_kb / 1024
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, b"", stderr)
+    summary = result.stderr.decode().splitlines()[0] if result.stderr else ""
+    figures = {
+        "file_mb": round(path.stat().st_size / 1e6),
+        "seconds": round(elapsed, 1),
+        "peak_rss_mb": round(peak_mb, 1),
+        "exit": result.returncode,
+        "summary": summary,
+    }
+    print(f"replay of {figures['file_mb']} MB: {figures['seconds']} s, peak RSS {figures['peak_rss_mb']} MB ({summary})")
+    print(orjson.dumps(figures).decode())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=200_000)
+    parser.add_argument("--big-file-mb", type=int, default=0, help="replay a JSON-lines file this big (MB); report peak RSS")
     args = parser.parse_args()
+    if args.big_file_mb:
+        big_file(args.big_file_mb)
+        return
     rules = load_rules([default_rules_dir()])
     data = generate(args.records)
     lines = data.splitlines()

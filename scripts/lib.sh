@@ -8,7 +8,8 @@ setup_python() {
   if [ ! -x .venv/bin/python ]; then
     "$py" -m venv .venv
   fi
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt \
+    2> >(grep -v '^WARNING: Location' >&2)
 }
 
 setup_azurite() {
@@ -58,6 +59,7 @@ setup_checkov() {
   if [ ! -x .tools/checkov-venv/bin/checkov ]; then
     mkdir -p .tools
     "${PYTHON:-python3}" -m venv .tools/checkov-venv
-    .tools/checkov-venv/bin/python -m pip install --quiet --disable-pip-version-check "checkov==3.3.30"
+    .tools/checkov-venv/bin/python -m pip install --quiet --disable-pip-version-check "checkov==3.3.30" \
+      2> >(grep -v '^WARNING: Location' >&2)
   fi
 }

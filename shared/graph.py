@@ -14,7 +14,6 @@ Defender's streaming export.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import threading
@@ -33,6 +32,7 @@ from urllib3.util import Retry
 
 from .errors import CorrelatorError
 from .normalize import iso, parse_time
+from .tables import TableBacked
 
 log = logging.getLogger("defender_correlator.graph")
 
@@ -83,22 +83,10 @@ class MemoryCursorStore:
         self.data[tenant] = (cursor, list(boundary))
 
 
-class TableCursorStore:
+class TableCursorStore(TableBacked):
     """Cursors in Azure Table Storage: one entity per tenant."""
 
     PARTITION = "graph-cursor"
-
-    def __init__(self, table: Any) -> None:
-        self.table = table
-        self._ready = False
-
-    def _ensure(self) -> None:
-        if not self._ready:
-            from azure.core.exceptions import ResourceExistsError
-
-            with contextlib.suppress(ResourceExistsError):
-                self.table.create_table()
-            self._ready = True
 
     def load(self, tenant: str) -> tuple[str | None, list[str]]:
         from azure.core.exceptions import ResourceNotFoundError

@@ -320,21 +320,28 @@ class Normalizer:
 
     # -- formats ------------------------------------------------------------------------------
 
+    def _alert_head(
+        self, rec: dict[str, Any], fmt: str, prefix: str, category_key: str, id_key: str
+    ) -> tuple[dict[str, Any] | Skipped, str]:
+        """Event type (checked against the prefilter before anything else), alert id, category."""
+        category = _text(rec, category_key, fmt) or ""
+        event_type = prefix + (f"-{_pascal(category)}" if category else "")
+        if self._skip(event_type):
+            return Skipped(event_type), category
+        alert_id = _text(rec, id_key, fmt, required=True)
+        attrs: dict[str, Any] = {"eventType": event_type, "alertIdStr": alert_id}
+        _put(attrs, "attackTactic", category)
+        return attrs, category
+
     def _graph(self, rec: dict[str, Any], position: str, arrival: datetime) -> Item:
         fmt = "graph"
-        category = _text(rec, "category", fmt) or ""
-        event_type = "M365Defender-Alert" + (f"-{_pascal(category)}" if category else "")
-        if self._skip(event_type):
-            return Skipped(event_type)
-        alert_id = _text(rec, "id", fmt, required=True)
-        attrs: dict[str, Any] = {"eventType": event_type, "alertIdStr": alert_id}
+        attrs, _ = self._alert_head(rec, fmt, "M365Defender-Alert", "category", "id")
+        if isinstance(attrs, Skipped):
+            return attrs
+        alert_id = attrs["alertIdStr"]
         _put(attrs, "alertName", _text(rec, "title", fmt))
         _put(attrs, "tenantId", _text(rec, "tenantId", fmt))
-        techniques = rec.get("mitreTechniques") or []
-        if not isinstance(techniques, list):
-            raise RecordError("field 'mitreTechniques' must be a list", fmt=fmt, field="mitreTechniques")
-        _put(attrs, "attackTechniqueId", technique_ids(techniques))
-        _put(attrs, "attackTactic", category)
+        _put(attrs, "attackTechniqueId", _mitre_techniques(rec, fmt, allow_text=False))
         _severity(attrs, rec.get("severity"))
         _put(attrs, "incidentExtTicketId", _text(rec, "incidentId", fmt))
         _put(attrs, "alertWebUrl", _text(rec, "alertWebUrl", fmt))
@@ -353,21 +360,13 @@ class Normalizer:
 
     def _mde(self, rec: dict[str, Any], position: str, arrival: datetime) -> Item:
         fmt = "mde"
-        category = _text(rec, "category", fmt) or ""
-        event_type = "MS-Defender-Endpoint-Alert" + (f"-{_pascal(category)}" if category else "")
-        if self._skip(event_type):
-            return Skipped(event_type)
-        alert_id = _text(rec, "id", fmt, required=True)
-        attrs: dict[str, Any] = {"eventType": event_type, "alertIdStr": alert_id}
+        attrs, _ = self._alert_head(rec, fmt, "MS-Defender-Endpoint-Alert", "category", "id")
+        if isinstance(attrs, Skipped):
+            return attrs
+        alert_id = attrs["alertIdStr"]
         _put(attrs, "alertName", _text(rec, "title", fmt))
         _put(attrs, "tenantId", _text(rec, "aadTenantId", fmt))
-        techniques = rec.get("mitreTechniques") or []
-        if isinstance(techniques, str):
-            techniques = [t for t in re.split(r"[,\s]+", techniques) if t]
-        if not isinstance(techniques, list):
-            raise RecordError("field 'mitreTechniques' must be a list", fmt=fmt, field="mitreTechniques")
-        _put(attrs, "attackTechniqueId", technique_ids(techniques))
-        _put(attrs, "attackTactic", category)
+        _put(attrs, "attackTechniqueId", _mitre_techniques(rec, fmt, allow_text=True))  # documented as "String"
         _severity(attrs, rec.get("severity"))
         _put(attrs, "incidentExtTicketId", _text(rec, "incidentId", fmt))
         _put(attrs, "serviceSource", "microsoftDefenderForEndpoint")
@@ -387,14 +386,11 @@ class Normalizer:
 
     def _siem(self, rec: dict[str, Any], position: str, arrival: datetime) -> Item:
         fmt = "siem"
-        category = _text(rec, "Category", fmt) or ""
-        event_type = "Microsoft-WinDefATP-Alert" + (f"-{_pascal(category)}" if category else "")
-        if self._skip(event_type):
-            return Skipped(event_type)
-        alert_id = _text(rec, "AlertId", fmt, required=True)
-        attrs: dict[str, Any] = {"eventType": event_type, "alertIdStr": alert_id}
+        attrs, _ = self._alert_head(rec, fmt, "Microsoft-WinDefATP-Alert", "Category", "AlertId")
+        if isinstance(attrs, Skipped):
+            return attrs
+        alert_id = attrs["alertIdStr"]
         _put(attrs, "alertName", _text(rec, "AlertTitle", fmt))
-        _put(attrs, "attackTactic", category)
         _severity(attrs, rec.get("Severity"))
         _put(attrs, "alertWebUrl", _text(rec, "LinkToWDATP", fmt))
         _put(attrs, "detectionSource", _text(rec, "Source", fmt))
@@ -471,6 +467,15 @@ class Normalizer:
         identity = f"event:{event_id}" if isinstance(event_id, (str, int)) else f"event:{content_hash(rec)}"
         kind = ALERT if "alertIdStr" in attrs else OTHER
         return NormalizedEvent(attrs, identity, when, fallback, kind, fmt, position, rec)
+
+
+def _mitre_techniques(rec: dict[str, Any], fmt: str, *, allow_text: bool) -> tuple[str, ...]:
+    techniques = rec.get("mitreTechniques") or []
+    if allow_text and isinstance(techniques, str):
+        techniques = [t for t in re.split(r"[,\s]+", techniques) if t]
+    if not isinstance(techniques, list):
+        raise RecordError("field 'mitreTechniques' must be a list", fmt=fmt, field="mitreTechniques")
+    return technique_ids(techniques)
 
 
 def _decode_json_column(attrs: dict[str, Any], key: str) -> None:

@@ -11,7 +11,6 @@ Signature scheme (documented in the README, verified by :func:`verify_signature`
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -30,6 +29,7 @@ from urllib3.util import Retry
 
 from .engine import fit_snapshot
 from .errors import CorrelatorError, SettingsError
+from .tables import TableBacked
 
 log = logging.getLogger("defender_correlator.webhook")
 
@@ -339,20 +339,8 @@ class MemoryDeliveryLog:
         self.data[key] = max(revision, self.data.get(key, 0))
 
 
-class TableDeliveryLog:
+class TableDeliveryLog(TableBacked):
     """Delivery records in Azure Table Storage: one entity per (target, incident)."""
-
-    def __init__(self, table: Any) -> None:
-        self.table = table
-        self._ready = False
-
-    def _ensure(self) -> None:
-        if not self._ready:
-            from azure.core.exceptions import ResourceExistsError
-
-            with contextlib.suppress(ResourceExistsError):
-                self.table.create_table()
-            self._ready = True
 
     @staticmethod
     def _keys(target: str, incident_id: str) -> tuple[str, str]:

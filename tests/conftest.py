@@ -133,3 +133,15 @@ def table_name(request: pytest.FixtureRequest) -> str:
     import hashlib
 
     return "t" + hashlib.blake2b(request.node.nodeid.encode(), digest_size=8).hexdigest()
+
+
+_FUNCTIONS: dict[str, object] = {}
+
+
+def app_functions() -> dict[str, object]:
+    """The app's built functions; built once, since FunctionApp.get_functions() may run only once."""
+    if not _FUNCTIONS:
+        import function_app
+
+        _FUNCTIONS.update({f.get_function_name(): f for f in function_app.app.get_functions()})
+    return _FUNCTIONS

@@ -27,7 +27,7 @@ from shared.settings import load_settings
 from shared.state import Change, GroupKey, Loaded
 from shared.table_store import TableStateStore
 
-from .conftest import Azurite
+from .conftest import Azurite, app_functions
 
 REPO = Path(__file__).resolve().parent.parent
 RULES = load_rules([default_rules_dir()])
@@ -128,8 +128,8 @@ def final(snapshots: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def test_binding_metadata_of_every_function() -> None:
-    functions = {f.get_function_name(): f for f in function_app.app.get_functions()}
-    assert set(functions) == {"correlate_alerts", "purge_expired_state"}
+    functions: dict[str, Any] = app_functions()  # type: ignore[assignment]
+    assert set(functions) == {"correlate_alerts", "purge_expired_state", "forward_incident", "poll_graph_alerts"}
     correlate = json.loads(functions["correlate_alerts"].get_function_json())["bindings"]
     trigger = next(b for b in correlate if b["type"] == "eventHubTrigger")
     assert trigger == {

@@ -17,7 +17,6 @@ import pytest
 from azure.data.tables import TableClient
 from azure.eventhub import EventDataBatch
 
-import function_app
 from shared.engine import Engine
 from shared.errors import SettingsError
 from shared.functions import build_graph_runtime
@@ -28,7 +27,7 @@ from shared.send import send
 from shared.settings import load_graph_settings
 from shared.state import MemoryStateStore
 
-from .conftest import Azurite
+from .conftest import Azurite, app_functions
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = datetime(2026, 11, 20, 9, 0, tzinfo=timezone.utc)
@@ -321,7 +320,7 @@ def test_send_command_publishes_demo_files_by_tenant() -> None:
 
 
 def test_poll_function_binding_and_off_unless_tenants_configured() -> None:
-    functions = {f.get_function_name(): f for f in function_app.app.get_functions()}
+    functions: dict[str, Any] = app_functions()  # type: ignore[assignment]
     bindings = json.loads(functions["poll_graph_alerts"].get_function_json())["bindings"]
     assert bindings[0]["type"] == "timerTrigger" and bindings[0]["schedule"] == "%GRAPH_POLL_SCHEDULE%"
     assert build_graph_runtime({"ALERTS_EVENTHUB_NAME": "a", "STATE_STORAGE_CONNECTION": "x"}) is None

@@ -38,7 +38,7 @@ from shared.webhook import (
     verify_signature,
 )
 
-from .conftest import Azurite
+from .conftest import Azurite, app_functions
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-d5b1e0"
@@ -441,7 +441,7 @@ def test_slack_schema_rejects_a_malformed_message() -> None:
 
 
 def test_forward_incident_binding_metadata() -> None:
-    functions = {f.get_function_name(): f for f in function_app.app.get_functions()}
+    functions: dict[str, Any] = app_functions()  # type: ignore[assignment]
     bindings = json.loads(functions["forward_incident"].get_function_json())["bindings"]
     assert bindings == [
         {

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -294,4 +294,3 @@ def default_rules_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "rules"
 
 
-RuleFormat = Literal["yaml"]

@@ -244,7 +244,7 @@ class GraphPoller:
         seen = set(boundary)
         query = urlencode({"$filter": f"lastUpdateDateTime ge {cursor}", "$orderby": "lastUpdateDateTime asc", "$top": PAGE_SIZE})
         url: str | None = f"{self.base_url}/security/alerts_v2?{query}"
-        token = self._token(tenant, refresh=False)
+        token = self._token(tenant)
         while url and result.pages < MAX_PAGES_PER_RUN:
             page, token = self._get(tenant, url, token)
             result.pages += 1
@@ -281,11 +281,10 @@ class GraphPoller:
         )
         return result
 
-    def _token(self, tenant: str, *, refresh: bool) -> str:
+    def _token(self, tenant: str) -> str:
+        """A token for Graph in ``tenant``; ``azure-identity`` credentials cache it until it expires."""
         try:
-            token = self.credential_for(tenant).get_token(GRAPH_SCOPE, tenant_id=tenant, force_refresh=refresh)
-        except TypeError:  # credentials that take no such keywords
-            token = self.credential_for(tenant).get_token(GRAPH_SCOPE)
+            token = self.credential_for(tenant).get_token(GRAPH_SCOPE, tenant_id=tenant)
         except Exception as exc:
             raise GraphError(f"token for tenant {tenant}: {type(exc).__name__}") from None
         return str(token.token)
@@ -304,7 +303,7 @@ class GraphPoller:
                 raise GraphError(f"GET failed ({type(exc).__name__})") from None
             if response.status_code == 401 and not refreshed:
                 refreshed = True
-                token = self._token(tenant, refresh=True)
+                token = self._token(tenant)  # once: a second 401 fails the run
                 continue
             if response.status_code != 200:
                 raise GraphError(f"HTTP {response.status_code} from alerts_v2")

@@ -292,5 +292,3 @@ def load_rules(paths: Iterable[Path]) -> list[Rule]:
 def default_rules_dir() -> Path:
     """The rules shipped with the product (``rules/`` beside the package)."""
     return Path(__file__).resolve().parent.parent / "rules"
-
-

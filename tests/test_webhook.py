@@ -530,3 +530,11 @@ def test_receiver_down_past_the_retry_budget_ends_on_the_poison_queue_with_its_r
     assert "gave up after 3 deliveries" in poisoned["reason"] and "ConnectionError" in poisoned["reason"]
     assert json.loads(poisoned["body"])["incidentId"] == "inc-abc"
     assert host.deliveries.delivered_revision("default", "inc-abc") == 0
+
+
+def test_teams_card_is_kept_under_the_teams_size_limit() -> None:
+    snap = snapshot()
+    snap["attributes"] = {f"attr{i}": "v" * 190 for i in range(400)}
+    payload = teams_payload(snap)
+    assert len(payload) <= 28 * 1024
+    jsonschema.validate(json.loads(payload), TEAMS_SCHEMA)

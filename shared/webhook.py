@@ -153,7 +153,12 @@ def teams_payload(snapshot: dict[str, Any]) -> bytes:
         "type": "message",
         "attachments": [{"contentType": "application/vnd.microsoft.card.adaptive", "contentUrl": None, "content": card}],
     }
-    return orjson.dumps(body)
+    data = orjson.dumps(body)
+    facts = card["body"][1]["facts"]
+    while len(data) > TEAMS_MAX_BYTES and len(facts) > 1:  # drop trailing facts until the card fits
+        del facts[max(1, len(facts) - max(1, (len(data) - TEAMS_MAX_BYTES) // 200)) :]
+        data = orjson.dumps(body)
+    return data
 
 
 def slack_payload(snapshot: dict[str, Any]) -> bytes:

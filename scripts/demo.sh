@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
-setup_python >/dev/null
+setup_python requirements.txt >/dev/null
 if [ "$#" -eq 0 ]; then
   set -- samples/demo/*.json samples/demo/*.jsonl
 fi

@@ -2,13 +2,13 @@
 
 step() { printf '\n== %s ==\n' "$*" >&2; }
 
-setup_python() {
+setup_python() {  # usage: setup_python [requirements file, default requirements-dev.txt]
   step "python environment (.venv)"
-  local py="${PYTHON:-python3}"
+  local py="${PYTHON:-python3}" reqs="${1:-requirements-dev.txt}"
   if [ ! -x .venv/bin/python ]; then
     "$py" -m venv .venv
   fi
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt \
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$reqs" \
     2> >(grep -v '^WARNING: Location' >&2)
 }
 

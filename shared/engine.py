@@ -75,17 +75,31 @@ class Stats:
         return self
 
 
+MAX_GROUP_VALUE_CHARS = 512  # longer group-by values are cut and suffixed with a hash, so state stays small
+
+
+def _bounded(value: str) -> str:
+    if len(value) <= MAX_GROUP_VALUE_CHARS:
+        return value
+    digest = hashlib.blake2b(value.encode(), digest_size=8).hexdigest()
+    return f"{value[: MAX_GROUP_VALUE_CHARS - 20]}...#{digest}"
+
+
 def group_key(rule: Rule, event: NormalizedEvent) -> GroupKey:
-    """Group-by values of an event; a missing value is an empty value, several values are joined."""
+    """Group-by values of an event; a missing value is an empty value, several values are joined.
+
+    Values longer than ``MAX_GROUP_VALUE_CHARS`` are cut and suffixed with a hash of the whole value:
+    distinct values stay distinct, and no alert can make its group's state too big to store.
+    """
     values = []
     for attr in rule.group_by:
         v = event.attrs.get(attr)
         if v is None:
             values.append("")
         elif type(v) in (list, tuple):
-            values.append(",".join(str(x) for x in v))
+            values.append(_bounded(",".join(str(x) for x in v)))
         else:
-            values.append(str(v))
+            values.append(_bounded(str(v)))
     return GroupKey(rule.id, tuple(values))
 
 

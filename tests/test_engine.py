@@ -284,3 +284,13 @@ def test_alert_evidence_never_counts_as_an_alert_unless_a_rule_names_it() -> Non
     snaps = tl.feed(ev)
     assert [s["ruleId"] for s in snaps] == ["EVID"]  # Generic's CONTAIN "MS-Defender-Endpoint-Alert" does not see it
     assert not Timeline([generic]).engine.could_match("MS-Defender-Endpoint-AlertEvidence")
+
+
+def test_huge_group_by_values_are_bounded_but_stay_distinct() -> None:
+    tl = Timeline()
+    a = tl.feed(alert("v1", name="A" * 100_000))[0]
+    b = tl.feed(alert("v1", name="A" * 99_999 + "B"))[0]
+    assert a["incidentId"] != b["incidentId"]
+    assert len(a["attributes"]["alertName"]) <= 512
+    key = next(iter(tl.store._data))
+    assert len(tl.store._data[key][0]) < 4096

@@ -294,3 +294,61 @@ def test_huge_group_by_values_are_bounded_but_stay_distinct() -> None:
     assert len(a["attributes"]["alertName"]) <= 512
     key = next(iter(tl.store._data))
     assert len(tl.store._data[key][0]) < 4096
+
+
+# -- properties --------------------------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+streams = st.lists(
+    st.tuples(st.integers(0, 2), st.integers(0, 2), st.integers(0, 400)),  # (alert, version, seconds since previous)
+    min_size=1,
+    max_size=25,
+)
+
+
+def _events(stream: list[tuple[int, int, int]]) -> list[NormalizedEvent]:
+    out, t = [], 0
+    for alert_n, version, gap in stream:
+        t += gap
+        out.append(alert(f"v{version}@{t}", alert_id=f"da{alert_n}", at=t))
+    return out
+
+
+def _final(snaps: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
+    latest: dict[str, dict[str, Any]] = {}
+    for s in snaps:
+        if s["revision"] >= latest.get(s["incidentId"], {"revision": 0})["revision"]:
+            latest[s["incidentId"]] = s
+    return {k: (v["attributes"]["incidentCount"], v["triggerCount"]) for k, v in latest.items()}
+
+
+@settings(max_examples=150, deadline=None)
+@given(streams, st.integers(1, 7))
+def test_final_incidents_do_not_depend_on_how_an_in_order_stream_is_batched(
+    stream: list[tuple[int, int, int]], size: int
+) -> None:
+    events = _events(stream)
+    one_by_one = Timeline()
+    for ev in events:
+        one_by_one.feed(ev)
+    batched = Timeline()
+    for i in range(0, len(events), size):
+        batched.feed(*events[i : i + size])
+    assert _final(batched.snapshots) == _final(one_by_one.snapshots)
+
+
+@settings(max_examples=150, deadline=None)
+@given(streams)
+def test_incident_count_is_the_number_of_distinct_events_in_the_window(stream: list[tuple[int, int, int]]) -> None:
+    events = _events(stream) * 2  # every event delivered twice
+    tl = Timeline()
+    for i, ev in enumerate(events):
+        snaps = tl.feed(ev)
+        for snap in snaps:
+            alert_id = snap["attributes"]["alertIdStr"]
+            seen = [e for e in events[: i + 1] if e.attrs["alertIdStr"] == alert_id]
+            newest = max(e.event_time for e in seen)
+            in_window = {e.identity for e in seen if newest - e.event_time <= timedelta(seconds=300)}
+            assert snap["attributes"]["incidentCount"] == len(in_window)

@@ -538,3 +538,28 @@ def test_teams_card_is_kept_under_the_teams_size_limit() -> None:
     payload = teams_payload(snap)
     assert len(payload) <= 28 * 1024
     jsonschema.validate(json.loads(payload), TEAMS_SCHEMA)
+
+
+@pytest.mark.azurite
+def test_end_to_end_event_hub_batch_to_signed_webhook(host: Host, server: Script, azurite: Azurite, table_name: str) -> None:
+    """correlate_alerts -> incidents queue (Azurite) -> forward_incident -> receiver verifies the signature."""
+    from shared.functions import set_runtime
+
+    from .test_function_app import Out, Storage, graph_alert, hub_events
+
+    storage = Storage(azurite, table_name)
+    set_runtime(storage.runtime())
+    try:
+        out = Out()
+        function_app.correlate_alerts.build().get_user_function()(hub_events([orjson.dumps(graph_alert("da-e2e", 1))]), out)
+    finally:
+        set_runtime(None)
+    assert out.value
+    for message in out.value:  # what the queue output binding would enqueue
+        host.incidents.send_message(message.encode())
+    set_forwarder(forwarder(target(server.url), deliveries=host.deliveries, poison=QueuePoison(host.poison)))
+    assert host.run() == len(out.value)
+    [(_, headers, body)] = server.requests
+    assert verify_signature(SECRET, headers, body)
+    delivered = json.loads(body)
+    assert delivered["attributes"]["alertIdStr"] == "da-e2e" and delivered["schemaVersion"] == "1.0"

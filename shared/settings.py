@@ -59,6 +59,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return settings
 
 
+def _reject_unresolved_references(source: Mapping[str, str]) -> None:
+    """A Key Vault reference the platform could not resolve arrives as its own text; using that text
+    as a secret would sign with a guessable value, so it is an error naming the setting."""
+    for name, value in source.items():
+        if isinstance(value, str) and value.startswith("@Microsoft.KeyVault(") and ("SECRET" in name or "PASSWORD" in name):
+            raise SettingsError(f"app setting {name}: its Key Vault reference was not resolved (secret missing or no access)")
+
+
 class WebhookSettings(BaseModel):
     """Settings of ``forward_incident``: the targets, the delivery table and the poison queue."""
 
@@ -86,6 +94,7 @@ def load_webhook_settings(env: Mapping[str, str] | None = None) -> WebhookSettin
     from .webhook import WebhookTarget
 
     source = dict(os.environ if env is None else env)
+    _reject_unresolved_references(source)
     allow_http = source.get("WEBHOOK_ALLOW_HTTP", "false").lower() in ("1", "true", "yes")
     raw: list[dict[str, Any]] = []
     if source.get("WEBHOOK_URL"):
@@ -170,6 +179,7 @@ class GraphSettings(BaseModel):
 def load_graph_settings(env: Mapping[str, str] | None = None) -> GraphSettings:
     """Raises: SettingsError naming the setting."""
     source = dict(os.environ if env is None else env)
+    _reject_unresolved_references(source)
     tenants = tuple(t.strip() for t in source.get("GRAPH_TENANTS", "").split(",") if t.strip())
     auth = source.get("GRAPH_AUTH", "managed_identity")
     if auth not in ("managed_identity", "client_secret", "certificate"):

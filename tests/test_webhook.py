@@ -563,3 +563,10 @@ def test_end_to_end_event_hub_batch_to_signed_webhook(host: Host, server: Script
     assert verify_signature(SECRET, headers, body)
     delivered = json.loads(body)
     assert delivered["attributes"]["alertIdStr"] == "da-e2e" and delivered["schemaVersion"] == "1.0"
+
+
+def test_an_unresolved_key_vault_reference_is_never_used_as_a_secret() -> None:
+    with pytest.raises(SettingsError, match="WEBHOOK_SECRET: its Key Vault reference was not resolved"):
+        load_webhook_settings(
+            {"WEBHOOK_URL": "https://x.example/", "WEBHOOK_SECRET": "@Microsoft.KeyVault(SecretUri=https://kv/secrets/w)"}
+        )

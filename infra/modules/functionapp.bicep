@@ -145,7 +145,7 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
         { name: 'GRAPH_TENANTS', value: graphTenants }
         { name: 'GRAPH_AUTH', value: graphAuth }
         { name: 'GRAPH_CLIENT_ID', value: graphClientId }
-        { name: 'GRAPH_CLIENT_SECRET', value: '@Microsoft.KeyVault(SecretUri=${graphClientSecretUri})' }
+        { name: 'GRAPH_CLIENT_SECRET', value: graphAuth == 'client_secret' ? '@Microsoft.KeyVault(SecretUri=${graphClientSecretUri})' : '' }
         { name: 'GRAPH_POLL_SCHEDULE', value: '0 */5 * * * *' }
         { name: 'GRAPH_CURSOR_TABLE', value: 'graphcursors' }
       ]

@@ -363,9 +363,3 @@ def get_graph_runtime() -> GraphRuntime | None:
         if _graph is None:
             _graph = build_graph_runtime() or False
         return _graph or None
-
-
-def set_graph_runtime(runtime: GraphRuntime | None) -> None:
-    global _graph
-    with _lock:
-        _graph = runtime

@@ -198,15 +198,6 @@ def _child_text(node: Node) -> str:
     return f"({text})" if isinstance(node, (And, Or, Not)) else text
 
 
-def attributes_of(node: Node) -> set[str]:
-    """Every attribute name the query reads."""
-    if isinstance(node, (And, Or)):
-        return set().union(*(attributes_of(c) for c in node.children))
-    if isinstance(node, Not):
-        return attributes_of(node.child)
-    return {node.attr}
-
-
 # ---------------------------------------------------------------------------------------------
 # Parsing
 # ---------------------------------------------------------------------------------------------

@@ -10,16 +10,13 @@ import json
 import os
 import sys
 import threading
-from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import IO, Any
 
 from .webhook import IDEMPOTENCY_HEADER, MAX_PAYLOAD_BYTES, verify_signature
 
 
-def make_handler(
-    secret: str | None, out: IO[str], on_incident: Callable[[dict[str, Any]], None] | None = None, tolerance_s: int = 300
-) -> type[BaseHTTPRequestHandler]:
+def make_handler(secret: str | None, out: IO[str], tolerance_s: int = 300) -> type[BaseHTTPRequestHandler]:
     lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
@@ -56,8 +53,6 @@ def make_handler(
                     f"sev {incident.get('severity')} {incident.get('ruleId')} {json.dumps(attrs, sort_keys=True)}\n"
                 )
                 out.flush()
-            if on_incident is not None:
-                on_incident(incident)
             self.send_response(204)
             self.end_headers()
 

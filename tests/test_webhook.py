@@ -570,3 +570,32 @@ def test_an_unresolved_key_vault_reference_is_never_used_as_a_secret() -> None:
         load_webhook_settings(
             {"WEBHOOK_URL": "https://x.example/", "WEBHOOK_SECRET": "@Microsoft.KeyVault(SecretUri=https://kv/secrets/w)"}
         )
+
+
+def test_local_receiver_prints_signed_incidents_and_refuses_bad_signatures() -> None:
+    import io
+
+    import requests
+
+    from shared.receiver import serve
+
+    out = io.StringIO()
+    receiver = serve("127.0.0.1", 0, SECRET, out)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{receiver.server_address[1]}/incidents"
+    try:
+        result = forwarder(target(url)).handle(orjson.dumps(snapshot()))
+        assert result.delivered == ["default"]
+        forged = requests.post(
+            url,
+            data=b'{"incidentId": "x"}',
+            headers={TIMESTAMP_HEADER: str(int(time.time())), SIGNATURE_HEADER: "sha256=00"},
+            timeout=5,
+        )
+        assert forged.status_code == 401
+    finally:
+        receiver.shutdown()
+        receiver.server_close()
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("RECEIVED inc-abc rev 1 created sev 9 PH_RULE_X")
+    assert lines[1].startswith("REJECTED bad or stale signature")

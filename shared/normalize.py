@@ -566,10 +566,13 @@ def iter_file(normalizer: Normalizer, stream: BinaryIO, name: str, arrival: Call
         line = stream.readline(MAX_RECORD_BYTES + 1)
 
 
-def open_input(path: str) -> tuple[BinaryIO, str]:
-    """Open an input path (``-`` for stdin) for binary streaming."""
+def iter_paths(normalizer: Normalizer, paths: Iterable[str], arrival: Callable[[], datetime]) -> Iterator[Item]:
+    """Stream every input path (``-`` for stdin) through :func:`iter_file`, closing files as it goes."""
     import sys
 
-    if path == "-":
-        return sys.stdin.buffer, "<stdin>"
-    return Path(path).open("rb"), path
+    for path in paths:
+        if path == "-":
+            yield from iter_file(normalizer, sys.stdin.buffer, "<stdin>", arrival)
+            continue
+        with Path(path).open("rb") as stream:
+            yield from iter_file(normalizer, stream, path, arrival)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 import orjson
 
 from .engine import Clock, Engine, Stats, utc_now
-from .normalize import NormalizedEvent, Normalizer, Rejection, Skipped, iter_file, open_input
+from .normalize import NormalizedEvent, Normalizer, Rejection, Skipped, iter_paths
 from .rules import Rule
 from .state import MemoryStateStore, StateStore
 
@@ -25,7 +24,6 @@ class ReplaySummary:
     skipped: int = 0
     forwarded: int = 0
     stats: Stats = field(default_factory=Stats)
-    rejections: list[Rejection] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         c = self.stats.counts
@@ -73,7 +71,7 @@ def replay(
                 _forward(forward, data, err, summary)
         batch.clear()
 
-    for item in _items(paths, normalizer, clock):
+    for item in iter_paths(normalizer, paths, clock):
         summary.records += 1
         if type(item) is Skipped:
             summary.skipped += 1
@@ -108,13 +106,3 @@ def _forward(forwarder: Any, data: bytes, err: IO[str], summary: ReplaySummary) 
     if result is not None and result.failed:
         err.write(f"webhook: {'; '.join(result.failed.values())}\n")
     summary.forwarded += len(result.delivered) if result is not None else 0
-
-
-def _items(paths: Iterable[str], normalizer: Normalizer, clock: Clock) -> Iterator[Any]:
-    for path in paths:
-        stream, name = open_input(path)
-        try:
-            yield from iter_file(normalizer, stream, name, clock)
-        finally:
-            if stream is not sys.stdin.buffer:
-                stream.close()

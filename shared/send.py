@@ -11,29 +11,20 @@ from typing import IO, Any
 import orjson
 
 from .graph import BatchPublisher
-from .normalize import NormalizedEvent, Normalizer, Rejection, Skipped, iter_file, open_input
+from .normalize import NormalizedEvent, Normalizer, Rejection, iter_paths
 
 FLUSH_EVERY = 500  # records buffered per tenant before a publish
 
 
-def raw_records(paths: list[str], fmt: str, err: IO[str]) -> Iterator[tuple[str, bytes] | Rejection]:
+def raw_records(paths: list[str], fmt: str) -> Iterator[tuple[str, bytes] | Rejection]:
     """Each good record as (tenant, its own JSON); envelopes are unwrapped so every event is one alert."""
-    normalizer = Normalizer(fmt=fmt)
     now = datetime.now(timezone.utc)
-    for path in paths:
-        stream, name = open_input(path)
-        try:
-            for item in iter_file(normalizer, stream, name, lambda: now):
-                if isinstance(item, Rejection):
-                    yield item
-                elif isinstance(item, NormalizedEvent):
-                    tenant = item.attrs.get("tenantId")
-                    yield (str(tenant) if tenant else "", orjson.dumps(item.raw))
-                elif isinstance(item, Skipped):  # pragma: no cover - no prefilter here
-                    continue
-        finally:
-            if stream is not sys.stdin.buffer:
-                stream.close()
+    for item in iter_paths(Normalizer(fmt=fmt), paths, lambda: now):
+        if isinstance(item, Rejection):
+            yield item
+        elif isinstance(item, NormalizedEvent):
+            tenant = item.attrs.get("tenantId")
+            yield (str(tenant) if tenant else "", orjson.dumps(item.raw))
 
 
 def send(
@@ -51,7 +42,7 @@ def send(
             counts["rejected"] += len(reasons)
             counts["sent"] += len(records) - len(reasons)
 
-    for item in raw_records(paths, fmt, err):
+    for item in raw_records(paths, fmt):
         counts["read"] += 1
         if isinstance(item, Rejection):
             counts["rejected"] += 1

@@ -206,8 +206,6 @@ def test_oversized_snapshot_is_trimmed_with_a_marker() -> None:
 
 # -- behaviour on Azurite ------------------------------------------------------------------------
 
-pytestmark_azurite = pytest.mark.azurite
-
 
 @pytest.mark.azurite
 def test_envelope_array_and_single_record_bodies_produce_incidents(storage: Storage) -> None:

@@ -1,8 +1,22 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import Phase, settings
+
+# -- Hypothesis profiles -----------------------------------------------------------------------
+# ci:       chosen when the environment has CI set (.ci/run exports CI=true): derandomized, no example
+#           database, no deadline, fixed example counts, so a red CI means a regression, never luck.
+# dev:      the default for local runs: random exploration, saved counterexamples.
+# thorough: for a local hunt, `HYPOTHESIS_PROFILE=thorough pytest ...`: ten times the examples.
+# A test's own @settings(max_examples=...) wins over the profile's count; it stays a fixed number.
+# Every counterexample ever found is pinned on its test with @example.
+settings.register_profile("ci", derandomize=True, max_examples=100, deadline=None, database=None, print_blob=True)
+settings.register_profile("dev", max_examples=100, deadline=None)
+settings.register_profile("thorough", max_examples=2000, deadline=None, phases=list(Phase), print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO.parent / "shared" / "samples" / "real"
@@ -16,7 +30,6 @@ def samples() -> Path:
 
 
 # -- Azurite -----------------------------------------------------------------------------------
-import os  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402

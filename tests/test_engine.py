@@ -298,7 +298,7 @@ def test_huge_group_by_values_are_bounded_but_stay_distinct() -> None:
 
 # -- properties --------------------------------------------------------------------------------
 
-from hypothesis import given, settings  # noqa: E402
+from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 streams = st.lists(
@@ -326,6 +326,7 @@ def _final(snaps: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
 
 @settings(max_examples=150, deadline=None)
 @given(streams, st.integers(1, 7))
+@example([(0, 1, 0), (0, 0, 0)], 2).xfail(reason="issue #12: id hashes the first identity", raises=AssertionError)
 def test_final_incidents_do_not_depend_on_how_an_in_order_stream_is_batched(
     stream: list[tuple[int, int, int]], size: int
 ) -> None:

@@ -28,6 +28,13 @@ class Settings(BaseModel):
     storage_connection: str | None = Field(alias="STATE_STORAGE_CONNECTION", default=None)
     table_service_uri: str | None = Field(alias="STATE_STORAGE__tableServiceUri", default=None)
     queue_service_uri: str | None = Field(alias="STATE_STORAGE__queueServiceUri", default=None)
+    blob_service_uri: str | None = Field(alias="STATE_STORAGE__blobServiceUri", default=None)
+    deadletter_container: str = Field(
+        alias="DEADLETTER_CONTAINER", default="deadletters", pattern=r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$"
+    )
+    # Event times further ahead of arrival than this, or older than the max age, are clamped to arrival.
+    event_time_max_skew_s: int = Field(alias="EVENT_TIME_MAX_SKEW_SECONDS", default=300, ge=0)
+    event_time_max_age_s: int = Field(alias="EVENT_TIME_MAX_AGE_SECONDS", default=3650 * 86400, gt=0)
     managed_identity_client_id: str | None = Field(alias="AZURE_CLIENT_ID", default=None)
 
     def rules_path(self) -> Path:
@@ -51,10 +58,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             name = str(err["loc"][0]) if err["loc"] else "?"
             problems.append(f"app setting {name}: {err['msg']}")
         raise SettingsError("; ".join(problems)) from None
-    if not settings.storage_connection and not (settings.table_service_uri and settings.queue_service_uri):
+    if not settings.storage_connection and not (
+        settings.table_service_uri and settings.queue_service_uri and settings.blob_service_uri
+    ):
         raise SettingsError(
-            "app setting STATE_STORAGE_CONNECTION is missing (or set both STATE_STORAGE__tableServiceUri and "
-            "STATE_STORAGE__queueServiceUri for identity-based access)"
+            "app setting STATE_STORAGE_CONNECTION is missing (or set STATE_STORAGE__tableServiceUri, "
+            "STATE_STORAGE__queueServiceUri and STATE_STORAGE__blobServiceUri for identity-based access)"
         )
     return settings
 

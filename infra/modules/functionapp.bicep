@@ -128,6 +128,10 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
         // Correlator state and queues
         { name: 'STATE_STORAGE__tableServiceUri', value: tableUri }
         { name: 'STATE_STORAGE__queueServiceUri', value: queueUri }
+        { name: 'STATE_STORAGE__blobServiceUri', value: blobUri }
+        { name: 'DEADLETTER_CONTAINER', value: 'deadletters' }
+        { name: 'EVENT_TIME_MAX_SKEW_SECONDS', value: '300' }
+        { name: 'EVENT_TIME_MAX_AGE_SECONDS', value: '315360000' }
         { name: 'STATE_TABLE', value: 'correlatorstate' }
         { name: 'INCIDENTS_QUEUE', value: 'incidents' }
         { name: 'REJECTED_QUEUE', value: 'rejected-alerts' }

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .errors import RuleSetError
 from .normalize import FORMATS
-from .rules import default_rules_dir, load_rules
+from .rules import default_rules_dir, load_rules, rule_files
 
 
 def _rule_paths(values: list[str] | None) -> list[Path]:
@@ -17,33 +17,55 @@ def _rule_paths(values: list[str] | None) -> list[Path]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from .lint import lint_rules
+
+    paths = _rule_paths(args.paths)
+    empty = [p for p in paths if p.is_dir() and not rule_files(p)]
+    for folder in empty:
+        print(f"{folder}: no rule files (*.yaml, *.yml) in this folder", file=sys.stderr)
     try:
-        rules = load_rules(_rule_paths(args.paths))
+        rules = load_rules(paths)
     except RuleSetError as exc:
         for error in exc.errors:
             print(error, file=sys.stderr)
         print(f"{len(exc.errors)} invalid rule file(s)", file=sys.stderr)
         return 1
+    if empty:
+        return 1
+    warnings = lint_rules(rules)
+    for warning in warnings:
+        print(warning, file=sys.stderr)
     for rule in rules:
         print(f"ok {rule.path} ({rule.id})")
-    return 0
+    print(f"{len(rules)} rule(s) valid, {len(warnings)} warning(s)", file=sys.stderr)
+    return 1 if warnings and args.strict else 0
 
 
 def cmd_test_rules(args: argparse.Namespace) -> int:
-    from .ruletests import run_rule_tests
+    from . import ruletests as rt
 
     try:
         rules = load_rules(_rule_paths(args.paths))
     except RuleSetError as exc:
         for error in exc.errors:
             print(error, file=sys.stderr)
-        return 2
-    results = run_rule_tests(rules)
-    for result in results:
-        print(result.line())
+        return rt.EXIT_INVALID
+    selection = rt.Selection(rules=args.rule or (), tests=args.test or ())
+    results = rt.run_rule_tests(rules, selection, min_tests=args.min_tests)
+    if not results:
+        print("no rule test matched the selection", file=sys.stderr)
+        return rt.EXIT_NOTHING_SELECTED
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
+    if args.json:
+        print(rt.render_json(results))
+    else:
+        for result in results:
+            print("\n".join(rt.render_text(result, color=color)))
+    if args.junit:
+        Path(args.junit).write_bytes(rt.render_junit(results))
     failed = sum(not r.passed for r in results)
-    print(f"{len(results) - failed} passed, {failed} failed")
-    return 1 if failed else 0
+    print(f"{len(results) - failed} passed, {failed} failed", file=sys.stderr if args.json else sys.stdout)
+    return rt.EXIT_FAILED if failed else rt.EXIT_PASSED
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -106,17 +128,56 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 1 if counts["rejected"] else 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .schema import default_schema_path, schema_text
+
+    text = schema_text()
+    if args.write:
+        target = Path(args.write) if args.write != "-" else default_schema_path()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+        print(f"wrote {target}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m shared", description="defender-correlator commands")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("validate", help="check rule files and print every error")
+    p = sub.add_parser(
+        "validate",
+        help="check rule files and print every error and warning",
+        epilog="exit status: 0 valid (warnings allowed), 1 an invalid file, a missing or empty folder, "
+        "or (with --strict) a warning",
+    )
     p.add_argument("paths", nargs="*", help="rule files or folders (default: the shipped rules/)")
+    p.add_argument("--strict", action="store_true", help="treat warnings as errors")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("test-rules", help="run the test cases carried by rule files")
+    p = sub.add_parser(
+        "test-rules",
+        help="run the test cases carried by rule files",
+        epilog="exit status: 0 all passed, 1 a test failed (or a rule has fewer than --min-tests tests), "
+        "2 a rule file is invalid, 3 nothing matched --rule/--test",
+    )
     p.add_argument("paths", nargs="*", help="rule files or folders (default: the shipped rules/)")
+    p.add_argument("--rule", action="append", metavar="ID", help="only rules whose id matches (glob or substring; repeatable)")
+    p.add_argument(
+        "--test", action="append", metavar="NAME", help="only tests whose name matches (glob or substring; repeatable)"
+    )
+    p.add_argument("--junit", metavar="FILE", help="also write JUnit XML to FILE")
+    p.add_argument("--json", action="store_true", help="print results as JSON on stdout (summary on stderr)")
+    p.add_argument("--min-tests", type=int, default=0, metavar="N", help="a rule with fewer than N tests fails")
+    p.add_argument(
+        "--color", choices=("auto", "always", "never"), default="auto", help="colour the diff (default: on a terminal)"
+    )
     p.set_defaults(func=cmd_test_rules)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of rule files (generated from the model)")
+    p.add_argument("--write", nargs="?", const="-", metavar="FILE", help="write it (default: schema/rule.schema.json)")
+    p.set_defaults(func=cmd_schema)
 
     p = sub.add_parser("replay", help="run the rules over alert files; incidents as JSON lines on stdout")
     p.add_argument("files", nargs="+", help="alert files in any supported format ('-' for stdin)")

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .aggregates import Aggregate, Constraint, needed_attrs, parse_aggregate
 from .errors import RuleError, RuleSetError
 from .query import Query
+from .suggest import unknown_key_hint
 
 DEFAULT_INCIDENT_LIFETIME_S = 24 * 3600  # FortiSIEM keeps an incident Active until cleared
 MAX_RULE_FILE_BYTES = 1 << 20  # a rule file is configuration, not data
@@ -234,7 +235,10 @@ def parse_rule_text(text: str, path: str = "<rule>") -> Rule:
     try:
         model = RuleModel.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
+        errors = exc.errors()  # an unknown key first: it often explains a "Field required" beside it
+        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+        if first["type"] == "extra_forbidden":  # name the likely key instead of pydantic's wording
+            first = {**first, "msg": unknown_key_hint(RuleModel, first["loc"])}
         bad = first.get("input")
         shown = None if isinstance(bad, (dict, list)) or bad is None else str(bad)[:120]
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""

@@ -1,0 +1,157 @@
+"""validate: warnings for valid-but-wrong rules, --strict, empty folders, unknown keys with a suggestion."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from shared.__main__ import main
+from shared.errors import RuleError
+from shared.lint import lint_data, lint_rule, matching_event_types
+from shared.query import parse_query
+from shared.rules import parse_rule_text
+
+RULE = textwrap.dedent(
+    """\
+    id: LINT_RULE
+    name: lint
+    severity: 5
+    category: Security
+    timeWindow: 60
+    subpatterns:
+      - name: sp
+        query: QUERY
+        groupBy: [GROUPBY]
+        aggregateConstraint: COUNT(*) >= 1
+    incidentAttributes:
+      n: sp.COUNT(*)
+    """
+)
+
+
+def rule_text(query: str, group_by: str = "hostName, tenantId") -> str:
+    return RULE.replace("QUERY", query).replace("GROUPBY", group_by)
+
+
+def codes(query: str, group_by: str = "hostName, tenantId") -> list[str]:
+    return [w.code for w in lint_rule(parse_rule_text(rule_text(query, group_by), "r.yaml"))]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        'eventType = "MS-Defender-Endpoint-Alert-Persistence"',
+        'eventType CONTAIN "M365Defender-Alert"',
+        'eventType = "MS-Defender-DeviceProcessEvents" AND FileName = "whoami.exe"',
+        'eventType = "MS-Defender-SomeNewTable"',
+        'eventType = "MS-Defender-Endpoint-Alert-BrandNewCategory"',
+        'eventType = "MS-Defender-Endpoint-AlertEvidence" AND EntityType = "File"',
+        'attackTechniqueId = "T1053"',
+        'eventType REGEXP "^Microsoft-WinDefATP-Alert"',
+    ],
+)
+def test_queries_that_can_match_a_produced_event_type_get_no_warning(query: str) -> None:
+    assert "never-matches" not in codes(query)
+
+
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [
+        ('eventType = "M365Defender-Incident"', "M365Defender-Incident"),
+        ('eventType = "Win-Security-4698"', "Win-Security-4698"),
+        ('eventType CONTAIN "Evidence"', "Evidence"),  # evidence rows reach only queries naming AlertEvidence
+        ('eventType = "MS-Defender-Endpoint-Alert-Execution" AND eventType = "M365Defender-Alert"', "M365Defender-Alert"),
+        ('eventType IN ("Win-Security-4624", "Win-Security-4625")', "Win-Security-4624"),
+    ],
+)
+def test_a_query_no_produced_event_type_can_match_is_warned(query: str, named: str) -> None:
+    warnings = lint_rule(parse_rule_text(rule_text(query), "r.yaml"))
+    never = [w for w in warnings if w.code == "never-matches"]
+    assert len(never) == 1
+    assert str(never[0]).startswith("r.yaml: subpatterns[0].query: warning [never-matches]: ")
+    assert repr(named) in never[0].message
+
+
+def test_evidence_columns_without_naming_alert_evidence_are_warned() -> None:
+    assert "evidence-only-attribute" in codes('EntityType = "File" AND SHA256 IS NOT NULL')
+    assert "evidence-only-attribute" not in codes('eventType CONTAIN "AlertEvidence" AND EntityType = "File"')
+
+
+@pytest.mark.parametrize(
+    ("query", "group_by", "warned"),
+    [
+        ('eventType CONTAIN "M365Defender-Alert"', "alertName", True),
+        ('eventType CONTAIN "M365Defender-Alert"', "alertName, tenantId", False),
+        ('eventType CONTAIN "M365Defender-Alert"', "alertIdStr", False),  # alert ids are globally unique
+        ('eventType CONTAIN "Microsoft-WinDefATP-Alert"', "hostName", False),  # the SIEM API has no tenant
+        ('eventType = "MS-Defender-DeviceProcessEvents"', "DeviceName", True),
+    ],
+)
+def test_group_by_without_tenant_is_warned_where_tenants_can_mix(query: str, group_by: str, warned: bool) -> None:
+    assert ("group-by-tenant" in codes(query, group_by)) is warned
+
+
+def test_candidates_follow_the_evidence_gate() -> None:
+    assert "MS-Defender-Endpoint-AlertEvidence" not in matching_event_types(parse_query('eventType CONTAIN "MS-Defender"'))
+    assert "MS-Defender-Endpoint-AlertEvidence" in matching_event_types(parse_query('eventType CONTAIN "AlertEvidence"'))
+
+
+def validate(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = main(["validate", *args])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_warnings_are_printed_and_strict_makes_them_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "r.yaml").write_text(rule_text('eventType = "Win-Security-4698"'))
+    code, text = validate(capsys, str(tmp_path))
+    assert code == 0
+    assert "warning [never-matches]" in text and "1 rule(s) valid, 1 warning(s)" in text
+    code, _ = validate(capsys, "--strict", str(tmp_path))
+    assert code == 1
+
+
+def test_an_empty_folder_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("not a rule")
+    code, text = validate(capsys, str(tmp_path))
+    assert code == 1
+    assert f"{tmp_path}: no rule files (*.yaml, *.yml) in this folder" in text
+
+
+def test_a_missing_folder_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, text = validate(capsys, str(tmp_path / "nope"))
+    assert code == 1
+    assert "no such file or folder" in text
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("timeWindow: 60", "timeWindw: 60", "timeWindw: unknown key 'timeWindw'; did you mean 'timeWindow'?"),
+        ("    groupBy:", "    groupby:", "subpatterns[0].groupby: unknown key 'groupby'; did you mean 'groupBy'?"),
+        ("severity: 5", "severity: 5\nincidentAttribute: {}", "did you mean 'incidentAttributes'?"),
+        ("severity: 5", "severity: 5\nzzz: 1", "unknown key 'zzz' (allowed: id, name, description"),
+    ],
+)
+def test_unknown_keys_name_the_likely_key(old: str, new: str, message: str) -> None:
+    text = rule_text('eventType = "x"').replace(old, new)
+    with pytest.raises(RuleError) as info:
+        parse_rule_text(text, "r.yaml")
+    assert message in str(info.value)
+
+
+def test_a_subpattern_neither_the_pattern_nor_an_attribute_uses_is_warned() -> None:
+    sub = {"query": 'eventType CONTAIN "M365Defender-Alert"', "groupBy": ["hostName", "tenantId"]}
+    data = {
+        "subpatterns": [{**sub, "name": "persist"}, {**sub, "name": "cred"}, {**sub, "name": "spare"}],
+        "pattern": "persist FOLLOWED_BY cred",
+        "incidentAttributes": {"host": "persist.hostName"},
+    }
+    warnings = [w for w in lint_data(data, "m.yaml") if w.code == "unused-subpattern"]
+    assert [(w.field, w.message) for w in warnings] == [
+        ("subpatterns[2]", "subpattern 'spare' is used neither by 'pattern' nor by an incident attribute")
+    ]
+    data["incidentAttributes"] = {"host": "persist.hostName", "n": "spare.COUNT(*)"}
+    assert not [w for w in lint_data(data, "m.yaml") if w.code == "unused-subpattern"]

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from .errors import StoreError
+from .errors import RuleError, StoreError
 from .normalize import EVIDENCE, EVIDENCE_EVENT_TYPE, NormalizedEvent, iso, raw_evidence
 from .query import mentions
 from .rules import Rule
@@ -326,6 +326,9 @@ class Engine:
 
     def __init__(self, rules: Sequence[Rule], store: StateStore, clock: Clock = utc_now) -> None:
         self.rules = [r for r in rules if r.model.enabled]
+        for r in self.rules:
+            if r.sequence:  # the multi-subpattern correlator (shared/sequence.py) is wired in next
+                raise RuleError("multi-subpattern rules and clear conditions are not wired into the engine yet", file=r.path)
         # Alert evidence rows are not alerts: only rules that name the evidence type see them.
         self.evidence_rules = [r for r in self.rules if mentions(r.query.tree, "eventType", "AlertEvidence")]
         self.store = store

@@ -14,14 +14,20 @@ Semantics (also in the README's rule-language section):
   anything else does not match); ``BETWEEN`` also compares IP addresses when both bounds are IPs;
 * ``=`` with a number literal compares numerically; with a string literal, as text;
 * regular expressions are Python ``re`` patterns, searched (not anchored), case-insensitive,
-  compiled once; a bad pattern is a rule error.
+  compiled once; a bad pattern is a rule error;
+* ``IN`` / ``NOT IN`` lists may name event-type groups (``Group@NAME``, FortiSIEM's syntax): the
+  group's members (``rules/groups/*.yaml``) join the list; an unknown group is a rule error.
+
+Cross-subpattern conditions (a multi-subpattern rule's ``correlation:``) use the same operators on
+``subpattern.attribute`` references: ``persist.hostName = cred.hostName AND persist.user != cred.user``
+(:func:`parse_correlation`).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Union
@@ -46,8 +52,8 @@ GRAMMAR = r"""
 ?comparison: ATTR CMP_OP value                             -> compare
            | ATTR _CONTAIN value                           -> contain
            | ATTR _NOT _CONTAIN value                      -> not_contain
-           | ATTR _IN "(" value ("," value)* ")"           -> in_list
-           | ATTR _NOT _IN "(" value ("," value)* ")"      -> not_in_list
+           | ATTR _IN "(" item ("," item)* ")"             -> in_list
+           | ATTR _NOT _IN "(" item ("," item)* ")"        -> not_in_list
            | ATTR _REGEXP STRING                           -> regexp
            | ATTR _NOT _REGEXP STRING                      -> not_regexp
            | ATTR _BETWEEN "(" value "," value ")"         -> between
@@ -55,6 +61,8 @@ GRAMMAR = r"""
            | ATTR _IS _NULL                                -> is_null
            | ATTR _IS _NOT _NULL                           -> is_not_null
 ?value: STRING | IPV4 | NUMBER
+?item: value | GROUP
+GROUP.3: /group@[A-Za-z0-9_.\-]+/i
 CMP_OP: "<=" | ">=" | "!=" | "<>" | "=" | "<" | ">"
 _OR.2: /or\b/i
 _AND.2: /and\b/i
@@ -130,6 +138,8 @@ class InList:
     attr: str
     values: tuple[Literal, ...]
     negated: bool = False
+    groups: tuple[str, ...] = ()  # ``Group@NAME`` references, as written
+    members: tuple[str, ...] = ()  # the groups' event types, resolved at parse time
 
 
 @dataclass(frozen=True)
@@ -185,7 +195,8 @@ def to_text(node: Node) -> str:
     if isinstance(node, Contain):
         return f"{node.attr} {neg}CONTAIN {_literal_text(node.value)}"
     if isinstance(node, InList):
-        return f"{node.attr} {neg}IN ({', '.join(_literal_text(v) for v in node.values)})"
+        items = [_literal_text(v) for v in node.values] + [f"Group@{g}" for g in node.groups]
+        return f"{node.attr} {neg}IN ({', '.join(items)})"
     if isinstance(node, Regexp):
         return f"{node.attr} {neg}REGEXP {_encode_regex(node.pattern)}"
     if isinstance(node, Between):
@@ -216,8 +227,32 @@ def _value(token: Token) -> Literal:
     return _number(token)
 
 
+Groups = Mapping[str, tuple[str, ...]]  # event-type group name -> event types
+
+
 @v_args(inline=True)
 class _ToTree(Transformer[Token, Node]):
+    def __init__(self, groups: Groups | None = None) -> None:
+        super().__init__()
+        self.groups = {k.lower(): (k, v) for k, v in (groups or {}).items()}
+
+    def _list(self, attr: Token, items: tuple[Token, ...], negated: bool) -> Node:
+        values: list[Literal] = []
+        names: list[str] = []
+        members: list[str] = []
+        for item in items:
+            if item.type != "GROUP":
+                values.append(_value(item))
+                continue
+            wanted = str(item).split("@", 1)[1]
+            found = self.groups.get(wanted.lower())
+            if found is None:
+                known = ", ".join(sorted(v[0] for v in self.groups.values())[:20]) or "none loaded"
+                raise RuleError(f"unknown event-type group {wanted!r} (known: {known})", column=item.column, text=str(item))
+            names.append(found[0])
+            members.extend(found[1])
+        return InList(str(attr), tuple(values), negated, tuple(names), tuple(dict.fromkeys(members)))
+
     def or_expr(self, *children: Node) -> Node:
         return Or(tuple(children))
 
@@ -240,11 +275,11 @@ class _ToTree(Transformer[Token, Node]):
     def not_contain(self, attr: Token, value: Token) -> Node:
         return Contain(str(attr), _value(value), True)
 
-    def in_list(self, attr: Token, *values: Token) -> Node:
-        return InList(str(attr), tuple(_value(v) for v in values))
+    def in_list(self, attr: Token, *items: Token) -> Node:
+        return self._list(attr, items, False)
 
-    def not_in_list(self, attr: Token, *values: Token) -> Node:
-        return InList(str(attr), tuple(_value(v) for v in values), True)
+    def not_in_list(self, attr: Token, *items: Token) -> Node:
+        return self._list(attr, items, True)
 
     def regexp(self, attr: Token, pattern: Token, negated: bool = False) -> Node:
         text = _decode_regex(str(pattern))
@@ -273,9 +308,6 @@ class _ToTree(Transformer[Token, Node]):
         return IsNull(str(attr), True)
 
 
-_TO_TREE = _ToTree()
-
-
 def _syntax_error(exc: UnexpectedInput, text: str) -> RuleError:
     if isinstance(exc, UnexpectedEOF):
         return RuleError("unexpected end of query", column=len(text) + 1, text=text)
@@ -288,17 +320,17 @@ def _syntax_error(exc: UnexpectedInput, text: str) -> RuleError:
     return RuleError(f"unexpected {shown!r}", column=exc.column, text=text)
 
 
-def parse_query(text: str) -> Node:
-    """Parse query text into a syntax tree.
+def parse_query(text: str, groups: Groups | None = None) -> Node:
+    """Parse query text into a syntax tree; ``groups`` resolves ``Group@NAME`` references.
 
     Raises:
-        RuleError: the text is not a valid query; the message gives the column.
+        RuleError: the text is not a valid query or names an unknown group; the message gives the column.
     """
     if not isinstance(text, str) or not text.strip():
         raise RuleError("empty query")
     try:
         tree = _PARSER.parse(text)
-        result = _TO_TREE.transform(tree)
+        result = _ToTree(groups).transform(tree)
     except UnexpectedInput as exc:
         raise _syntax_error(exc, text) from None
     except VisitError as exc:
@@ -412,7 +444,7 @@ def _compile_leaf(node: Leaf) -> Predicate:
             return contain
         negated = True
     elif isinstance(node, InList):
-        texts = frozenset(as_text(v) for v in node.values if isinstance(v, str))
+        texts = frozenset(as_text(v) for v in (*node.values, *node.members) if isinstance(v, str))
         numbers = frozenset(n for v in node.values if not isinstance(v, str) for n in [as_number(v)] if n is not None)
 
         def test(v: Any) -> bool:
@@ -544,7 +576,7 @@ def mentions(node: Node, attr: str, needle: str) -> bool:
     if (isinstance(node, Compare) and node.op == "=") or isinstance(node, Contain):
         values: tuple[Literal, ...] = (node.value,)  # type: ignore[union-attr]
     elif isinstance(node, InList):
-        values = node.values
+        values = (*node.values, *node.members)
     elif isinstance(node, Regexp):
         values = (node.pattern,)
     else:
@@ -566,9 +598,127 @@ class Query:
     matches: Predicate
 
     @classmethod
-    def parse(cls, text: str) -> Query:
-        tree = parse_query(text)
+    def parse(cls, text: str, groups: Groups | None = None) -> Query:
+        tree = parse_query(text, groups)
         return cls(text=text, tree=tree, matches=compile_node(tree))
+
+    @classmethod
+    def any_of(cls, queries: Sequence[Query]) -> Query:
+        """One query matching what any of ``queries`` matches (a multi-subpattern rule's prefilter)."""
+        tree = Or(tuple(q.tree for q in queries))
+        return cls(text=" OR ".join(f"({q.text})" for q in queries), tree=tree, matches=compile_node(tree))
 
     def could_match(self, known: Mapping[str, Any]) -> bool:
         return partial_eval(self.tree, known) is not False
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-subpattern conditions (``correlation:`` of a multi-subpattern rule)
+# ---------------------------------------------------------------------------------------------
+
+CORRELATION_GRAMMAR = r"""
+?start: conj
+?conj: term (_AND term)*
+?term: "(" conj ")"
+     | REF CMP_OP REF      -> ref_compare
+     | REF CMP_OP value    -> literal_compare
+?value: STRING | IPV4 | NUMBER
+CMP_OP: "<=" | ">=" | "!=" | "<>" | "=" | "<" | ">"
+_AND.2: /and\b/i
+REF: /[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_$@][A-Za-z0-9_.$@]*/
+STRING: /"(?:[^"\\]|\\.)*"/ | /'(?:[^'\\]|\\.)*'/
+IPV4.3: /\d{1,3}(?:\.\d{1,3}){3}(?![0-9.])/
+NUMBER: /-?\d+(?:\.\d+)?(?![A-Za-z0-9_.])/
+%ignore /\s+/
+"""
+
+_CORRELATION_PARSER = Lark(CORRELATION_GRAMMAR, parser="lalr", maybe_placeholders=False)
+
+
+@dataclass(frozen=True)
+class Ref:
+    """``subpattern.attribute``; ``column`` is where it was written (1-based)."""
+
+    sub: str
+    attr: str
+    column: int = 0
+
+    @property
+    def text(self) -> str:
+        return f"{self.sub}.{self.attr}"
+
+
+@dataclass(frozen=True)
+class CrossCompare:
+    """One cross-subpattern comparison: a reference against another reference or a literal."""
+
+    left: Ref
+    op: str  # = != < <= > >=
+    right: Union[Ref, str, int, float]
+
+    @property
+    def text(self) -> str:
+        right = self.right.text if isinstance(self.right, Ref) else _literal_text(self.right)
+        return f"{self.left.text} {self.op} {right}"
+
+    def refs(self) -> tuple[Ref, ...]:
+        return (self.left, self.right) if isinstance(self.right, Ref) else (self.left,)
+
+    def holds(self, left: Any, right: Any) -> bool:
+        """Compare two attribute values (the right one is the literal when there is no right reference).
+
+        Text compares case-insensitively, numbers numerically; a missing value satisfies only ``!=``.
+        """
+        if is_empty(left) or is_empty(right):
+            return self.op == "!=" and not (is_empty(left) and is_empty(right))
+        if self.op in ("=", "!="):
+            a, b = as_number(left), as_number(right)
+            same = a == b if a is not None and b is not None else as_text(left) == as_text(right)
+            return same if self.op == "=" else not same
+        a, b = as_number(left), as_number(right)
+        return a is not None and b is not None and _ORDER[self.op](a, b)
+
+
+def _split_ref(token: Token) -> Ref:
+    sub, _, attr = str(token).partition(".")
+    return Ref(sub, attr, token.column or 0)
+
+
+@v_args(inline=True)
+class _ToCorrelation(Transformer[Token, Any]):
+    def conj(self, *terms: Any) -> tuple[CrossCompare, ...]:
+        out: list[CrossCompare] = []
+        for t in terms:
+            out.extend(t if isinstance(t, tuple) else (t,))
+        return tuple(out)
+
+    def ref_compare(self, left: Token, op: Token, right: Token) -> CrossCompare:
+        return CrossCompare(_split_ref(left), "!=" if str(op) == "<>" else str(op), _split_ref(right))
+
+    def literal_compare(self, left: Token, op: Token, value: Token) -> CrossCompare:
+        operator = "!=" if str(op) == "<>" else str(op)
+        literal = _value(value)
+        if operator in _ORDER and as_number(literal) is None:
+            raise RuleError(f"operator {operator} needs a number", column=value.column, text=str(value))
+        return CrossCompare(_split_ref(left), operator, literal)
+
+
+def parse_correlation(text: str) -> tuple[CrossCompare, ...]:
+    """Parse cross-subpattern conditions: comparisons of ``sub.attr`` joined by ``AND``.
+
+    Raises:
+        RuleError: not a conjunction of comparisons; the message gives the column.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise RuleError("empty correlation condition")
+    try:
+        result = _ToCorrelation().transform(_CORRELATION_PARSER.parse(text))
+    except UnexpectedInput as exc:
+        err = _syntax_error(exc, text)
+        hint = " (conditions between subpatterns are comparisons of subpattern.attribute joined by AND)"
+        raise RuleError(err.reason + hint, column=err.column, text=text) from None
+    except VisitError as exc:
+        if isinstance(exc.orig_exc, RuleError):
+            raise RuleError(exc.orig_exc.reason, column=exc.orig_exc.column, text=text) from None
+        raise
+    return result if isinstance(result, tuple) else (result,)

@@ -3,26 +3,35 @@
 A rule file holds one FortiSIEM-style rule (every field of a FortiSIEM rule page) plus optional
 test cases. ``load_rules`` loads a file or a folder, reports every bad file, and never returns a
 half-loaded rule.
+
+A rule has one or more named subpatterns. With several, ``pattern`` combines them (AND, OR,
+FOLLOWED_BY, NOT FOLLOWED_BY) and ``correlation`` relates their group-by attributes; such rules,
+and rules with a ``clear`` condition, run in :mod:`shared.sequence`. Single-subpattern rules without
+``clear`` keep the classic engine path unchanged. Event-type groups (``Group@NAME``) are data in
+``groups/*.yaml`` beside the rules.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .aggregates import Aggregate, Constraint, needed_attrs, parse_aggregate
 from .errors import RuleError, RuleSetError
-from .query import Query
+from .pattern import PatternNode, Sub, parse_pattern
+from .query import CrossCompare, Groups, Leaf, Node, Query, Ref, parse_correlation
 from .suggest import unknown_key_hint
 
 DEFAULT_INCIDENT_LIFETIME_S = 24 * 3600  # FortiSIEM keeps an incident Active until cleared
 MAX_RULE_FILE_BYTES = 1 << 20  # a rule file is configuration, not data
 RULE_SUFFIXES = (".yaml", ".yml")
+GROUPS_DIR = "groups"  # event-type groups beside the rules
 
 
 class _Model(BaseModel):
@@ -88,6 +97,25 @@ class RuleTestCase(_Model):
     expect: ExpectedIncidents
 
 
+class RuleExceptionModel(_Model):
+    """FortiSIEM rule exception: incidents whose attributes match ``query`` are not emitted."""
+
+    query: str = Field(description="condition over the incident attributes (and tenantId), in the subpattern query language")
+    tenants: list[str] = Field(default_factory=list, description="only for these tenants (empty: every tenant)")
+    note: str | None = None
+
+
+class ClearModel(_Model):
+    """FortiSIEM clear condition: an open incident is closed with an ``action: cleared`` snapshot."""
+
+    after: int | None = Field(
+        default=None, gt=0, le=30 * 86400, description="seconds without a trigger (FortiSIEM 'Original Rule Does Not Trigger')"
+    )
+    query: str | None = Field(
+        default=None, description="an event matching this query, with the incident's group-by values, clears it"
+    )
+
+
 class RuleModel(_Model):
     """Schema of a rule file (camelCase keys, as FortiSIEM names the fields)."""
 
@@ -106,7 +134,13 @@ class RuleModel(_Model):
     time_window: int = Field(alias="timeWindow", gt=0, le=30 * 86400)
     incident_lifetime: int = Field(alias="incidentLifetime", default=DEFAULT_INCIDENT_LIFETIME_S, gt=0)
     subpatterns: list[SubpatternModel] = Field(min_length=1)
+    pattern: str | None = Field(default=None, description="how subpatterns combine; required with several subpatterns")
+    correlation: str | None = Field(
+        default=None, description="conditions between subpatterns, e.g. 'a.hostName = b.hostName AND a.user != b.user'"
+    )
     incident_attributes: dict[str, str] = Field(alias="incidentAttributes")
+    exceptions: list[RuleExceptionModel] = Field(default_factory=list)
+    clear: ClearModel | None = None
     source: RuleSource | None = None
     tests: list[RuleTestCase] = Field(default_factory=list)
 
@@ -118,11 +152,43 @@ class AttrMapping:
     incident_attr: str
     attr: str | None = None
     aggregate: Aggregate | None = None
+    sub: int = 0  # index of the subpattern the value comes from
+
+
+@dataclass(frozen=True)
+class CompiledSub:
+    """One subpattern of a multi-subpattern rule, compiled."""
+
+    index: int
+    name: str
+    query: Query
+    constraint: Constraint
+    group_by: tuple[str, ...]
+    key_attrs: tuple[str, ...]  # this subpattern's attribute for each component of the correlation key
+    aggregates: tuple[Aggregate, ...]
+    window_attrs: tuple[str, ...]  # per-event values its window keeps (after the group-by values)
+
+
+@dataclass(frozen=True)
+class CompiledException:
+    query: Query
+    tenants: frozenset[str]
+
+
+@dataclass(frozen=True)
+class CompiledClear:
+    after_s: int | None
+    query: Query | None
 
 
 @dataclass(frozen=True)
 class Rule:
-    """A loaded, validated and compiled rule (single subpattern)."""
+    """A loaded, validated and compiled rule.
+
+    ``query``/``constraint``/``aggregates``/``window_attrs`` describe the first subpattern (the
+    classic single-subpattern path); for a multi-subpattern rule ``query`` matches what any
+    subpattern matches (the engine's prefilter) and ``subs``/``pattern``/``cross`` hold the rest.
+    """
 
     model: RuleModel
     path: str
@@ -131,13 +197,26 @@ class Rule:
     mappings: tuple[AttrMapping, ...]
     aggregates: tuple[Aggregate, ...] = field(default=())
     window_attrs: tuple[str, ...] = field(default=())
+    subs: tuple[CompiledSub, ...] = field(default=())
+    pattern: PatternNode | None = None  # None: the classic single-subpattern path
+    cross: tuple[CrossCompare, ...] = field(default=())  # conditions the correlation key does not settle
+    key_attrs: tuple[str, ...] = field(default=())  # names of the correlation key's components
+    exceptions: tuple[CompiledException, ...] = field(default=())
+    clear: CompiledClear | None = None
 
     @property
     def id(self) -> str:
         return self.model.id
 
     @property
+    def sequence(self) -> bool:
+        """Whether the rule runs in the multi-subpattern correlator (:mod:`shared.sequence`)."""
+        return self.pattern is not None
+
+    @property
     def group_by(self) -> tuple[str, ...]:
+        if self.pattern is not None:
+            return self.key_attrs
         return tuple(self.model.subpatterns[0].group_by)
 
     @property
@@ -152,6 +231,18 @@ class Rule:
     def lifetime_s(self) -> int:
         return self.model.incident_lifetime
 
+    def excepted(self, attributes: dict[str, Any], tenant: str | None) -> bool:
+        """Whether an incident with these attributes matches one of the rule's exceptions."""
+        if not self.exceptions:
+            return False
+        view = {**attributes, "tenantId": attributes.get("tenantId", tenant)} if tenant is not None else attributes
+        for exc in self.exceptions:
+            if exc.tenants and (tenant is None or tenant.lower() not in exc.tenants):
+                continue
+            if exc.query.matches(view):
+                return True
+        return False
+
 
 def _loc_text(loc: Iterable[Union[int, str]]) -> str:
     out = ""
@@ -160,68 +251,264 @@ def _loc_text(loc: Iterable[Union[int, str]]) -> str:
     return out
 
 
-def compile_rule(model: RuleModel, path: str = "<rule>") -> Rule:
-    """Compile a validated model.
+def compile_rule(model: RuleModel, path: str = "<rule>", groups: Groups | None = None) -> Rule:
+    """Compile a validated model; ``groups`` resolves ``Group@NAME`` (default: the shipped groups).
 
     Raises:
-        RuleError: several subpatterns, a bad query or constraint, or a bad mapping.
+        RuleError: a bad query, constraint, pattern, correlation, mapping, exception or clear
+            condition; located by file, field and (for text) column.
     """
-    if len(model.subpatterns) > 1:
+    if groups is None:
+        groups = default_groups()
+    subs_model = model.subpatterns
+    names = [sp.name for sp in subs_model]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise RuleError(f"subpattern name {name!r} repeats", file=path, field=f"subpatterns[{i}].name")
+    queries: list[Query] = []
+    constraints: list[Constraint] = []
+    for i, sp in enumerate(subs_model):
+        try:
+            queries.append(Query.parse(sp.query, groups))
+        except RuleError as err:
+            raise err.located(file=path, field=f"subpatterns[{i}].query") from None
+        try:
+            constraints.append(Constraint.parse(sp.constraint))
+        except RuleError as err:
+            raise err.located(file=path, field=f"subpatterns[{i}].aggregateConstraint") from None
+    multi = len(subs_model) > 1
+    if multi and not model.pattern:
         raise RuleError(
-            f"{len(model.subpatterns)} subpatterns: rules with several subpatterns are not supported yet",
+            f"{len(subs_model)} subpatterns need a 'pattern' combining them (e.g. '{names[0]} FOLLOWED_BY {names[1]}')",
             file=path,
-            field="subpatterns",
+            field="pattern",
         )
-    sub = model.subpatterns[0]
+    if not multi and model.correlation:
+        raise RuleError("conditions between subpatterns need at least two subpatterns", file=path, field="correlation")
+    pattern: PatternNode | None = None
+    if model.pattern:
+        try:
+            pattern = parse_pattern(model.pattern, tuple(names))
+        except RuleError as err:
+            raise err.located(file=path, field="pattern") from None
+    elif model.clear is not None:
+        pattern = Sub(names[0])  # a cleared incident needs the correlator's state
+    mappings = tuple(_compile_mapping(name, ref, subs_model, path) for name, ref in model.incident_attributes.items())
+    exceptions = tuple(_compile_exception(i, e, model, groups, path) for i, e in enumerate(model.exceptions))
+    clear = _compile_clear(model.clear, groups, path) if model.clear is not None else None
+    if pattern is None:
+        constraint = constraints[0]
+        aggregates = tuple(dict.fromkeys(list(constraint.aggregates) + [m.aggregate for m in mappings if m.aggregate]))
+        return Rule(
+            model=model,
+            path=path,
+            query=queries[0],
+            constraint=constraint,
+            mappings=mappings,
+            aggregates=aggregates,
+            window_attrs=needed_attrs(aggregates),
+            exceptions=exceptions,
+        )
     try:
-        query = Query.parse(sub.query)
+        cross = parse_correlation(model.correlation) if model.correlation else ()
+        key_attrs, per_sub_key, residual = _correlation_key(cross, subs_model)
     except RuleError as err:
-        raise err.located(file=path, field="subpatterns[0].query") from None
-    try:
-        constraint = Constraint.parse(sub.constraint)
-    except RuleError as err:
-        raise err.located(file=path, field="subpatterns[0].aggregateConstraint") from None
-    mappings = tuple(_compile_mapping(name, ref, sub, path) for name, ref in model.incident_attributes.items())
-    aggregates = tuple(dict.fromkeys(list(constraint.aggregates) + [m.aggregate for m in mappings if m.aggregate]))
+        raise err.located(file=path, field="correlation") from None
+    subs = []
+    for i, sp in enumerate(subs_model):
+        aggs = tuple(
+            dict.fromkeys(list(constraints[i].aggregates) + [m.aggregate for m in mappings if m.aggregate and m.sub == i])
+        )
+        subs.append(
+            CompiledSub(
+                index=i,
+                name=sp.name,
+                query=queries[i],
+                constraint=constraints[i],
+                group_by=tuple(sp.group_by),
+                key_attrs=per_sub_key[i],
+                aggregates=aggs,
+                window_attrs=needed_attrs(aggs),
+            )
+        )
     return Rule(
         model=model,
         path=path,
-        query=query,
-        constraint=constraint,
+        query=Query.any_of(queries) if multi else queries[0],
+        constraint=constraints[0],
         mappings=mappings,
-        aggregates=aggregates,
-        window_attrs=needed_attrs(aggregates),
+        aggregates=subs[0].aggregates,
+        window_attrs=subs[0].window_attrs,
+        subs=tuple(subs),
+        pattern=pattern,
+        cross=residual,
+        key_attrs=key_attrs,
+        exceptions=exceptions,
+        clear=clear,
     )
 
 
-def _compile_mapping(name: str, ref: str, sub: SubpatternModel, path: str) -> AttrMapping:
+def _correlation_key(
+    cross: tuple[CrossCompare, ...], subs: list[SubpatternModel]
+) -> tuple[tuple[str, ...], list[tuple[str, ...]], tuple[CrossCompare, ...]]:
+    """Split cross-subpattern conditions into the correlation key and the remaining conditions.
+
+    Equalities chain attributes into classes; a class holding exactly one group-by attribute of every
+    subpattern becomes a component of the key (the state's partition). Without ``correlation``,
+    the attributes every subpattern groups by (same name) form the key. ``tenantId``, when every
+    subpattern groups by it, is always part of the key.
+    """
+    by_name = {sp.name: sp for sp in subs}
+    for cmp in cross:
+        for ref in cmp.refs():
+            sp = by_name.get(ref.sub)
+            if sp is None:
+                raise RuleError(
+                    f"unknown subpattern {ref.sub!r} (defined: {', '.join(by_name)})", column=ref.column, text=ref.text
+                )
+            if ref.attr.lower() not in {g.lower() for g in sp.group_by}:
+                raise RuleError(
+                    f"{ref.attr!r} is not a group-by attribute of {ref.sub} (group by: {', '.join(sp.group_by) or 'none'});"
+                    " conditions between subpatterns compare group-by values",
+                    column=ref.column,
+                    text=ref.text,
+                )
+    parent: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def find(x: tuple[str, str]) -> tuple[str, str]:
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    def canon(ref: Ref) -> tuple[str, str]:
+        attr = next(g for g in by_name[ref.sub].group_by if g.lower() == ref.attr.lower())
+        return (ref.sub, attr)
+
+    order: list[tuple[str, str]] = []
+    for cmp in cross:
+        if cmp.op == "=" and isinstance(cmp.right, Ref) and cmp.left.sub != cmp.right.sub:
+            a, b = canon(cmp.left), canon(cmp.right)
+            order.extend([a, b])
+            parent[find(a)] = find(b)
+    if not cross:  # same-named group-by attributes of every subpattern
+        common = [g for g in subs[0].group_by if all(g.lower() in {h.lower() for h in sp.group_by} for sp in subs[1:])]
+        for g in common:
+            members = [(sp.name, next(h for h in sp.group_by if h.lower() == g.lower())) for sp in subs]
+            order.extend(members)
+            for m in members[1:]:
+                parent[find(m)] = find(members[0])
+    classes: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for node in dict.fromkeys(order):
+        classes.setdefault(find(node), []).append(node)
+    components: list[dict[str, str]] = []
+    for members in classes.values():
+        per_sub: dict[str, str] = {}
+        for sub, attr in members:
+            if sub in per_sub:
+                break
+            per_sub[sub] = attr
+        else:
+            if len(per_sub) == len(subs):
+                components.append(per_sub)
+    if all(any(g.lower() == "tenantid" for g in sp.group_by) for sp in subs) and not any(
+        all(a.lower() == "tenantid" for a in c.values()) for c in components
+    ):
+        components.insert(0, {sp.name: next(g for g in sp.group_by if g.lower() == "tenantid") for sp in subs})
+    key_attrs = tuple(c[subs[0].name] for c in components)
+    per_sub_key = [tuple(c[sp.name] for c in components) for sp in subs]
+    keyed = {frozenset((sub, attr.lower()) for sub, attr in c.items()) for c in components}
+    residual = tuple(
+        cmp
+        for cmp in cross
+        if not (
+            cmp.op == "="
+            and isinstance(cmp.right, Ref)
+            and any({(cmp.left.sub, cmp.left.attr.lower()), (cmp.right.sub, cmp.right.attr.lower())} <= set(k) for k in keyed)
+        )
+    )
+    return key_attrs, per_sub_key, residual
+
+
+def _compile_exception(index: int, exc: RuleExceptionModel, model: RuleModel, groups: Groups, path: str) -> CompiledException:
+    where = f"exceptions[{index}].query"
+    try:
+        query = Query.parse(exc.query, groups)
+    except RuleError as err:
+        raise err.located(file=path, field=where) from None
+    known = {k.lower() for k in model.incident_attributes} | {"tenantid"}
+    for attr in _attrs(query.tree):
+        if attr.lower() not in known:
+            raise RuleError(
+                f"{attr!r} is not an incident attribute (known: {', '.join([*model.incident_attributes, 'tenantId'])})",
+                file=path,
+                field=where,
+                text=exc.query,
+            )
+    return CompiledException(query, frozenset(t.lower() for t in exc.tenants))
+
+
+def _compile_clear(clear: ClearModel, groups: Groups, path: str) -> CompiledClear:
+    if clear.after is None and clear.query is None:
+        raise RuleError(
+            "a clear condition needs 'after' (seconds without a trigger) or 'query' (a clearing event)", file=path, field="clear"
+        )
+    query = None
+    if clear.query is not None:
+        try:
+            query = Query.parse(clear.query, groups)
+        except RuleError as err:
+            raise err.located(file=path, field="clear.query") from None
+    return CompiledClear(clear.after, query)
+
+
+def _attrs(node: Node) -> list[str]:
+    children = getattr(node, "children", None)
+    if children is not None:
+        return [a for c in children for a in _attrs(c)]
+    child = getattr(node, "child", None)
+    if child is not None:
+        return _attrs(child)
+    leaf: Leaf = node  # type: ignore[assignment]
+    return [leaf.attr]
+
+
+def _compile_mapping(name: str, ref: str, subs: list[SubpatternModel], path: str) -> AttrMapping:
     where = f"incidentAttributes.{name}"
     prefix, dot, rest = ref.strip().partition(".")
-    if not dot or prefix != sub.name:
-        raise RuleError(f"must be '{sub.name}.<attribute>' or '{sub.name}.<AGGREGATE>(...)'", file=path, field=where, text=ref)
+    index = next((i for i, sp in enumerate(subs) if sp.name == prefix), None)
+    if not dot or index is None:
+        shown = " or ".join(f"'{sp.name}.<attribute>'" for sp in subs)
+        raise RuleError(f"must be {shown} or '<subpattern>.<AGGREGATE>(...)'", file=path, field=where, text=ref)
+    sub = subs[index]
     if "(" in rest:
         try:
-            return AttrMapping(name, aggregate=parse_aggregate(rest))
+            return AttrMapping(name, aggregate=parse_aggregate(rest), sub=index)
         except RuleError as err:
             raise RuleError(err.reason, file=path, field=where, text=ref) from None
     group_by = {g.lower(): g for g in sub.group_by}
     if rest.lower() not in group_by:
         raise RuleError(
-            f"attribute {rest!r} is neither a group-by attribute nor an aggregate "
+            f"attribute {rest!r} is neither a group-by attribute of {sub.name} nor an aggregate "
             f"(group by: {', '.join(sub.group_by) or 'none'})",
             file=path,
             field=where,
             text=ref,
         )
-    return AttrMapping(name, attr=group_by[rest.lower()])
+    return AttrMapping(name, attr=group_by[rest.lower()], sub=index)
 
 
-def parse_rule_text(text: str, path: str = "<rule>") -> Rule:
+def parse_rule_text(text: str, path: str = "<rule>", groups: Groups | None = None) -> Rule:
     """Parse and compile one rule from YAML text.
 
     Raises:
         RuleError: the YAML, the schema, the query, the constraint or a mapping is invalid.
     """
+    data = _yaml_mapping(text, path, "a rule file must hold a mapping of rule fields")
+    model = _validate(RuleModel, data, path)
+    return compile_rule(model, path, groups)
+
+
+def _yaml_mapping(text: str, path: str, what: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
@@ -231,55 +518,139 @@ def parse_rule_text(text: str, path: str = "<rule>") -> Rule:
     except yaml.YAMLError as exc:
         raise RuleError(f"invalid YAML: {exc}", file=path) from None
     if not isinstance(data, dict):
-        raise RuleError("a rule file must hold a mapping of rule fields", file=path)
+        raise RuleError(what, file=path)
+    return data
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _validate(model: type[_M], data: dict[str, Any], path: str) -> _M:
     try:
-        model = RuleModel.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors()  # an unknown key first: it often explains a "Field required" beside it
         first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
         if first["type"] == "extra_forbidden":  # name the likely key instead of pydantic's wording
-            first = {**first, "msg": unknown_key_hint(RuleModel, first["loc"])}
+            first = {**first, "msg": unknown_key_hint(model, first["loc"])}
         bad = first.get("input")
         shown = None if isinstance(bad, (dict, list)) or bad is None else str(bad)[:120]
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise RuleError(first["msg"] + more, file=path, field=_loc_text(first["loc"]), text=shown) from None
-    return compile_rule(model, path)
 
 
-def load_rule_file(path: Path) -> Rule:
-    """Raises: RuleError (also for an unreadable or oversized file)."""
+def _read(path: Path) -> str:
     try:
         if path.stat().st_size > MAX_RULE_FILE_BYTES:
-            raise RuleError(f"rule file larger than {MAX_RULE_FILE_BYTES} bytes", file=str(path))
-        text = path.read_text(encoding="utf-8")
+            raise RuleError(f"file larger than {MAX_RULE_FILE_BYTES} bytes", file=str(path))
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise RuleError(f"cannot read rule file ({exc})", file=str(path)) from None
-    return parse_rule_text(text, str(path))
+        raise RuleError(f"cannot read file ({exc})", file=str(path)) from None
+
+
+def load_rule_file(path: Path, groups: Groups | None = None) -> Rule:
+    """Raises: RuleError (also for an unreadable or oversized file)."""
+    return parse_rule_text(_read(path), str(path), groups)
 
 
 def rule_files(path: Path) -> list[Path]:
+    """Rule files under ``path``; files in a ``groups`` folder are event-type groups, not rules."""
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.suffix in RULE_SUFFIXES and p.is_file())
+        return sorted(
+            p
+            for p in path.rglob("*")
+            if p.suffix in RULE_SUFFIXES and p.is_file() and GROUPS_DIR not in p.relative_to(path).parts
+        )
     return [path]
+
+
+# ---------------------------------------------------------------------------------------------
+# Event-type groups (``Group@NAME``)
+# ---------------------------------------------------------------------------------------------
+
+
+class EventTypeGroupModel(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$", max_length=200)
+    description: str = ""
+    event_types: list[str] = Field(alias="eventTypes", min_length=1)
+
+
+class GroupFileModel(_Model):
+    """Schema of ``groups/*.yaml``: named lists of event types, used as ``eventType IN (Group@NAME)``."""
+
+    groups: list[EventTypeGroupModel] = Field(min_length=1)
+
+
+def load_groups(paths: Iterable[Path]) -> dict[str, tuple[str, ...]]:
+    """Load every group file under ``paths`` (files or folders).
+
+    Raises:
+        RuleSetError: a group file is invalid or a group name repeats (names compare case-insensitively).
+    """
+    groups: dict[str, tuple[str, ...]] = {}
+    seen: dict[str, str] = {}
+    errors: list[RuleError] = []
+    for root in paths:
+        files = sorted(p for p in root.rglob("*") if p.suffix in RULE_SUFFIXES and p.is_file()) if root.is_dir() else [root]
+        for file in files:
+            try:
+                data = _yaml_mapping(_read(file), str(file), "a group file must hold 'groups:', a list of {name, eventTypes}")
+                parsed = _validate(GroupFileModel, data, str(file))
+            except RuleError as err:
+                errors.append(err)
+                continue
+            for i, group in enumerate(parsed.groups):
+                if group.name.lower() in seen:
+                    errors.append(
+                        RuleError(
+                            f"group {group.name!r} already defined in {seen[group.name.lower()]}",
+                            file=str(file),
+                            field=f"groups[{i}].name",
+                        )
+                    )
+                    continue
+                seen[group.name.lower()] = str(file)
+                groups[group.name] = tuple(group.event_types)
+    if errors:
+        raise RuleSetError(errors)
+    return groups
+
+
+@lru_cache(maxsize=1)
+def default_groups() -> dict[str, tuple[str, ...]]:
+    """The event-type groups shipped with the product (``rules/groups/``)."""
+    folder = default_rules_dir() / GROUPS_DIR
+    return load_groups([folder]) if folder.is_dir() else {}
 
 
 def load_rules(paths: Iterable[Path]) -> list[Rule]:
     """Load every rule file under ``paths`` (files or folders).
 
+    Event-type groups come from the shipped ``rules/groups/`` plus any ``groups/`` folder directly
+    under a given folder.
+
     Raises:
         RuleSetError: one or more files are invalid (all of them are listed), a path is missing,
             or two files share a rule id. Nothing is returned half-loaded.
     """
+    paths = list(paths)
     rules: list[Rule] = []
     errors: list[RuleError] = []
     seen: dict[str, str] = {}
+    extra = [
+        p / GROUPS_DIR for p in paths if p.is_dir() and (p / GROUPS_DIR).is_dir() and p.resolve() != default_rules_dir().resolve()
+    ]
+    try:
+        groups = {**default_groups(), **load_groups(extra)} if extra else default_groups()
+    except RuleSetError as exc:
+        raise RuleSetError(exc.errors) from None
     for root in paths:
         if not root.exists():
             errors.append(RuleError("no such file or folder", file=str(root)))
             continue
         for file in rule_files(root):
             try:
-                rule = load_rule_file(file)
+                rule = load_rule_file(file, groups)
             except RuleError as err:
                 errors.append(err)
                 continue

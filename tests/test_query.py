@@ -16,6 +16,7 @@ from shared.query import (
     Or,
     Query,
     Regexp,
+    parse_correlation,
     parse_query,
     to_text,
 )
@@ -197,3 +198,66 @@ def test_random_text_never_crashes_the_parser_with_anything_but_rule_error(text:
         assert err.column is not None or "empty" in str(err) or "nested" in str(err), str(err)
     else:
         assert parse_query(to_text(q.tree)) == q.tree
+
+
+GROUPS = {"PH_SYS_EVENT_SuspiciousLogon": ("Win-Security-4625", "Linux-Fail-Login")}
+
+
+class TestEventTypeGroups:
+    def test_group_reference_matches_its_members_and_the_listed_literals(self) -> None:
+        q = Query.parse('eventType IN (Group@PH_SYS_EVENT_SuspiciousLogon, "Extra-Type")', GROUPS)
+        assert q.matches({"eventType": "win-security-4625"})
+        assert q.matches({"eventType": "extra-type"})
+        assert not q.matches({"eventType": "Win-Security-4624"})
+
+    def test_not_in_a_group_excludes_its_members(self) -> None:
+        q = Query.parse("eventType NOT IN (Group@ph_sys_event_suspiciouslogon)", GROUPS)
+        assert not q.matches({"eventType": "Linux-Fail-Login"})
+        assert q.matches({"eventType": "Win-Security-4624"})
+
+    def test_group_reference_prints_back_as_written_and_reparses_to_the_same_tree(self) -> None:
+        tree = parse_query('eventType IN ("a", Group@PH_SYS_EVENT_SuspiciousLogon)', GROUPS)
+        assert to_text(tree) == 'eventType IN ("a", Group@PH_SYS_EVENT_SuspiciousLogon)'
+        assert parse_query(to_text(tree), GROUPS) == tree
+
+    def test_unknown_group_is_a_located_error(self) -> None:
+        with pytest.raises(
+            RuleError, match=r"column 15: unknown event-type group 'Missing' \(known: PH_SYS_EVENT_SuspiciousLogon\)"
+        ):
+            parse_query("eventType IN (Group@Missing)", GROUPS)
+
+    def test_an_attribute_may_still_contain_an_at_sign(self) -> None:
+        assert m('mail@box = "x"', {"mail@box": "X"})
+
+
+class TestCorrelationConditions:
+    def test_conjunction_of_reference_and_literal_comparisons(self) -> None:
+        conds = parse_correlation('a.hostName = b.deviceName AND (a.user != b.user AND b.severity >= 5) AND a.x = "y"')
+        assert [c.text for c in conds] == ["a.hostName = b.deviceName", "a.user != b.user", "b.severity >= 5", 'a.x = "y"']
+
+    def test_comparisons_are_case_insensitive_for_text_and_numeric_for_numbers(self) -> None:
+        [eq] = parse_correlation("a.h = b.h")
+        [ne] = parse_correlation("a.u != b.u")
+        [gt] = parse_correlation("a.n > b.n")
+        assert eq.holds("HOST1", "host1") and eq.holds("5", 5.0)
+        assert not ne.holds("alice", "ALICE") and ne.holds("alice", "bob")
+        assert gt.holds("10", 9) and not gt.holds("x", 1)
+
+    def test_a_missing_value_satisfies_only_not_equal(self) -> None:
+        [eq] = parse_correlation("a.h = b.h")
+        [ne] = parse_correlation("a.h != b.h")
+        assert not eq.holds(None, None) and not eq.holds("", "x")
+        assert ne.holds("", "x") and not ne.holds(None, "")
+
+    @pytest.mark.parametrize(
+        ("text", "pattern"),
+        [
+            ("a.x = b.y OR a.z = 1", r"column 11: unexpected character 'O'"),
+            ('a.x > "text"', r"column 7: operator > needs a number"),
+            ("x = b.y", r"column 1: unexpected character 'x'"),
+            ("", r"empty correlation condition"),
+        ],
+    )
+    def test_bad_conditions_are_located(self, text: str, pattern: str) -> None:
+        with pytest.raises(RuleError, match=pattern):
+            parse_correlation(text)

@@ -103,18 +103,139 @@ def test_rule_errors_name_file_field_and_text(old: str, new: str, pattern: str) 
         parse_rule_text(with_change(old, new), "bad.yaml")
 
 
-def test_several_subpatterns_are_rejected_as_not_supported_yet() -> None:
-    text = MINIMAL + "  - name: sp2\n    query: a = 1\n    groupBy: [a]\n    aggregateConstraint: COUNT(*) >= 1\n"
-    text = text.replace(
-        "incidentAttributes:\n  hostName: sp.hostName\n  n: sp.COUNT(*)\n  - name: sp2",
-        "incidentAttributes: {}\nx:\n  - name: sp2",
-    )
-    text = MINIMAL.replace(
-        "incidentAttributes:",
-        "  - name: sp2\n    query: a = 1\n    groupBy: [a]\n    aggregateConstraint: COUNT(*) >= 1\nincidentAttributes:",
-    )
-    with pytest.raises(RuleError, match=r"multi.yaml: subpatterns: 2 subpatterns: .*not supported yet"):
-        parse_rule_text(text, "multi.yaml")
+MULTI = textwrap.dedent(
+    """\
+    id: TEST_MULTI
+    name: multi
+    severity: 7
+    category: Security
+    timeWindow: 3600
+    subpatterns:
+      - name: persist
+        query: eventType IN (Group@PH_SYS_EVENT_MS_Defender_Alert_Persistence)
+        groupBy: [tenantId, hostName, user]
+        aggregateConstraint: COUNT(*) >= 1
+      - name: cred
+        query: eventType IN (Group@PH_SYS_EVENT_MS_Defender_Alert_CredentialAccess)
+        groupBy: [tenantId, deviceName, user]
+        aggregateConstraint: COUNT(*) >= 2
+    pattern: persist FOLLOWED_BY cred
+    correlation: persist.hostName = cred.deviceName AND persist.user != cred.user
+    incidentAttributes:
+      hostName: persist.hostName
+      credUser: cred.user
+      credAlerts: cred.COUNT(*)
+    exceptions:
+      - query: hostName = "lab-host"
+        tenants: [tenant-a]
+    clear:
+      after: 600
+    """
+)
+
+
+def test_multi_subpattern_rule_compiles_its_key_pattern_and_remaining_conditions() -> None:
+    rule = parse_rule_text(MULTI, "multi.yaml")
+    assert rule.sequence
+    assert rule.key_attrs == ("tenantId", "hostName")
+    assert [s.key_attrs for s in rule.subs] == [("tenantId", "hostName"), ("tenantId", "deviceName")]
+    assert [c.text for c in rule.cross] == ["persist.user != cred.user"]
+    assert rule.group_by == ("tenantId", "hostName")
+    assert [(m.incident_attr, m.sub) for m in rule.mappings] == [("hostName", 0), ("credUser", 1), ("credAlerts", 1)]
+    assert rule.clear is not None and rule.clear.after_s == 600
+    # the rule's prefilter query matches what either subpattern matches, and nothing else
+    assert rule.query.matches({"eventType": "M365Defender-Alert-Persistence"})
+    assert rule.query.matches({"eventType": "MS-Defender-Endpoint-Alert-CredentialAccess"})
+    assert not rule.query.matches({"eventType": "M365Defender-Alert-Execution"})
+
+
+def test_exceptions_apply_per_tenant_on_incident_attributes() -> None:
+    rule = parse_rule_text(MULTI, "multi.yaml")
+    assert rule.excepted({"hostName": "LAB-HOST"}, "Tenant-A")
+    assert not rule.excepted({"hostName": "lab-host"}, "tenant-b")
+    assert not rule.excepted({"hostName": "prod"}, "tenant-a")
+
+
+def test_without_correlation_the_key_is_the_group_by_attributes_every_subpattern_shares() -> None:
+    text = MULTI.replace("correlation: persist.hostName = cred.deviceName AND persist.user != cred.user\n", "")
+    rule = parse_rule_text(text, "multi.yaml")
+    assert rule.key_attrs == ("tenantId", "user")
+    assert rule.cross == ()
+
+
+def test_single_subpattern_rule_without_new_fields_keeps_the_classic_path() -> None:
+    rule = parse_rule_text(MINIMAL, "min.yaml")
+    assert not rule.sequence and rule.subs == () and rule.pattern is None
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "pattern"),
+    [
+        ("pattern: persist FOLLOWED_BY cred\n", "", r"multi.yaml: pattern: 2 subpatterns need a 'pattern'"),
+        ("persist FOLLOWED_BY cred", "persist FOLLOWED_BY credd", r"multi.yaml: pattern: column 21: unknown subpattern 'credd'"),
+        ("persist FOLLOWED_BY cred", "persist FOLLOWED_BY", r"multi.yaml: pattern: column \d+: unexpected end of pattern"),
+        ("persist FOLLOWED_BY cred", "persist", r"multi.yaml: pattern: subpattern\(s\) cred defined but not used"),
+        (
+            "persist FOLLOWED_BY cred",
+            "persist AND (persist NOT FOLLOWED_BY cred)",
+            r"multi.yaml: pattern: NOT FOLLOWED_BY is supported once, at the top",
+        ),
+        (
+            "persist.user != cred.user",
+            "persist.usr != cred.user",
+            r"multi.yaml: correlation: column 40: 'usr' is not a group-by attribute of persist",
+        ),
+        (
+            "persist.user != cred.user",
+            "persist.user != crd.user",
+            r"multi.yaml: correlation: column 56: unknown subpattern 'crd'",
+        ),
+        (
+            "persist.user != cred.user",
+            "persist.user OR cred.user",
+            r"multi.yaml: correlation: column 53: unexpected character 'O'",
+        ),
+        (
+            "Group@PH_SYS_EVENT_MS_Defender_Alert_Persistence",
+            "Group@Nope",
+            r"subpatterns\[0\]\.query: column 15: unknown event-type group 'Nope'",
+        ),
+        (
+            "credUser: cred.user",
+            "credUser: cred.hostName",
+            r"incidentAttributes\.credUser: attribute 'hostName' is neither a group-by attribute of cred",
+        ),
+        (
+            'query: hostName = "lab-host"',
+            'query: host = "lab-host"',
+            r"exceptions\[0\]\.query: 'host' is not an incident attribute",
+        ),
+        ("  after: 600", "  after: 0", r"clear\.after: Input should be greater than 0"),
+        ("clear:\n  after: 600\n", "clear: {}\n", r"multi.yaml: clear: a clear condition needs 'after'"),
+        ("- name: cred", "- name: persist", r"subpatterns\[1\]\.name: subpattern name 'persist' repeats"),
+    ],
+)
+def test_multi_subpattern_errors_name_file_field_and_column(old: str, new: str, pattern: str) -> None:
+    assert old in MULTI
+    with pytest.raises(RuleError, match=pattern):
+        parse_rule_text(MULTI.replace(old, new), "multi.yaml")
+
+
+def test_event_type_groups_load_from_a_groups_folder_beside_the_rules(tmp_path: Path) -> None:
+    (tmp_path / "groups").mkdir()
+    (tmp_path / "groups" / "mine.yaml").write_text("groups:\n  - name: My_Group\n    eventTypes: [a-type, b-type]\n")
+    (tmp_path / "r.yaml").write_text(with_change('query: eventType = "x"', "query: eventType IN (Group@my_group)"))
+    [rule] = load_rules([tmp_path])  # the group file is not read as a rule
+    assert rule.query.matches({"eventType": "B-TYPE"})
+    assert not rule.query.matches({"eventType": "c-type"})
+
+
+def test_a_bad_group_file_is_reported_with_its_field(tmp_path: Path) -> None:
+    (tmp_path / "groups").mkdir()
+    (tmp_path / "groups" / "bad.yaml").write_text("groups:\n  - name: G\n    eventTypes: []\n")
+    (tmp_path / "r.yaml").write_text(MINIMAL)
+    with pytest.raises(RuleSetError, match=r"bad.yaml: groups\[0\]\.eventTypes: List should have at least 1 item"):
+        load_rules([tmp_path])
 
 
 def test_loading_a_folder_reports_every_bad_file_and_loads_nothing(tmp_path: Path) -> None:

@@ -16,8 +16,9 @@ import hashlib
 import logging
 import re
 from collections import defaultdict
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from azure.core import MatchConditions
 from azure.core.exceptions import (
@@ -32,11 +33,14 @@ from .errors import StoreError
 from .state import Change, GroupKey, GroupState, KeysConflict, Loaded
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 SHARDS = 16  # partitions per (rule, tenant): spreads load over Table's per-partition limit
 MAX_KEY_PART = 200  # chars of a readable key part before it is hashed (keys are capped at 1 KiB)
 MAX_READABLE_PROPERTY = 4000  # chars of the readable group values kept beside the state
 TRANSACTION_LIMIT = 100  # entities per entity-group transaction
+MAX_TRANSACTION_BYTES = 3 << 20  # a transaction's payload is capped at 4 MiB; room left for the envelope
+MAX_CONCURRENCY = 16  # requests in flight per store (point reads, one transaction per partition)
 _FORBIDDEN = re.compile(r"[/\\#?\x00-\x1f\x7f-\x9f%]")
 
 
@@ -60,6 +64,7 @@ class TableStateStore:
         self.tenant_attr = tenant_attr
         self.group_by = group_by or {}  # rule id -> group-by attributes, to find the tenant value
         self.calls = {"load": 0, "save": 0, "purge": 0}
+        self._pool: ThreadPoolExecutor | None = None
 
     @classmethod
     def from_connection_string(cls, conn: str, table_name: str, **kw: Any) -> TableStateStore:
@@ -89,49 +94,84 @@ class TableStateStore:
 
     # -- StateStore ---------------------------------------------------------------------------
 
+    def _parallel(self, jobs: Sequence[Callable[[], _T]]) -> list[_T]:
+        """Run ``jobs`` with at most ``MAX_CONCURRENCY`` in flight; the first exception propagates."""
+        if len(jobs) <= 1:
+            return [job() for job in jobs]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=MAX_CONCURRENCY, thread_name_prefix="table-store")
+        return list(self._pool.map(lambda job: job(), jobs))
+
     def load(self, keys: Sequence[GroupKey], now_ms: int) -> dict[GroupKey, Loaded]:
+        """Point reads, ``MAX_CONCURRENCY`` at a time (a burst of new groups is a few round trips
+        of latency, not one per group)."""
         self.calls["load"] += 1
-        out: dict[GroupKey, Loaded] = {}
-        for key in keys:
-            pk, rk = self.keys_of(key)
-            try:
-                entity = self.table.get_entity(pk, rk)
-            except ResourceNotFoundError:
-                out[key] = Loaded(None, None)
-                continue
-            except AzureError as exc:
-                raise StoreError(f"loading state of {key.rule_id}: {type(exc).__name__}: {exc}") from exc
-            etag = entity.metadata["etag"]
-            expires = _int(entity.get("expiresAt"))
-            if expires <= now_ms:
-                out[key] = Loaded(None, etag)
-                continue
-            out[key] = Loaded(GroupState.from_bytes(bytes(entity["state"])), etag)
-        return out
+        loaded = self._parallel([lambda key=key: self._load_one(key, now_ms) for key in keys])  # type: ignore[misc]
+        return dict(zip(keys, loaded, strict=True))
+
+    def _load_one(self, key: GroupKey, now_ms: int) -> Loaded:
+        pk, rk = self.keys_of(key)
+        try:
+            entity = self.table.get_entity(pk, rk)
+        except ResourceNotFoundError:
+            return Loaded(None, None)
+        except AzureError as exc:
+            raise StoreError(f"loading state of {key.rule_id}: {type(exc).__name__}: {exc}") from exc
+        etag = entity.metadata["etag"]
+        expires = _int(entity.get("expiresAt"))
+        if expires <= now_ms:
+            return Loaded(None, etag)
+        return Loaded(GroupState.from_bytes(bytes(entity["state"])), etag)
 
     def save(self, changes: Sequence[Change]) -> None:
+        """Conditional writes grouped into one entity-group transaction per partition key (up to
+        ``TRANSACTION_LIMIT`` entities / ``MAX_TRANSACTION_BYTES``), partitions written
+        concurrently. A transaction is atomic: when one of its writes loses its ETag (or its
+        create finds the entity), none is applied and that chunk is redone entity by entity, so
+        exactly the changed keys are reported as conflicts."""
         self.calls["save"] += 1
-        conflicts: list[GroupKey] = []
+        ops: dict[str, list[tuple[Change, Any]]] = defaultdict(list)
         for change in changes:
             pk, rk = self.keys_of(change.key)
-            try:
-                if change.state is None:
-                    if change.token is not None:
-                        self.table.delete_entity(pk, rk, etag=change.token, match_condition=MatchConditions.IfNotModified)
-                    continue
-                entity = self._entity(pk, rk, change)
-                if change.token is None:
-                    self.table.create_entity(entity)
-                else:
-                    self.table.update_entity(
-                        entity, mode=UpdateMode.REPLACE, etag=change.token, match_condition=MatchConditions.IfNotModified
-                    )
-            except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
-                conflicts.append(change.key)
-            except AzureError as exc:
-                raise StoreError(f"saving state of {change.key.rule_id}: {type(exc).__name__}: {exc}") from exc
+            if change.state is None:
+                if change.token is not None:
+                    ops[pk].append((change, ("delete", {"PartitionKey": pk, "RowKey": rk}, _if_match(change.token))))
+            elif change.token is None:
+                ops[pk].append((change, ("create", self._entity(pk, rk, change))))
+            else:
+                ops[pk].append(
+                    (change, ("update", self._entity(pk, rk, change), {"mode": UpdateMode.REPLACE, **_if_match(change.token)}))
+                )
+        chunks = [chunk for partition in ops.values() for chunk in _chunks(partition)]
+        results = self._parallel([lambda chunk=chunk: self._write_chunk(chunk) for chunk in chunks])  # type: ignore[misc]
+        conflicts = [key for lost in results for key in lost]
         if conflicts:
             raise KeysConflict(conflicts)
+
+    def _write_chunk(self, chunk: list[tuple[Change, Any]]) -> list[GroupKey]:
+        """Write one partition's chunk; returns the keys that lost to another writer."""
+        if len(chunk) > 1:
+            try:
+                self.table.submit_transaction([op for _, op in chunk])
+                return []
+            except TableTransactionError:
+                pass  # atomic: nothing was written; find the conflicting entities one by one
+            except AzureError as exc:
+                raise StoreError(f"saving state of {chunk[0][0].key.rule_id}: {type(exc).__name__}: {exc}") from exc
+        lost: list[GroupKey] = []
+        for change, op in chunk:
+            try:
+                if op[0] == "delete":
+                    self.table.delete_entity(op[1]["PartitionKey"], op[1]["RowKey"], **op[2])
+                elif op[0] == "create":
+                    self.table.create_entity(op[1])
+                else:
+                    self.table.update_entity(op[1], **op[2])
+            except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
+                lost.append(change.key)
+            except AzureError as exc:
+                raise StoreError(f"saving state of {change.key.rule_id}: {type(exc).__name__}: {exc}") from exc
+        return lost
 
     def purge_expired(self, now_ms: int) -> int:
         """Delete expired entities, a page at a time, in per-partition transactions (ETag-guarded,
@@ -186,6 +226,26 @@ class TableStateStore:
             "state": change.state.to_bytes(),
             "expiresAt": EntityProperty(change.expires_at, EdmType.INT64),
         }
+
+
+def _if_match(token: Any) -> dict[str, Any]:
+    return {"etag": token, "match_condition": MatchConditions.IfNotModified}
+
+
+def _chunks(ops: list[tuple[Change, Any]]) -> Iterator[list[tuple[Change, Any]]]:
+    """Split one partition's writes into transactions within Table's count and size limits."""
+    chunk: list[tuple[Change, Any]] = []
+    size = 0
+    for item in ops:
+        entity = item[1][1]
+        item_size = len(entity.get("state", b"")) + len(entity.get("groupValues", "")) * 4 + 1024
+        if chunk and (len(chunk) >= TRANSACTION_LIMIT or size + item_size > MAX_TRANSACTION_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += item_size
+    if chunk:
+        yield chunk
 
 
 def _int(value: Any) -> int:

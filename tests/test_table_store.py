@@ -8,7 +8,7 @@ import pytest
 from azure.data.tables import TableClient
 
 from shared.errors import StoreError
-from shared.state import Change, GroupKey
+from shared.state import Change, GroupKey, KeysConflict
 from shared.table_store import TableStateStore
 
 from .conftest import Azurite
@@ -64,3 +64,78 @@ def test_unreachable_storage_raises_store_error() -> None:
     )
     with pytest.raises(StoreError, match="loading state"):
         dead.load([GroupKey("R", ("a",))], NOW)
+
+
+class CountingTable:
+    """A TableClient that counts its round trips by method (everything else passes through)."""
+
+    def __init__(self, inner: TableClient) -> None:
+        self.inner = inner
+        self.counts: dict[str, int] = {}
+
+    def __getattr__(self, name: str) -> object:
+        attr = getattr(self.inner, name)
+        if not callable(attr) or name.startswith("_"):
+            return attr
+
+        def counted(*args: object, **kwargs: object) -> object:
+            self.counts[name] = self.counts.get(name, 0) + 1
+            return attr(*args, **kwargs)
+
+        return counted
+
+
+def one_partition_keys(store: TableStateStore, n: int, shard: str = "00") -> list[GroupKey]:
+    """``n`` keys of rule R, tenant t, all in the same shard (so one partition key)."""
+    keys: list[GroupKey] = []
+    i = 0
+    while len(keys) < n:
+        key = GroupKey("R", (f"a{i}", "x", "t"))
+        if store.keys_of(key)[0].endswith(shard):
+            keys.append(key)
+        i += 1
+    return keys
+
+
+def test_a_burst_of_new_groups_in_one_partition_is_one_transaction(store: TableStateStore) -> None:
+    keys = one_partition_keys(store, 100)
+    counting = CountingTable(store.table)
+    store.table = counting  # type: ignore[assignment]
+    loaded = store.load(keys, NOW)
+    store.save([Change(k, state_for(k), loaded[k].token, NOW + 60_000) for k in keys])
+    assert counting.counts == {"get_entity": 100, "submit_transaction": 1}
+    again = store.load(keys, NOW)
+    assert all(again[k].state == state_for(k) for k in keys)
+
+
+def test_writes_over_the_transaction_limit_split_into_chunks(store: TableStateStore) -> None:
+    keys = one_partition_keys(store, 130)
+    counting = CountingTable(store.table)
+    store.table = counting  # type: ignore[assignment]
+    store.save([Change(k, state_for(k), None, NOW + 60_000) for k in keys])
+    assert counting.counts == {"submit_transaction": 2}
+    assert all(v.state is not None for v in store.load(keys, NOW).values())
+
+
+def test_one_stale_token_in_a_transaction_loses_only_its_own_key(store: TableStateStore) -> None:
+    keys = one_partition_keys(store, 10)
+    store.save([Change(k, state_for(k), None, NOW + 60_000) for k in keys])
+    tokens = {k: v.token for k, v in store.load(keys, NOW).items()}
+    store.save([Change(keys[3], state_for(keys[3], 2), tokens[keys[3]], NOW + 60_000)])  # another writer
+    with pytest.raises(KeysConflict) as conflict:
+        store.save([Change(k, state_for(k, 3), tokens[k], NOW + 60_000) for k in keys])
+    assert conflict.value.keys == [keys[3]]
+    after = store.load(keys, NOW)
+    assert after[keys[3]].state == state_for(keys[3], 2)  # the other writer's state is kept
+    assert all(after[k].state == state_for(k, 3) for k in keys if k != keys[3])
+
+
+def test_groups_in_many_partitions_load_and_save_concurrently_with_the_same_results(store: TableStateStore) -> None:
+    keys = [GroupKey("R", (f"n{i}", "x", f"tenant{i % 7}")) for i in range(100)]
+    assert len({store.keys_of(k)[0] for k in keys}) > 50  # spread: transactions alone would not help
+    store.save([Change(k, state_for(k), None, NOW + 60_000) for k in keys[:50]])
+    loaded = store.load(keys, NOW)
+    assert [loaded[k].state is not None for k in keys] == [True] * 50 + [False] * 50
+    with pytest.raises(KeysConflict) as conflict:
+        store.save([Change(k, state_for(k, 2), None, NOW + 60_000) for k in keys])  # creates: first 50 exist
+    assert sorted(conflict.value.keys, key=keys.index) == keys[:50]

@@ -39,6 +39,7 @@ from .state import (
 log = logging.getLogger(__name__)
 
 MAX_TRIGGER_EVENTS = 5  # evidence events carried by one snapshot
+MAX_PREFILTER_CACHE = 4096  # event types remembered by the prefilter (real feeds have a few dozen)
 MAX_SAVE_ATTEMPTS = 5  # optimistic-concurrency retries per batch before giving up (infrastructure error)
 
 Clock = Callable[[], datetime]
@@ -341,6 +342,8 @@ class Engine:
         if hit is None:
             rules = self.evidence_rules if event_type == EVIDENCE_EVENT_TYPE else self.rules
             hit = any(r.query.could_match({"eventType": event_type}) for r in rules)
+            if len(self._wanted) >= MAX_PREFILTER_CACHE:
+                self._wanted.clear()  # event types are input: the cache must not grow with them
             self._wanted[event_type] = hit
         return hit
 

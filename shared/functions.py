@@ -1,18 +1,21 @@
 """The Azure Functions edge: turns Event Hub batches into engine batches, dead-letters bad input.
 
 ``function_app.py`` only wires bindings to :func:`get_runtime`; everything testable lives here.
-Only infrastructure failures raise (so the trigger's retry policy re-runs the batch); bad records
-go to the ``rejected-alerts`` queue with their reason and Event Hub coordinates.
+
+The invariant: for any bytes in any event and any batch shape, :meth:`AlertBatchHandler.handle`
+either completes or raises an infrastructure error (storage, network: the trigger's retry policy
+re-runs the batch). Every record it does not count is dead-lettered, whole, with its reason. The
+per-record boundary is :meth:`AlertBatchHandler._guarded` (parsers) and
+:meth:`AlertBatchHandler._process` (engine): any other exception becomes that record's rejection.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -20,18 +23,31 @@ from typing import Any, Protocol
 import orjson
 from azure.core.exceptions import AzureError, ResourceExistsError
 
-from .engine import Clock, Engine, fit_snapshot, to_ms, utc_now
+from .claimcheck import ClaimStore, MemoryClaims, claim_name, claim_ref
+from .deadletters import DeadLetterWriter, Origin, cap, letter
+from .engine import BatchResult, Clock, Engine, Stats, fit_snapshot, to_ms, utc_now
 from .errors import StoreError
-from .normalize import MAX_RECORD_BYTES, NormalizedEvent, Normalizer, Rejection, Skipped
+from .normalize import (
+    DEFAULT_MAX_AGE_S,
+    DEFAULT_MAX_SKEW_S,
+    MAX_RECORD_BYTES,
+    Item,
+    NormalizedEvent,
+    Normalizer,
+    Rejection,
+    Skipped,
+)
 from .rules import Rule, load_rules
 from .settings import Settings, load_settings
 from .state import StateStore
 
 log = logging.getLogger("defender_correlator")
 
-MAX_MESSAGE_BYTES = MAX_RECORD_BYTES + 64 * 1024  # Event Hub caps an event at 1 MiB; a little slack for envelopes
-MAX_DEAD_LETTER_PREVIEW = 16 * 1024  # raw bytes kept in a dead letter (queue messages max 64 KiB)
+MAX_MESSAGE_BYTES = MAX_RECORD_BYTES  # Event Hub caps an event at 1 MiB; a bigger body is one record too many
 MAX_QUEUE_MESSAGE_BYTES = 45 * 1024  # base64 of a queue message (64 KiB max) leaves 48 KiB of payload
+# Failures a retry of the batch may fix. Everything else raised while handling a record is about
+# that record (a bug in a parser or in per-event engine code) and becomes its rejection.
+INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (StoreError, AzureError, OSError, MemoryError)
 
 
 class HubEvent(Protocol):
@@ -56,7 +72,7 @@ class DeadLetters(Protocol):
 
 
 class QueueDeadLetters:
-    """Dead letters on an Azure Storage queue (``azure-storage-queue``)."""
+    """Messages on an Azure Storage queue (``azure-storage-queue``), created on first use."""
 
     def __init__(self, queue: Any) -> None:
         self.queue = queue
@@ -71,7 +87,7 @@ class QueueDeadLetters:
             for message in messages:
                 self.queue.send_message(message)
         except AzureError as exc:
-            raise StoreError(f"dead-letter queue unreachable: {type(exc).__name__}: {exc}") from exc
+            raise StoreError(f"queue {self.queue.queue_name} unreachable: {type(exc).__name__}: {exc}") from exc
 
 
 def partition_of(events: Sequence[HubEvent]) -> str:
@@ -81,20 +97,6 @@ def partition_of(events: Sequence[HubEvent]) -> str:
     return str(pid) if pid is not None else "?"
 
 
-def dead_letter(rejection: Rejection, *, partition: str, sequence: int | None, enqueued: datetime | None) -> str:
-    body = {
-        "reason": rejection.reason,
-        "position": rejection.position,
-        "format": rejection.format,
-        "field": rejection.field,
-        "partition": partition,
-        "sequenceNumber": sequence,
-        "enqueuedTime": enqueued.isoformat() if enqueued else None,
-        "rawPreview": base64.b64encode((rejection.raw or b"")[:MAX_DEAD_LETTER_PREVIEW]).decode(),
-    }
-    return orjson.dumps(body).decode()
-
-
 @dataclass
 class BatchOutcome:
     incidents: list[str]
@@ -102,47 +104,59 @@ class BatchOutcome:
 
 
 class AlertBatchHandler:
-    """Normalize an Event Hub batch, dead-letter the bad records, correlate the rest."""
+    """Normalize an Event Hub batch, correlate the good records, dead-letter the rest."""
 
-    def __init__(self, engine: Engine, dead_letters: DeadLetters, clock: Clock = utc_now) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        dead_letters: DeadLetters,
+        clock: Clock = utc_now,
+        *,
+        claims: ClaimStore | None = None,
+        max_skew_s: int | None = None,
+        max_age_s: int | None = None,
+    ) -> None:
         self.engine = engine
-        self.dead_letters = dead_letters
+        self.writer = DeadLetterWriter(dead_letters, claims if claims is not None else MemoryClaims())
         self.clock = clock
-        self.normalizer = Normalizer(prefilter=engine.could_match)
+        self.normalizer = Normalizer(
+            prefilter=engine.could_match,
+            max_skew_s=DEFAULT_MAX_SKEW_S if max_skew_s is None else max_skew_s,
+            max_age_s=DEFAULT_MAX_AGE_S if max_age_s is None else max_age_s,
+        )
 
     def handle(self, events: Sequence[HubEvent]) -> BatchOutcome:
-        """Raises: StoreError (infrastructure) so that the trigger's retry policy re-runs the batch."""
+        """Raises: only infrastructure errors (StoreError, AzureError, OSError), so that the
+        trigger's retry policy re-runs the batch; a retry is safe (counted events are recognised,
+        dead-letter blobs are content-addressed)."""
         started = time.monotonic()
         partition = partition_of(events)
         arrival = self.clock()
-        good: list[NormalizedEvent] = []
-        letters: list[str] = []
+        good: list[tuple[NormalizedEvent, Origin]] = []
+        letters: list[dict[str, Any]] = []
         records = skipped = 0
         for event in events:
             sequence = event.sequence_number
+            origin = Origin(partition, sequence, event.enqueued_time)
             position = f"partition {partition} seq {sequence}"
             body = event.get_body()
-            items: Any
-            if len(body) > MAX_MESSAGE_BYTES:
-                items = [Rejection(position, f"event body of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}", raw=body[:256])]
-            else:
-                items = self.normalizer.from_bytes(body, position, arrival)
-            for item in items:
+            for item in self._guarded(body, position, arrival):
                 records += 1
                 if type(item) is Skipped:
                     skipped += 1
                 elif type(item) is Rejection:
-                    letters.append(dead_letter(item, partition=partition, sequence=sequence, enqueued=event.enqueued_time))
+                    letters.append(letter(item, origin))
                 else:
-                    good.append(item)
-        if letters:
-            self.dead_letters.send(letters)  # before any state changes: a failure here retries cleanly
-        result = self.engine.process(good)
+                    good.append((item, origin))  # type: ignore[arg-type]
+        parser_rejected = len(letters)
+        result = self._process(good, letters)
+        self.writer.write(letters, when=arrival)  # after the engine: a failure re-runs an idempotent batch
         counts = result.stats.counts
         summary = {
             "partition": partition,
             "events": len(events),
             "records": records,
+            "accepted": len(good) - (len(letters) - parser_rejected),  # records: accepted + rejected + skipped
             "rejected": len(letters),
             "skipped": skipped,
             "matched": counts["matched"],
@@ -159,6 +173,47 @@ class AlertBatchHandler:
         }
         log.info("batch_summary %s", orjson.dumps(summary).decode(), extra={"custom_dimensions": summary})
         return BatchOutcome([fit_snapshot(s, MAX_QUEUE_MESSAGE_BYTES).decode() for s in result.incidents], summary)
+
+    def _guarded(self, body: bytes, position: str, arrival: datetime) -> Iterator[Item]:
+        """The parser side of the per-record boundary: every item of one event body, and a
+        rejection of the body's remainder (named after the exception) if the parser breaks."""
+        if len(body) > MAX_MESSAGE_BYTES:
+            yield Rejection(position, f"event body of {len(body)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte cap", raw=body)
+            return
+        try:
+            yield from self.normalizer.from_bytes(body, position, arrival)
+        except INFRASTRUCTURE_ERRORS:
+            raise
+        except Exception as exc:
+            log.exception("normalizer failed on %s", position)
+            yield Rejection(position, f"normalizer failed ({type(exc).__name__}: {cap(str(exc), 200)})", raw=body)
+
+    def _process(self, good: list[tuple[NormalizedEvent, Origin]], letters: list[dict[str, Any]]) -> BatchResult:
+        """The engine side of the boundary: when processing fails for a reason other than the
+        infrastructure, halve the batch until the records that fail it are found, and reject
+        them (engine batches are retry-safe, so re-processing the halves is harmless)."""
+        try:
+            return self.engine.process([e for e, _ in good])
+        except INFRASTRUCTURE_ERRORS:
+            raise
+        except Exception as exc:
+            if len(good) == 1:
+                event, origin = good[0]
+                log.exception("engine failed on %s", event.position)
+                reason = f"engine failed on this record ({type(exc).__name__}: {cap(str(exc), 200)})"
+                letters.append(letter(Rejection(event.position, reason, event.format, raw=_raw(event)), origin))
+                return BatchResult([], Stats())
+        mid = len(good) // 2
+        first, second = self._process(good[:mid], letters), self._process(good[mid:], letters)
+        first.stats += second.stats
+        return BatchResult(first.incidents + second.incidents, first.stats)
+
+
+def _raw(event: NormalizedEvent) -> bytes | None:
+    try:
+        return orjson.dumps(event.raw, default=str)
+    except TypeError:
+        return None
 
 
 def _lag(events: Sequence[HubEvent], now: datetime) -> float | None:
@@ -191,32 +246,23 @@ _lock = threading.Lock()
 
 
 def build_runtime(settings: Settings) -> Runtime:
-    """Build the Azure-backed runtime: Table state store and dead-letter queue."""
-    from azure.data.tables import TableClient
-    from azure.storage.queue import QueueClient
-
+    """Build the Azure-backed runtime: Table state store, dead-letter queue and claim-check blobs."""
+    from .claimcheck import BlobClaims
+    from .clients import StorageClients
     from .table_store import TableStateStore
 
     rules = load_rules([settings.rules_path()])
-    group_by = {r.id: r.group_by for r in rules}
-    if settings.storage_connection:
-        table = TableClient.from_connection_string(settings.storage_connection, settings.state_table)
-        queue = QueueClient.from_connection_string(settings.storage_connection, settings.rejected_queue)
-    else:
-        from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
-
-        credential: Any = (
-            ManagedIdentityCredential(client_id=settings.managed_identity_client_id)
-            if settings.managed_identity_client_id
-            else DefaultAzureCredential()
-        )
-        assert settings.table_service_uri and settings.queue_service_uri
-        table = TableClient(settings.table_service_uri, settings.state_table, credential=credential)
-        queue = QueueClient(settings.queue_service_uri, settings.rejected_queue, credential=credential)
-    store = TableStateStore(table, group_by=group_by)
+    clients = StorageClients.from_settings(settings)
+    store = TableStateStore(clients.table(settings.state_table), group_by={r.id: r.group_by for r in rules})
     store.ensure_table()
-    engine = Engine(rules, store)
-    return Runtime(settings, rules, store, AlertBatchHandler(engine, QueueDeadLetters(queue)))
+    handler = AlertBatchHandler(
+        Engine(rules, store),
+        QueueDeadLetters(clients.queue(settings.rejected_queue)),
+        claims=BlobClaims(clients.container(settings.deadletter_container)),
+        max_skew_s=settings.event_time_max_skew_s,
+        max_age_s=settings.event_time_max_age_s,
+    )
+    return Runtime(settings, rules, store, handler)
 
 
 def get_runtime() -> Runtime:
@@ -236,13 +282,40 @@ def set_runtime(runtime: Runtime | None) -> None:
 
 
 class QueuePoison:
-    """Poison messages (with their reason) on an Azure Storage queue."""
+    """Poison messages (with their reason) on an Azure Storage queue. A message that would not
+    fit a queue message has its ``body`` claim-checked to ``poison/...`` in the dead-letter
+    container (``body: null``, ``bodyBytes``, ``claimCheck``), so the body is always complete."""
 
-    def __init__(self, queue: Any) -> None:
+    def __init__(self, queue: Any, claims: ClaimStore | None = None, clock: Clock = utc_now) -> None:
         self.letters = QueueDeadLetters(queue)
+        self.claims = claims
+        self.clock = clock
 
     def send(self, message: str) -> None:
-        self.letters.send([message])
+        self.letters.send([fit_poison(message, self.claims, self.clock())])
+
+
+def fit_poison(message: str, claims: ClaimStore | None, when: datetime) -> str:
+    """``message`` if it fits a queue message, else the same with its body claim-checked.
+
+    Raises: StoreError when the blob cannot be written (the queue trigger retries the message).
+    """
+    data = message.encode()
+    if len(data) <= MAX_QUEUE_MESSAGE_BYTES:
+        return message
+    parsed = orjson.loads(data)
+    body = str(parsed.get("body") or "").encode()
+    parsed["bodyBytes"] = len(body)
+    if claims is None:  # no container configured (tests): keep what fits, marked
+        parsed["body"] = body[: MAX_QUEUE_MESSAGE_BYTES // 2].decode("utf-8", "ignore")
+        parsed["bodyTruncated"] = True
+    else:
+        name = claim_name("poison", body, when, str(parsed.get("messageId") or "")) + ".json"
+        claims.put(name, body, {"messageId": str(parsed.get("messageId") or "")})
+        parsed["body"] = None
+        parsed["claimCheck"] = claim_ref(claims, name)
+    parsed["reason"] = cap(str(parsed.get("reason") or ""))
+    return orjson.dumps(parsed).decode()
 
 
 _forwarder: Any = None
@@ -268,8 +341,15 @@ def build_forwarder(env: dict[str, str] | None = None) -> Any:
         assert settings.table_service_uri and settings.queue_service_uri
         table = TableClient(settings.table_service_uri, hooks.delivery_table, credential=credential)
         queue = QueueClient(settings.queue_service_uri, hooks.poison_queue, credential=credential)
+    from .claimcheck import BlobClaims
+    from .clients import StorageClients
+
+    claims = BlobClaims(StorageClients.from_settings(settings).container(settings.deadletter_container))
     return Forwarder(
-        list(hooks.targets), TableDeliveryLog(table), poison=QueuePoison(queue), max_dequeue_count=hooks.max_dequeue_count
+        list(hooks.targets),
+        TableDeliveryLog(table),
+        poison=QueuePoison(queue, claims),
+        max_dequeue_count=hooks.max_dequeue_count,
     )
 
 

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from dataclasses import field as dc_field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, Union
 
@@ -27,6 +27,13 @@ from .errors import RecordError
 MAX_RECORD_BYTES = 1 << 20  # one alert record; real alerts are a few KiB, Event Hub caps events at 1 MiB
 MAX_DOCUMENT_BYTES = 256 << 20  # a whole (non line-delimited) JSON file read at once
 MAX_RAW_BYTES = 4096  # raw record kept as incident evidence
+DEFAULT_MAX_SKEW_S = 300  # an event time this far ahead of arrival is a bad clock, not a future event
+DEFAULT_MAX_AGE_S = 3650 * 86400  # older than this is absurd (and near datetime's range limits)
+MAX_KEY_CHARS_IN_REASON = 40  # a rejection reason quotes record keys cut to this length
+# Outside these, epoch-ms arithmetic and ISO rendering (with any offset) near datetime's limits fail.
+_MIN_EVENT_TIME = datetime(1970, 1, 2, tzinfo=timezone.utc)
+_MAX_EVENT_TIME = datetime(9000, 1, 1, tzinfo=timezone.utc)
+NO_CATEGORY = frozenset({"", "null", "none"})  # category texts seen in real payloads that mean "no category"
 
 FORMATS = ("auto", "graph", "streaming", "mde", "siem", "normalized")
 
@@ -218,11 +225,23 @@ class Normalizer:
     it says no, the record yields :class:`Skipped` without its attributes being built.
     """
 
-    def __init__(self, *, fmt: str = "auto", prefilter: Prefilter | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        fmt: str = "auto",
+        prefilter: Prefilter | None = None,
+        max_skew_s: int | None = None,
+        max_age_s: int | None = None,
+    ) -> None:
+        """``max_skew_s`` / ``max_age_s``: event times beyond them are clamped to arrival (None: no
+        limit; the Functions app and ``replay`` use :data:`DEFAULT_MAX_SKEW_S` / ``_AGE_S`` or the
+        app settings). A time outside datetime's range is clamped whatever the limits."""
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
         self.fmt = fmt
         self.prefilter = prefilter
+        self.max_skew = timedelta(seconds=max_skew_s) if max_skew_s is not None else None
+        self.max_age = timedelta(seconds=max_age_s) if max_age_s is not None else None
         self._handlers: dict[str, Callable[[dict[str, Any], str, datetime], Item]] = {
             "graph": self._graph,
             "streaming": self._streaming,
@@ -239,7 +258,7 @@ class Normalizer:
         A body that is not one JSON document is tried as JSON lines.
         """
         if len(body) > MAX_DOCUMENT_BYTES:
-            yield Rejection(position, f"payload of {len(body)} bytes exceeds {MAX_DOCUMENT_BYTES}", raw=body[:256])
+            yield Rejection(position, f"payload of {len(body)} bytes exceeds {MAX_DOCUMENT_BYTES}", raw=body[:MAX_RECORD_BYTES])
             return
         try:
             doc = orjson.loads(body)
@@ -250,68 +269,96 @@ class Normalizer:
                     if line.strip():
                         yield from self.from_line(line, f"{position}:{number}", arrival)
                 return
-            yield Rejection(position, _json_reason(exc, body), raw=body[:256])
+            yield Rejection(position, _json_reason(exc, body), raw=body)
             return
-        yield from self.from_document(doc, position, arrival)
+        yield from self.from_document(doc, position, arrival, check_size=len(body) > MAX_RECORD_BYTES)
 
     def from_line(self, line: bytes, position: str, arrival: datetime) -> Iterator[Item]:
         """One line of JSON lines input."""
         if len(line) > MAX_RECORD_BYTES:
-            yield Rejection(position, f"record of {len(line)} bytes exceeds the {MAX_RECORD_BYTES}-byte cap", raw=line[:256])
+            yield Rejection(position, f"record of {len(line)} bytes exceeds the {MAX_RECORD_BYTES}-byte cap", raw=line)
             return
         try:
             doc = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
-            yield Rejection(position, _json_reason(exc, line), raw=line[:256])
+            yield Rejection(position, _json_reason(exc, line), raw=line)
             return
         yield from self.from_document(doc, position, arrival)
 
-    def from_document(self, doc: Any, position: str, arrival: datetime) -> Iterator[Item]:
-        """Unwrap envelopes (``records``, ``value``, bare array) and normalize each record."""
+    def from_document(self, doc: Any, position: str, arrival: datetime, *, check_size: bool = False) -> Iterator[Item]:
+        """Unwrap envelopes (``records``, ``value``, bare array) and normalize each record.
+
+        ``check_size``: the document was bigger than one record may be, so each record is measured
+        and one over ``MAX_RECORD_BYTES`` is rejected (as the Event Hub path and ``send`` do).
+        """
+        records: Any = None
         if isinstance(doc, dict):
             records = doc.get("records")
-            if isinstance(records, list) and "category" not in doc:
-                for i, rec in enumerate(records):
-                    yield self.normalize(rec, f"{position}#{i}", arrival)
-                return
-            value = doc.get("value")
-            if isinstance(value, list) and ("@odata.context" in doc or "@odata.nextLink" in doc or "id" not in doc):
-                for i, rec in enumerate(value):
-                    yield self.normalize(rec, f"{position}#{i}", arrival)
-                return
-            yield self.normalize(doc, position, arrival)
+            if not (isinstance(records, list) and "category" not in doc):
+                value = doc.get("value")
+                odata = "@odata.context" in doc or "@odata.nextLink" in doc or "id" not in doc
+                records = value if isinstance(value, list) and odata else None
+        elif isinstance(doc, list):
+            records = doc
+        else:
+            yield Rejection(position, f"expected a JSON object or array, got {type(doc).__name__}", raw=_raw(doc))
             return
-        if isinstance(doc, list):
-            for i, rec in enumerate(doc):
-                yield self.normalize(rec, f"{position}#{i}", arrival)
+        if records is None:
+            yield self._sized(doc, position, arrival, check_size)
             return
-        yield Rejection(position, f"expected a JSON object or array, got {type(doc).__name__}")
+        for i, rec in enumerate(records):
+            yield self._sized(rec, f"{position}#{i}", arrival, check_size)
+
+    def _sized(self, rec: Any, position: str, arrival: datetime, check_size: bool) -> Item:
+        if check_size:
+            data = _raw(rec) or b""
+            if len(data) > MAX_RECORD_BYTES:
+                return Rejection(position, f"record of {len(data)} bytes exceeds the {MAX_RECORD_BYTES}-byte cap", raw=data)
+        return self.normalize(rec, position, arrival)
 
     def normalize(self, rec: Any, position: str, arrival: datetime) -> Item:
         """Normalize one record; never raises for bad input."""
         fmt = self.fmt if self.fmt != "auto" else detect_format(rec)
         if fmt is None:
-            keys = ", ".join(sorted(rec)[:6]) if isinstance(rec, dict) else type(rec).__name__
-            return Rejection(position, f"record of no known format (keys: {keys})", raw=_preview(rec))
+            keys = ", ".join(_short(k) for k in sorted(rec)[:6]) if isinstance(rec, dict) else type(rec).__name__
+            more = f" and {len(rec) - 6} more" if isinstance(rec, dict) and len(rec) > 6 else ""
+            return Rejection(position, f"record of no known format (keys: {keys}{more})", raw=_raw(rec))
         if not isinstance(rec, dict):
-            return Rejection(position, f"expected a JSON object, got {type(rec).__name__}", fmt)
+            return Rejection(position, f"expected a JSON object, got {type(rec).__name__}", fmt, raw=_raw(rec))
         try:
             return self._handlers[fmt](rec, position, arrival)
         except RecordError as err:
-            return Rejection(position, err.reason, err.fmt or fmt, err.field, raw=_preview(rec))
-        except (TypeError, ValueError, AttributeError, KeyError) as exc:  # wrong shapes deep inside
-            return Rejection(position, f"malformed record ({type(exc).__name__}: {exc})", fmt, raw=_preview(rec))
+            return Rejection(position, err.reason, err.fmt or fmt, err.field, raw=_raw(rec))
+        except MemoryError:
+            raise
+        except Exception as exc:  # a parser bug is this record's rejection, never the batch's failure
+            return Rejection(position, f"malformed record ({type(exc).__name__}: {_short(str(exc), 200)})", fmt, raw=_raw(rec))
 
     # -- helpers ------------------------------------------------------------------------------
 
     def _skip(self, event_type: str) -> bool:
         return self.prefilter is not None and not self.prefilter(event_type)
 
-    @staticmethod
-    def _time(attrs: dict[str, Any], value: Any, arrival: datetime) -> tuple[datetime, bool]:
-        parsed = parse_time(value)
+    def _time(self, attrs: dict[str, Any], value: Any, arrival: datetime) -> tuple[datetime, bool]:
+        """The event time, or the arrival time when the record has none (``eventTimeSource:
+        arrival``) or one no clock could honestly give: more than the max skew ahead of arrival,
+        older than the max age, or out of datetime's range (``eventTimeSource: clamped``, the
+        reported text kept in ``eventTimeReported``). A clamped time never moves a window."""
+        try:
+            parsed = parse_time(value)
+            sane = parsed is None or (
+                (self.max_age is None or parsed >= arrival - self.max_age)
+                and (self.max_skew is None or parsed <= arrival + self.max_skew)
+                and _MIN_EVENT_TIME <= parsed <= _MAX_EVENT_TIME
+            )
+        except (OverflowError, ValueError):  # e.g. 9999-12-31T23:59:59-14:00 is past year 9999 in UTC
+            parsed, sane = arrival, False
         if parsed is None:
             attrs["eventTimeSource"] = "arrival"
+            parsed, fallback = arrival, True
+        elif not sane:
+            attrs["eventTimeSource"] = "clamped"
+            attrs["eventTimeReported"] = _short(str(value), 64)
             parsed, fallback = arrival, True
         else:
             fallback = False
@@ -324,7 +371,7 @@ class Normalizer:
         self, rec: dict[str, Any], fmt: str, prefix: str, category_key: str, id_key: str
     ) -> tuple[dict[str, Any] | Skipped, str]:
         """Event type (checked against the prefilter before anything else), alert id, category."""
-        category = _text(rec, category_key, fmt) or ""
+        category = _category(_text(rec, category_key, fmt))
         event_type = prefix + (f"-{_pascal(category)}" if category else "")
         if self._skip(event_type):
             return Skipped(event_type), category
@@ -416,7 +463,7 @@ class Normalizer:
             raise RecordError("'properties' must be an object", fmt=fmt, field="properties")
         table = category[len(_STREAM_PREFIX) :]
         if table == "AlertInfo":
-            alert_category = _text(props, "Category", fmt, where="properties.") or ""
+            alert_category = _category(_text(props, "Category", fmt, where="properties."))
             event_type = "MS-Defender-Endpoint-Alert" + (f"-{_pascal(alert_category)}" if alert_category else "")
             kind = ALERT
         elif table == "AlertEvidence":
@@ -521,11 +568,23 @@ def _json_reason(exc: orjson.JSONDecodeError, body: bytes) -> str:
     return f"not JSON ({exc})"
 
 
-def _preview(rec: Any) -> bytes | None:
+def _raw(rec: Any) -> bytes | None:
+    """The whole record as JSON bytes (what a dead letter keeps, so it can be re-sent)."""
     try:
-        return orjson.dumps(rec, default=str)[:256]
+        return orjson.dumps(rec, default=str)
     except TypeError:
         return None
+
+
+def _short(text: str, limit: int = MAX_KEY_CHARS_IN_REASON) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _category(value: str | None) -> str:
+    """A category text, or "" for the texts real payloads use to say "none"."""
+    if value is None or value.strip().lower() in NO_CATEGORY:
+        return ""
+    return value
 
 
 def raw_evidence(raw: Any, limit: int = MAX_RAW_BYTES) -> Any:

@@ -10,7 +10,7 @@ from typing import IO, Any
 import orjson
 
 from .engine import Clock, Engine, Stats, utc_now
-from .normalize import NormalizedEvent, Normalizer, Rejection, Skipped, iter_paths
+from .normalize import DEFAULT_MAX_AGE_S, DEFAULT_MAX_SKEW_S, NormalizedEvent, Normalizer, Rejection, Skipped, iter_paths
 from .rules import Rule
 from .state import MemoryStateStore, StateStore
 
@@ -56,7 +56,7 @@ def replay(
 ) -> ReplaySummary:
     """Stream every input through the engine; snapshots go to ``out`` as JSON lines."""
     engine = Engine(rules, store or MemoryStateStore(), clock)
-    normalizer = Normalizer(fmt=fmt, prefilter=engine.could_match)
+    normalizer = Normalizer(fmt=fmt, prefilter=engine.could_match, max_skew_s=DEFAULT_MAX_SKEW_S, max_age_s=DEFAULT_MAX_AGE_S)
     summary = ReplaySummary()
     batch: list[NormalizedEvent] = []
     started = last_report = time.monotonic()

@@ -42,7 +42,6 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 DEFAULT_TOLERANCE_S = 300  # receivers reject timestamps older than this (replay protection)
 RETRY_STATUSES = (408, 429, 500, 502, 503, 504)
 MAX_REDIRECTS = 3
-POISON_BODY_BYTES = 40 * 1024  # poison messages carry the snapshot, within the queue message limit
 
 Format = Literal["json", "teams", "slack"]
 
@@ -478,7 +477,5 @@ class Forwarder:
         log.error("incident message %s to poison queue: %s", message_id, reason)
         if self.poison is not None:
             self.poison.send(
-                orjson.dumps(
-                    {"reason": reason, "messageId": message_id, "body": body[:POISON_BODY_BYTES].decode("utf-8", "replace")}
-                ).decode()
+                orjson.dumps({"reason": reason, "messageId": message_id, "body": body.decode("utf-8", "replace")}).decode()
             )

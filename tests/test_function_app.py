@@ -19,6 +19,9 @@ from azure.functions.meta import Datum
 from azure.storage.queue import QueueClient
 
 import function_app
+from shared.claimcheck import BlobClaims
+from shared.clients import StorageClients
+from shared.deadletters import decode_letters
 from shared.engine import Engine, fit_snapshot
 from shared.errors import SettingsError, StoreError
 from shared.functions import AlertBatchHandler, QueueDeadLetters, Runtime, set_runtime
@@ -80,6 +83,7 @@ class Storage:
         self.conn = azurite.connection_string
         self.table_name = table_name
         self.dlq = QueueClient.from_connection_string(self.conn, f"dlq{table_name[1:13]}")
+        self.claims = BlobClaims(StorageClients.from_connection_string(self.conn).container(f"dl{table_name[1:13]}"))
 
     def store(self, wrap: Callable[[TableStateStore], Any] | None = None) -> Any:
         s = TableStateStore(
@@ -90,7 +94,7 @@ class Storage:
 
     def runtime(self, store: Any = None) -> Runtime:
         st = store or self.store()
-        handler = AlertBatchHandler(Engine(RULES, st), QueueDeadLetters(self.dlq))
+        handler = AlertBatchHandler(Engine(RULES, st), QueueDeadLetters(self.dlq), claims=self.claims)
         return Runtime(
             load_settings({"ALERTS_EVENTHUB_NAME": "alerts", "STATE_STORAGE_CONNECTION": self.conn}), RULES, st, handler
         )
@@ -100,6 +104,10 @@ class Storage:
             return [json.loads(m.content) for m in self.dlq.peek_messages(max_messages=32)]
         except Exception:
             return []
+
+    def dead_letter_records(self) -> list[dict[str, Any]]:
+        """Every dead-lettered record, read back through the claim checks of the queue messages."""
+        return [r for m in self.dead_letters() for r in decode_letters(self.claims.get(m["claimCheck"]["blob"]))]
 
 
 @pytest.fixture
@@ -251,14 +259,18 @@ def test_bad_records_go_to_the_dead_letter_queue_and_good_ones_still_fire(storag
     ]
     snaps = call(hub_events(bodies, partition="7"))
     assert [s["attributes"]["alertIdStr"] for s in snaps if s["ruleId"] == SEED] == ["da9"]
-    letters = storage.dead_letters()
+    [message] = storage.dead_letters()  # one message per batch, pointing to one blob
+    assert (message["records"], message["partition"], message["firstSequenceNumber"]) == (4, "7", 100)
+    assert message["claimCheck"]["blob"].startswith("rejected/")
+    letters = storage.dead_letter_records()
     assert len(letters) == 4
     by_seq = {d["sequenceNumber"]: d for d in letters}
     assert "not JSON" in by_seq[100]["reason"] and by_seq[100]["partition"] == "7"
     assert by_seq[101]["field"] == "properties.AlertId" and by_seq[101]["position"] == "partition 7 seq 101#0"
     assert "no known format" in by_seq[102]["reason"]
     assert "exceeds" in by_seq[103]["reason"]
-    assert base64.b64decode(by_seq[100]["rawPreview"]) == b"{not json"
+    assert base64.b64decode(by_seq[100]["raw"]) == b"{not json"
+    assert base64.b64decode(by_seq[103]["raw"]) == bodies[3]  # whole, 2 MiB: re-drivable
 
 
 @pytest.mark.azurite

@@ -104,7 +104,7 @@ def rss_mb() -> float:
 
 
 def table_store(conn: str, name: str, rules: list[Any]) -> TableStateStore:
-    store = TableStateStore(TableClient.from_connection_string(conn, name), group_by={r.id: r.group_by for r in rules})
+    store = TableStateStore(TableClient.from_connection_string(conn, name))
     store.ensure_table()
     return store
 

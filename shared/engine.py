@@ -23,6 +23,7 @@ from .normalize import EVIDENCE, EVIDENCE_EVENT_TYPE, NormalizedEvent, iso, raw_
 from .query import mentions
 from .rules import Rule
 from .state import (
+    MAX_OUTBOX_BYTES,
     MAX_STATE_BYTES,
     MAX_WINDOW_ENTRIES,
     SIZE_CHECK_ENTRIES,
@@ -32,6 +33,7 @@ from .state import (
     Incident,
     KeysConflict,
     Loaded,
+    OutboxRecord,
     StateStore,
     identity_hash,
 )
@@ -86,26 +88,38 @@ def _bounded(value: str) -> str:
     return f"{value[: MAX_GROUP_VALUE_CHARS - 20]}...#{digest}"
 
 
+TENANT_ATTR = "tenantId"
+MAX_RECORD_IDS = 4096  # identities one outbox record keeps (a group's new events in one batch)
+
+
+def _group_value(v: Any) -> str:
+    if v is None:
+        return ""
+    if type(v) in (list, tuple):
+        return _bounded(",".join(str(x) for x in v))
+    return _bounded(str(v))
+
+
 def group_key(rule: Rule, event: NormalizedEvent) -> GroupKey:
     """Group-by values of an event; a missing value is an empty value, several values are joined.
 
+    The tenant is always part of the key: when the rule does not group by ``tenantId`` its value is
+    appended, so rules run per tenant whatever their author wrote (FortiSIEM's per-organization mode).
     Values longer than ``MAX_GROUP_VALUE_CHARS`` are cut and suffixed with a hash of the whole value:
     distinct values stay distinct, and no alert can make its group's state too big to store.
     """
-    values = []
-    for attr in rule.group_by:
-        v = event.attrs.get(attr)
-        if v is None:
-            values.append("")
-        elif type(v) in (list, tuple):
-            values.append(_bounded(",".join(str(x) for x in v)))
-        else:
-            values.append(_bounded(str(v)))
-    return GroupKey(rule.id, tuple(values))
+    values = [_group_value(event.attrs.get(attr)) for attr in rule.group_by]
+    tenant = _group_value(event.attrs.get(TENANT_ATTR))
+    if TENANT_ATTR not in rule.group_by:
+        values.append(tenant)
+    return GroupKey(rule.id, tuple(values), tenant)
 
 
-def incident_id(key: GroupKey, first_identity: str) -> str:
-    digest = hashlib.blake2b(f"{key.text}\x1e{first_identity}".encode(), digest_size=12).hexdigest()
+def incident_id(key: GroupKey, opened_ms: int) -> str:
+    """``inc-`` + hex BLAKE2b-96 of ``key.text + "\\x1e" + str(opened_ms)``: the rule, the group (with its
+    tenant, case-folded) and the event time in epoch ms of the event that opened the episode. No
+    identity and no arrival order enters it, so events tied in time cannot make different ids."""
+    digest = hashlib.blake2b(f"{key.text}\x1e{opened_ms}".encode(), digest_size=12).hexdigest()
     return f"inc-{digest}"
 
 
@@ -149,6 +163,7 @@ def snapshot(rule: Rule, key: GroupKey, incident: Incident, action: str, trigger
         "revision": incident.revision,
         "action": action,
         "ruleId": rule.id,
+        "tenantId": key.tenant,
         "ruleName": model.name,
         "severity": model.severity,
         "category": model.category,
@@ -186,44 +201,73 @@ def fit_snapshot(snapshot: dict[str, Any], limit: int) -> bytes:
     return data
 
 
+class _Outbox:
+    """A group's outbox records, decoded only when a batch holds events the group already knows."""
+
+    def __init__(self, encoded: list[bytes]) -> None:
+        self.encoded = encoded
+        self._where: dict[int, int] | None = None
+        self._records: list[OutboxRecord] = []
+
+    def find(self, ident: int) -> int | None:
+        """Position of the record whose batch applied the event ``ident``, if still kept."""
+        if self._where is None:
+            self._records = [OutboxRecord.decode(r) for r in self.encoded]
+            self._where = {i: pos for pos, rec in enumerate(self._records) for i in rec.ids}
+        return self._where.get(ident)
+
+    def snapshots(self, positions: set[int]) -> list[dict[str, Any]]:
+        return [s for pos in sorted(positions) for s in self._records[pos].snapshots]
+
+
 def apply_events(
     rule: Rule, key: GroupKey, state: GroupState | None, events: Sequence[NormalizedEvent], stats: Stats
 ) -> tuple[GroupState, list[dict[str, Any]]]:
     """Pure core: fold ``events`` (all of this rule and group) into ``state``.
 
-    Returns the new state and one snapshot per incident changed by these events (its final
-    revision in this batch). Events whose identity the window already holds change nothing.
+    Events are folded in event-time order (a stable sort: events with the same time keep their
+    delivery order). Returns the new state and the snapshots to emit: first, byte for byte, those
+    that earlier batches emitted for any event redelivered here (the outbox), then one per incident
+    changed by the new events (its final revision in this batch), which the new state records.
+    An event the group already holds, or one at or below its eviction mark, changes nothing.
     """
     st = state if state is not None else GroupState(key)
+    if not st.key.tenant and key.tenant:  # a version 1 state did not record its tenant
+        st.key = GroupKey(st.key.rule_id, st.key.values, key.tenant)
     key = st.key  # the group's values keep the case of its first event
     window_ms = rule.window_s * 1000
     lifetime_ms = rule.lifetime_s * 1000
-    seen = {e[1] for e in st.entries}
+    known = {e[1] for e in st.entries}
+    outbox = _Outbox(st.outbox)
+    replay: set[int] = set()  # outbox records to re-emit
+    applied: list[int] = []  # identities this batch applies (its outbox record)
+    evicted = 0
     touched: dict[str, tuple[Incident, str, list[NormalizedEvent]]] = {}
-    ordered = sorted(events, key=lambda e: (e.event_time, e.identity))
-    for event in ordered:
+    for event in sorted(events, key=lambda e: e.event_time):
         t = to_ms(event.event_time)
         ident = identity_hash(event.identity)
-        if ident in seen:
-            stats.add("duplicates", rule=rule.id)
-            continue
-        if st.newest is not None and t < st.newest - window_ms:
+        late = st.newest is not None and t < st.newest - window_ms
+        if ident in known or late or (st.mark is not None and [t, ident] <= st.mark):
+            pos = outbox.find(ident)
+            if pos is not None:
+                replay.add(pos)
+            if pos is not None or not late:
+                stats.add("duplicates", rule=rule.id)
+                continue
             stats.add("late", rule=rule.id)
+            known.add(ident)
+            applied.append(ident)
             continue
-        seen.add(ident)
-        entry = [t, ident, *_window_values(rule, event)]
-        _insert_sorted(st.entries, entry)
+        known.add(ident)
+        applied.append(ident)
+        _insert_sorted(st.entries, [t, ident, *_window_values(rule, event)])
         if st.newest is None or t > st.newest:
             st.newest = t
         cutoff = st.newest - window_ms
         while st.entries and st.entries[0][0] < cutoff:
             st.entries.pop(0)
         if len(st.entries) > MAX_WINDOW_ENTRIES:
-            drop = len(st.entries) - MAX_WINDOW_ENTRIES
-            del st.entries[:drop]
-            st.evicted += drop
-            stats.add("evicted", drop, rule=rule.id)
-            log.warning("window of %s over %d entries: evicted %d oldest", key.text, MAX_WINDOW_ENTRIES, drop)
+            evicted += _evict(st, len(st.entries) - MAX_WINDOW_ENTRIES)
         stats.add("counted", rule=rule.id)
         values = _aggregate_values(rule, st.entries)
         if not rule.constraint.holds(values):
@@ -234,7 +278,7 @@ def apply_events(
             inc = None  # closed: the lifetime passed with no trigger
         if inc is None:
             inc = Incident(
-                incident_id=incident_id(key, event.identity),
+                incident_id=incident_id(key, t),
                 revision=1,
                 first_seen=t,
                 last_seen=t,
@@ -258,42 +302,59 @@ def apply_events(
         prev = touched.get(inc.incident_id)
         evidence = (prev[2] if prev else []) + [event]
         touched[inc.incident_id] = (inc, action, evidence[-MAX_TRIGGER_EVENTS:])
-    if not touched and st.incident is not None and ordered and _all_known(st, ordered):
-        # Only already-counted events: re-emit the current snapshot (same revision) so that a batch
-        # retried after its state was saved but before its output was delivered loses nothing.
-        stats.add("reemitted", rule=rule.id)
-        return st, [snapshot(rule, key, st.incident, "updated" if st.incident.revision > 1 else "created", list(ordered))]
-    _fit(st, stats, rule.id)
-    snapshots = []
+    evicted += _fit(st)
+    if evicted:
+        stats.add("evicted", evicted, rule=rule.id)
+        log.warning("group %s over its window cap: evicted %d oldest entries in this batch", key.text[:200], evicted)
+    snapshots = outbox.snapshots(replay)
+    stats.add("reemitted", len(snapshots), rule=rule.id)
+    fresh = []
     for inc, action, evidence in touched.values():
         stats.add("incidents_" + action, rule=rule.id)
-        snapshots.append(snapshot(rule, key, inc, action, evidence))
-    return st, snapshots
+        fresh.append(snapshot(rule, key, inc, action, evidence))
+    if fresh:
+        record, fresh = _record(applied, fresh)
+        st.add_record(record)
+    return st, snapshots + fresh
 
 
-def _fit(st: GroupState, stats: Stats, rule_id: str) -> None:
+def _record(ids: list[int], snapshots: list[dict[str, Any]]) -> tuple[bytes, list[dict[str, Any]]]:
+    """The outbox record of a batch, within ``MAX_OUTBOX_BYTES``; returns it with the snapshots to
+    emit, which are exactly the recorded ones (trimmed by ``fit_snapshot`` if they had to be)."""
+    ids = ids[-MAX_RECORD_IDS:]
+    data = OutboxRecord(ids, snapshots).encode()
+    if len(data) <= MAX_OUTBOX_BYTES - 4:
+        return data, snapshots
+    share = (MAX_OUTBOX_BYTES - 4 - 24 * len(ids) - 64) // len(snapshots)
+    snapshots = [orjson.loads(fit_snapshot(s, share)) for s in snapshots]
+    return OutboxRecord(ids, snapshots).encode(), snapshots
+
+
+def _evict(st: GroupState, n: int) -> int:
+    """Drop the ``n`` oldest entries and raise the eviction mark to the newest of them."""
+    newest = max(e[:2] for e in st.entries[:n])
+    st.mark = newest if st.mark is None or newest > st.mark else st.mark
+    del st.entries[:n]
+    st.evicted += n
+    return n
+
+
+def _fit(st: GroupState) -> int:
     """Evict the oldest entries until the encoded state fits one Table property (never fail a write)."""
     small_values = sum(len(v) for v in st.key.values) < 4096 and all(len(e) == 2 for e in st.entries[-1:])
     if len(st.entries) < SIZE_CHECK_ENTRIES and small_values:
-        return
+        return 0
+    evicted = 0
     size = len(st.to_bytes())
     while size > MAX_STATE_BYTES and st.entries:
-        drop = max(1, len(st.entries) // 10)
-        del st.entries[:drop]
-        st.evicted += drop
-        stats.add("evicted", drop, rule=rule_id)
-        log.warning("state of %s over %d bytes: evicted %d oldest window entries", st.key.text[:200], MAX_STATE_BYTES, drop)
+        evicted += _evict(st, max(1, len(st.entries) // 10))
         size = len(st.to_bytes())
-
-
-def _all_known(st: GroupState, events: Sequence[NormalizedEvent]) -> bool:
-    known = {e[1] for e in st.entries}
-    return all(identity_hash(e.identity) in known for e in events)
+    return evicted
 
 
 def _insert_sorted(entries: list[list[Any]], entry: list[Any]) -> None:
     i = len(entries)
-    while i > 0 and entries[i - 1][0] > entry[0]:
+    while i > 0 and entries[i - 1][:2] > entry[:2]:
         i -= 1
     entries.insert(i, entry)
 

@@ -253,7 +253,7 @@ def build_runtime(settings: Settings) -> Runtime:
 
     rules = load_rules([settings.rules_path()])
     clients = StorageClients.from_settings(settings)
-    store = TableStateStore(clients.table(settings.state_table), group_by={r.id: r.group_by for r in rules})
+    store = TableStateStore(clients.table(settings.state_table))
     store.ensure_table()
     handler = AlertBatchHandler(
         Engine(rules, store),

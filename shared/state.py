@@ -1,14 +1,23 @@
-"""Window state per (rule, group key), its compact encoding, and the state store interface.
+"""Window state per (rule, tenant, group key), its compact encoding, and the state store interface.
 
 A group's state holds only what the rule's constraint and its incident need: for each counted event
 a 64-bit hash of its identity, its event time (epoch ms) and the values the aggregates read (none for
-COUNT(*)), plus the open incident's counters. Payloads are never kept.
+COUNT(*)), plus the open incident's counters, the eviction high-water mark, and the group's outbox:
+the snapshots its most recent batches emitted, so that a redelivered batch re-emits exactly them.
+Payloads are never kept.
+
+Encoding (version 2): the state is one JSON document (``to_bytes``, at most ``MAX_STATE_BYTES``) and
+the outbox a sequence of length-prefixed zlib records (``outbox_bytes``, at most
+``MAX_OUTBOX_BYTES``); the store writes both in one conditional write. Version 1 states (no ``v``)
+still load: no eviction mark, no outbox, no tenant.
 """
 
 from __future__ import annotations
 
 import hashlib
+import struct
 import threading
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -17,9 +26,12 @@ import orjson
 
 from .errors import ConcurrencyConflict
 
+STATE_VERSION = 2
 MAX_WINDOW_ENTRIES = 1000  # entries per group window; COUNT(*) entries are ~40 bytes encoded
 MAX_STATE_BYTES = 60 * 1024  # encoded group state stays under Table's 64 KiB property limit
 SIZE_CHECK_ENTRIES = 200  # below this many entries a state cannot reach MAX_STATE_BYTES without huge values
+MAX_OUTBOX_BYTES = 56 * 1024  # compressed outbox, one Table property (64 KiB limit)
+MAX_OUTBOX_RECORDS = 32  # batches whose emissions a group remembers
 
 
 def identity_hash(identity: str) -> int:
@@ -29,10 +41,16 @@ def identity_hash(identity: str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class GroupKey:
-    """A rule id and the group-by values; compared case-insensitively, case kept for display."""
+    """A rule id and the group-by values; compared case-insensitively, case kept for display.
+
+    Keys made by ``engine.group_key`` always hold the event's tenant among ``values`` (appended when
+    the rule does not group by ``tenantId``), so no two tenants share a key, a state or an incident
+    id; ``tenant`` names it for storage partitioning and for the snapshot.
+    """
 
     rule_id: str
     values: tuple[str, ...]
+    tenant: str = field(default="", compare=False)
 
     @property
     def norm(self) -> tuple[str, ...]:
@@ -79,32 +97,88 @@ class Incident:
 
 
 @dataclass(slots=True)
+class OutboxRecord:
+    """What one batch emitted for a group: the identity hashes of the events it applied there and
+    the snapshots, exactly as emitted."""
+
+    ids: list[int]
+    snapshots: list[dict[str, Any]]
+
+    def encode(self) -> bytes:
+        return zlib.compress(orjson.dumps([self.ids, self.snapshots]), 6)
+
+    @classmethod
+    def decode(cls, data: bytes) -> OutboxRecord:
+        ids, snapshots = orjson.loads(zlib.decompress(data))
+        return cls(ids, snapshots)
+
+
+_LEN = struct.Struct(">I")
+
+
+def split_outbox(data: bytes) -> list[bytes]:
+    """The encoded records of an outbox property, oldest first."""
+    out, i = [], 0
+    while i < len(data):
+        (n,) = _LEN.unpack_from(data, i)
+        out.append(data[i + 4 : i + 4 + n])
+        i += 4 + n
+    return out
+
+
+@dataclass(slots=True)
 class GroupState:
-    """Window entries are ``[time_ms, identity_hash, *values]`` kept sorted by time."""
+    """Window entries are ``[time_ms, identity_hash, *values]`` kept sorted by (time, hash).
+
+    ``mark`` is the eviction high-water mark: the (time, hash) of the newest entry ever evicted to
+    respect a cap. Every event at or below it was counted before (or would be evicted at once), so
+    a redelivered evicted event changes nothing. ``outbox`` holds encoded :class:`OutboxRecord` s,
+    oldest first; records are decoded only when a batch redelivers known events.
+    """
 
     key: GroupKey
     entries: list[list[Any]] = field(default_factory=list)
     newest: int | None = None
     incident: Incident | None = None
     evicted: int = 0
+    mark: list[int] | None = None
+    outbox: list[bytes] = field(default_factory=list)
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(
             {
+                "v": STATE_VERSION,
                 "r": self.key.rule_id,
                 "k": list(self.key.values),
+                "t": self.key.tenant,
                 "e": self.entries,
                 "n": self.newest,
                 "i": self.incident.to_list() if self.incident else None,
                 "x": self.evicted,
+                "m": self.mark,
             }
         )
 
+    def outbox_bytes(self) -> bytes:
+        return b"".join(_LEN.pack(len(r)) + r for r in self.outbox)
+
+    def add_record(self, record: bytes) -> None:
+        """Append a record; drop the oldest beyond ``MAX_OUTBOX_RECORDS`` or ``MAX_OUTBOX_BYTES``."""
+        self.outbox.append(record)
+        while len(self.outbox) > MAX_OUTBOX_RECORDS or (
+            len(self.outbox) > 1 and sum(4 + len(r) for r in self.outbox) > MAX_OUTBOX_BYTES
+        ):
+            self.outbox.pop(0)
+
     @classmethod
-    def from_bytes(cls, data: bytes) -> GroupState:
+    def from_bytes(cls, data: bytes, outbox: bytes = b"") -> GroupState:
         d = orjson.loads(data)
+        version = d.get("v", 1)
+        if version > STATE_VERSION:
+            raise ValueError(f"group state version {version} is newer than this code ({STATE_VERSION})")
         incident = Incident.from_list(d["i"]) if d.get("i") else None
-        return cls(GroupKey(d["r"], tuple(d["k"])), d["e"], d["n"], incident, d.get("x", 0))
+        key = GroupKey(d["r"], tuple(d["k"]), d.get("t", ""))
+        return cls(key, d["e"], d["n"], incident, d.get("x", 0), d.get("m"), split_outbox(outbox))
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +236,7 @@ class MemoryStateStore:
     """
 
     def __init__(self) -> None:
-        self._data: dict[GroupKey, tuple[bytes, int, int]] = {}  # key -> (state, version, expires_at)
+        self._data: dict[GroupKey, tuple[bytes, bytes, int, int]] = {}  # key -> (state, outbox, version, expires_at)
         self._lock = threading.Lock()
         self.calls = {"load": 0, "save": 0, "purge": 0}
 
@@ -174,10 +248,10 @@ class MemoryStateStore:
                 stored = self._data.get(key)
                 if stored is None:
                     out[key] = Loaded(None, None)
-                elif stored[2] <= now_ms:
-                    out[key] = Loaded(None, stored[1])  # expired: ignored, but the token still guards it
+                elif stored[3] <= now_ms:
+                    out[key] = Loaded(None, stored[2])  # expired: ignored, but the token still guards it
                 else:
-                    out[key] = Loaded(GroupState.from_bytes(stored[0]), stored[1])
+                    out[key] = Loaded(GroupState.from_bytes(stored[0], stored[1]), stored[2])
         return out
 
     def save(self, changes: Sequence[Change]) -> None:
@@ -186,7 +260,7 @@ class MemoryStateStore:
         with self._lock:
             for change in changes:
                 current = self._data.get(change.key)
-                current_token = current[1] if current else None
+                current_token = current[2] if current else None
                 if current_token != change.token:
                     conflicts.append(change.key)
                     continue
@@ -195,14 +269,15 @@ class MemoryStateStore:
                 else:
                     version = (current_token or 0) + 1
                     # Copy to an exact-size bytes object: orjson's result keeps a 4 KiB buffer.
-                    self._data[change.key] = (bytes(memoryview(change.state.to_bytes())), version, change.expires_at)
+                    state = bytes(memoryview(change.state.to_bytes()))
+                    self._data[change.key] = (state, change.state.outbox_bytes(), version, change.expires_at)
         if conflicts:
             raise KeysConflict(conflicts)
 
     def purge_expired(self, now_ms: int) -> int:
         self.calls["purge"] += 1
         with self._lock:
-            dead = [k for k, v in self._data.items() if v[2] <= now_ms]
+            dead = [k for k, v in self._data.items() if v[3] <= now_ms]
             for k in dead:
                 del self._data[k]
         return len(dead)

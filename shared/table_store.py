@@ -1,9 +1,12 @@
 """Azure Table Storage state store (``azure-data-tables``): the production StateStore.
 
-* One entity per (rule, group key). ``RowKey`` is a hash of the case-folded key (so no forbidden
-  character or size limit can bite); the readable values stay as properties. ``PartitionKey`` holds
-  the rule id, the tenant (when the rule groups by ``tenantId``) and a shard, so a tenant's groups
-  spread over partitions but never mix with another tenant's.
+* One entity per (rule, tenant, group key). ``RowKey`` is a hash of the case-folded key (so no
+  forbidden character or size limit can bite); the readable values stay as properties.
+  ``PartitionKey`` holds the rule id, the tenant (every key carries one) and a shard, so a tenant's
+  groups spread over partitions but never mix with another tenant's.
+* The entity holds the group state (``state``, at most 60 KiB) and its outbox (``outbox``, the
+  snapshots its recent batches emitted, at most 56 KiB): both in one conditional write, so what a
+  batch emits is recorded exactly when its state is. ``version`` is the state encoding version.
 * Optimistic concurrency: reads return the ETag; writes are ``create_entity`` (new group) or
   ``update_entity(..., match_condition=IfNotModified)``; never ``upsert_entity``.
 * TTL: every entity carries ``expiresAt`` (Int64 epoch ms); reads ignore expired entities and
@@ -30,7 +33,7 @@ from azure.core.exceptions import (
 from azure.data.tables import EdmType, EntityProperty, TableClient, TableTransactionError, UpdateMode
 
 from .errors import StoreError
-from .state import Change, GroupKey, GroupState, KeysConflict, Loaded
+from .state import STATE_VERSION, Change, GroupKey, GroupState, KeysConflict, Loaded
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -59,10 +62,8 @@ def _digest(text: str) -> str:
 class TableStateStore:
     """StateStore on one Azure table. Failures of the service surface as :class:`StoreError`."""
 
-    def __init__(self, table: TableClient, *, tenant_attr: str = "tenantId", group_by: dict[str, tuple[str, ...]] | None = None):
+    def __init__(self, table: TableClient):
         self.table = table
-        self.tenant_attr = tenant_attr
-        self.group_by = group_by or {}  # rule id -> group-by attributes, to find the tenant value
         self.calls = {"load": 0, "save": 0, "purge": 0}
         self._pool: ThreadPoolExecutor | None = None
 
@@ -80,17 +81,10 @@ class TableStateStore:
 
     # -- keys ---------------------------------------------------------------------------------
 
-    def _tenant(self, key: GroupKey) -> str:
-        attrs = self.group_by.get(key.rule_id, ())
-        for attr, value in zip(attrs, key.norm, strict=False):
-            if attr == self.tenant_attr:
-                return value
-        return ""
-
     def keys_of(self, key: GroupKey) -> tuple[str, str]:
         row = _digest(key.text)
         shard = int(row[:4], 16) % SHARDS
-        return f"{_escape(key.rule_id)}~{_escape(self._tenant(key))}~{shard:02d}", row
+        return f"{_escape(key.rule_id)}~{_escape(key.tenant.lower())}~{shard:02d}", row
 
     # -- StateStore ---------------------------------------------------------------------------
 
@@ -121,7 +115,8 @@ class TableStateStore:
         expires = _int(entity.get("expiresAt"))
         if expires <= now_ms:
             return Loaded(None, etag)
-        return Loaded(GroupState.from_bytes(bytes(entity["state"])), etag)
+        outbox = entity.get("outbox")
+        return Loaded(GroupState.from_bytes(bytes(entity["state"]), bytes(outbox) if outbox else b""), etag)
 
     def save(self, changes: Sequence[Change]) -> None:
         """Conditional writes grouped into one entity-group transaction per partition key (up to
@@ -218,14 +213,19 @@ class TableStateStore:
     def _entity(pk: str, rk: str, change: Change) -> dict[str, Any]:
         assert change.state is not None
         readable = "\x1f".join(change.state.key.values)
-        return {
+        entity = {
             "PartitionKey": pk,
             "RowKey": rk,
             "ruleId": change.key.rule_id,
             "groupValues": readable[:MAX_READABLE_PROPERTY],
+            "version": STATE_VERSION,
             "state": change.state.to_bytes(),
             "expiresAt": EntityProperty(change.expires_at, EdmType.INT64),
         }
+        outbox = change.state.outbox_bytes()
+        if outbox:
+            entity["outbox"] = outbox
+        return entity
 
 
 def _if_match(token: Any) -> dict[str, Any]:
@@ -238,7 +238,8 @@ def _chunks(ops: list[tuple[Change, Any]]) -> Iterator[list[tuple[Change, Any]]]
     size = 0
     for item in ops:
         entity = item[1][1]
-        item_size = len(entity.get("state", b"")) + len(entity.get("groupValues", "")) * 4 + 1024
+        binary = len(entity.get("state", b"")) + len(entity.get("outbox", b""))
+        item_size = binary * 4 // 3 + len(entity.get("groupValues", "")) * 4 + 1024  # binary goes as base64
         if chunk and (len(chunk) >= TRANSACTION_LIMIT or size + item_size > MAX_TRANSACTION_BYTES):
             yield chunk
             chunk, size = [], 0

@@ -86,9 +86,7 @@ class Storage:
         self.claims = BlobClaims(StorageClients.from_connection_string(self.conn).container(f"dl{table_name[1:13]}"))
 
     def store(self, wrap: Callable[[TableStateStore], Any] | None = None) -> Any:
-        s = TableStateStore(
-            TableClient.from_connection_string(self.conn, self.table_name), group_by={r.id: r.group_by for r in RULES}
-        )
+        s = TableStateStore(TableClient.from_connection_string(self.conn, self.table_name))
         s.ensure_table()
         return wrap(s) if wrap else s
 

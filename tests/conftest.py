@@ -13,7 +13,7 @@ from hypothesis import Phase, settings
 # thorough: for a local hunt, `HYPOTHESIS_PROFILE=thorough pytest ...`: ten times the examples.
 # A test's own @settings(max_examples=...) wins over the profile's count; it stays a fixed number.
 # Every counterexample ever found is pinned on its test with @example.
-settings.register_profile("ci", derandomize=True, max_examples=100, deadline=None, database=None, print_blob=True)
+settings.register_profile("ci", derandomize=True, max_examples=200, deadline=None, database=None, print_blob=True)
 settings.register_profile("dev", max_examples=100, deadline=None)
 settings.register_profile("thorough", max_examples=2000, deadline=None, phases=list(Phase), print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))

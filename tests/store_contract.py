@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.state import Change, GroupKey, GroupState, Incident, KeysConflict, StateStore
+from shared.state import Change, GroupKey, GroupState, Incident, KeysConflict, OutboxRecord, StateStore
 
 NOW = 1_800_000_000_000  # epoch ms, past 2**31 on purpose (Int64 territory)
 
@@ -97,3 +97,15 @@ class StoreContract:
         token = store.load([key], NOW)[key].token
         store.save([Change(key, None, token, 0)])
         assert store.load([key], NOW)[key].state is None
+
+    def test_the_outbox_and_eviction_mark_are_written_with_the_state(self, store: StateStore) -> None:
+        key = GroupKey("R", ("a", "t1"), "t1")
+        st = state_for(key, 2)
+        st.mark = [NOW - 5, 7]
+        st.add_record(OutboxRecord([1, -2], [{"incidentId": "inc-1", "revision": 2, "action": "created"}]).encode())
+        st.add_record(OutboxRecord([3], [{"incidentId": "inc-1", "revision": 3, "action": "updated"}]).encode())
+        store.save([Change(key, st, None, NOW + 60_000)])
+        got = store.load([key], NOW)[key].state
+        assert got is not None and got.to_bytes() == st.to_bytes() and got.outbox_bytes() == st.outbox_bytes()
+        assert (got.mark, got.key.tenant) == ([NOW - 5, 7], "t1")
+        assert [OutboxRecord.decode(r).ids for r in got.outbox] == [[1, -2], [3]]

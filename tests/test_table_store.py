@@ -129,7 +129,7 @@ def test_one_stale_token_in_a_transaction_loses_only_its_own_key(store: TableSta
 
 
 def test_groups_in_many_partitions_load_and_save_concurrently_with_the_same_results(store: TableStateStore) -> None:
-    keys = [GroupKey("R", (f"n{i}", "x", f"tenant{i % 7}")) for i in range(100)]
+    keys = [GroupKey("R", (f"n{i}", "x", f"tenant{i % 7}"), f"tenant{i % 7}") for i in range(100)]
     assert len({store.keys_of(k)[0] for k in keys}) > 50  # spread: transactions alone would not help
     store.save([Change(k, state_for(k), None, NOW + 60_000) for k in keys[:50]])
     loaded = store.load(keys, NOW)
@@ -137,3 +137,15 @@ def test_groups_in_many_partitions_load_and_save_concurrently_with_the_same_resu
     with pytest.raises(KeysConflict) as conflict:
         store.save([Change(k, state_for(k, 2), None, NOW + 60_000) for k in keys])  # creates: first 50 exist
     assert sorted(conflict.value.keys, key=keys.index) == keys[:50]
+
+
+def test_the_entity_names_its_state_version_and_holds_the_outbox_beside_the_state(store: TableStateStore) -> None:
+    from shared.state import STATE_VERSION, OutboxRecord
+
+    key = GroupKey("R", ("a", "t"), "t")
+    st = state_for(key)
+    st.add_record(OutboxRecord([1], [{"incidentId": "inc-1"}]).encode())
+    store.save([Change(key, st, None, NOW + 60_000)])
+    entity = store.table.get_entity(*store.keys_of(key))
+    assert entity["version"] == STATE_VERSION == 2
+    assert bytes(entity["outbox"]) == st.outbox_bytes() and bytes(entity["state"]) == st.to_bytes()

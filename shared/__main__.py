@@ -128,6 +128,63 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 1 if counts["rejected"] else 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from .errors import RuleImportError
+    from .importers.common import Imported, write_all
+
+    missing = [f for f in args.files if not os.path.isfile(f)]
+    if missing:
+        print(f"error: no such file: {missing[0]}", file=sys.stderr)
+        return 2
+    items: list[Imported] = []
+    failed_files = 0
+    try:
+        if args.kind == "fortisiem":
+            from .importers.fortisiem import convert_file
+
+            for name in args.files:
+                try:
+                    items += convert_file(Path(name))
+                except RuleImportError as exc:
+                    print(f"error: {exc}", file=sys.stderr)
+                    failed_files += 1
+        else:
+            from .importers.sigma import convert_collection
+
+            items = convert_collection(Path(f) for f in args.files)  # correlations name rules of other files
+    except RuleImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    written = write_all(items, Path(args.out), force=args.force)
+    for result in written:
+        for note in result.imported.notes:
+            print(note, file=sys.stderr)
+        state = "wrote" if result.written else "skipped"
+        print(f"{state} {result.path}" + ("" if result.valid or not result.written else " (does not load; see the notes)"))
+    bad = sum(not (w.valid and w.written) for w in written) + failed_files
+    notes = sum(len(w.imported.notes) for w in written)
+    print(f"imported {len(written)} rule(s) from {len(args.files)} file(s): {bad} problem(s), {notes} note(s)", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def cmd_coverage(args: argparse.Namespace) -> int:
+    import json
+
+    from .coverage import coverage_lines, navigator_layer
+
+    try:
+        rules = load_rules(_rule_paths(args.paths))
+    except RuleSetError as exc:
+        for error in exc.errors:
+            print(error, file=sys.stderr)
+        return 2
+    print("\n".join(coverage_lines(rules)))
+    if args.layer:
+        Path(args.layer).write_text(json.dumps(navigator_layer(rules), indent=2) + "\n", encoding="utf-8")
+        print(f"wrote ATT&CK Navigator layer {args.layer}", file=sys.stderr)
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from .schema import default_schema_path, schema_text
 
@@ -174,6 +231,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--color", choices=("auto", "always", "never"), default="auto", help="colour the diff (default: on a terminal)"
     )
     p.set_defaults(func=cmd_test_rules)
+
+    p = sub.add_parser(
+        "import",
+        help="convert FortiSIEM XML rule exports or Sigma rules into rule files (one per rule)",
+        epilog="every element, modifier or field that could not be carried over is printed as "
+        "'file: rule ID: element: kind: reason'; exit status: 0 all imported and loadable, "
+        "1 a rule does not load or a file could not be read as that kind, 2 usage",
+    )
+    p.add_argument("kind", choices=("fortisiem", "sigma"))
+    p.add_argument("files", nargs="+", help="FortiSIEM XML exports or Sigma YAML files")
+    p.add_argument("--out", default=".", metavar="DIR", help="folder for the rule files (default: current folder)")
+    p.add_argument("--force", action="store_true", help="overwrite existing rule files")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("coverage", help="ATT&CK tactics and techniques of the enabled rules; --layer writes a Navigator layer")
+    p.add_argument("paths", nargs="*", help="rule files or folders (default: the shipped rules/)")
+    p.add_argument("--layer", metavar="FILE", help="write a MITRE ATT&CK Navigator layer (JSON, layer format 4.5)")
+    p.set_defaults(func=cmd_coverage)
 
     p = sub.add_parser("schema", help="print the JSON Schema of rule files (generated from the model)")
     p.add_argument("--write", nargs="?", const="-", metavar="FILE", help="write it (default: schema/rule.schema.json)")

@@ -87,3 +87,7 @@ class ConcurrencyConflict(StoreError):
 
 class SettingsError(CorrelatorError):
     """A required app setting is missing or malformed; the message names the setting."""
+
+
+class RuleImportError(CorrelatorError):
+    """A file given to an importer is not a rule of that kind (the message names the file and why)."""

@@ -22,7 +22,7 @@ from typing import Any
 from .errors import RuleError
 from .normalize import EVIDENCE_EVENT_TYPE
 from .query import Node, mentions, parse_query, partial_eval
-from .rules import Rule
+from .rules import Rule, default_groups
 
 # Event types the normalizer produces (README "Event types"); `<x>` parts are open-ended.
 PRODUCED_PATTERNS = (
@@ -109,7 +109,7 @@ def _event_type_literals(node: Node) -> list[str]:
         return _event_type_literals(child)
     if getattr(node, "attr", None) != "eventType":
         return []
-    values = getattr(node, "values", None) or (getattr(node, "value", None),)
+    values = (*(getattr(node, "values", None) or (getattr(node, "value", None),)), *getattr(node, "members", ()))
     return [v for v in values if isinstance(v, str)]
 
 
@@ -154,7 +154,7 @@ def lint_data(data: dict[str, Any], path: str) -> list[Warning]:
     for index, sub in enumerate(subs):
         where = f"subpatterns[{index}].query"
         try:
-            tree = parse_query(str(sub.get("query", "")))
+            tree = parse_query(str(sub.get("query", "")), default_groups())
         except RuleError:
             continue  # a load error already
         types = matching_event_types(tree)

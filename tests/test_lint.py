@@ -11,7 +11,9 @@ from shared.__main__ import main
 from shared.errors import RuleError
 from shared.lint import lint_data, lint_rule, matching_event_types
 from shared.query import parse_query
-from shared.rules import parse_rule_text
+from shared.rules import default_groups, parse_rule_text
+
+GROUP = next(iter(default_groups()))  # a shipped event-type group
 
 RULE = textwrap.dedent(
     """\
@@ -50,6 +52,7 @@ def codes(query: str, group_by: str = "hostName, tenantId") -> list[str]:
         'eventType = "MS-Defender-Endpoint-AlertEvidence" AND EntityType = "File"',
         'attackTechniqueId = "T1053"',
         'eventType REGEXP "^Microsoft-WinDefATP-Alert"',
+        f"eventType IN (Group@{GROUP})",
     ],
 )
 def test_queries_that_can_match_a_produced_event_type_get_no_warning(query: str) -> None:

@@ -146,3 +146,19 @@ def test_an_invalid_rule_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[s
     code, _, err = run(capsys, str(tmp_path))
     assert code == 2
     assert "r.yaml: severity" in err
+
+
+def test_a_rule_the_engine_refuses_fails_its_tests_instead_of_crashing(
+    rule_file: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shared.ruletests as rt
+    from shared.errors import RuleError
+
+    def refuse(*_: object, **__: object) -> None:
+        raise RuleError("this rule shape is not wired into the engine", file=str(rule_file))
+
+    monkeypatch.setattr(rt, "Engine", refuse)
+    code, out, _ = run(capsys, str(rule_file), "--test", "two events fire")
+    assert code == 1
+    assert "FAIL TWO_EVENTS :: two events fire" in out
+    assert "the engine cannot run this rule: this rule shape is not wired into the engine" in out

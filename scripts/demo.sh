@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default (in-memory state, no Azure account): replay the bundled demo
-# alerts (every wire format) through the shipped rules, print the incident snapshots, and forward
+# alerts (every wire format) through the shipped rules, print one table line per incident, write an
+# HTML report (demo-report.html, or $DEMO_REPORT), and forward
 # them, signed, to a local webhook receiver that verifies each signature and prints what arrives.
 # Usage: bash scripts/demo.sh [alert files...]
 set -euo pipefail
@@ -20,11 +21,13 @@ receiver=$!
 trap 'kill $receiver 2>/dev/null || true; rm -f "$log"' EXIT
 for _ in $(seq 1 50); do grep -q listening "$log" && break; sleep 0.1; done
 
-step "replaying $# file(s) through rules/: incident snapshots (JSON lines)"
+report="${DEMO_REPORT:-demo-report.html}"
+step "replaying $# file(s) through rules/: one line per incident (JSON lines: --output json)"
 status=0
-.venv/bin/python -m shared replay --forward "http://127.0.0.1:$port/incidents" "$@" || status=$?
+.venv/bin/python -m shared replay --output table --html "$report" --forward "http://127.0.0.1:$port/incidents" "$@" || status=$?
 
-step "what the local webhook receiver got (signatures verified)"
+step "what the local webhook receiver got (signatures verified), with each incident's entities"
 sleep 0.3
 grep -v listening "$log" || true
+step "open $report in a browser: incidents, a timeline per host and each incident's evidence (works offline)"
 exit "$status"

@@ -63,3 +63,16 @@ setup_checkov() {
       2> >(grep -v '^WARNING: Location' >&2)
   fi
 }
+
+setup_chromium() {  # the HTML report test renders in Debian's chromium (a test dependency, not a runtime one)
+  if command -v chromium >/dev/null 2>&1; then
+    return
+  fi
+  step "chromium (Debian package, for the HTML report test)"
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >&2 \
+      || echo "warning: could not install chromium; the HTML report test will be skipped" >&2
+  else
+    echo "warning: chromium is missing and apt-get (as root) is not available; the HTML report test will be skipped" >&2
+  fi
+}

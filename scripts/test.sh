@@ -8,6 +8,7 @@ source scripts/lib.sh
 setup_python
 setup_checkov
 setup_azurite
+setup_chromium
 start_azurite
 trap stop_azurite EXIT
 

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from .errors import RuleSetError
 from .normalize import FORMATS
@@ -95,12 +96,50 @@ def cmd_replay(args: argparse.Namespace) -> int:
         except SettingsError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    output = args.output or ("table" if sys.stdout.isatty() else "json")
     summary = replay(
-        args.files, rules, fmt=args.format, out=sys.stdout.buffer, err=sys.stderr, progress=sys.stderr.isatty(), forward=forward
+        args.files,
+        rules,
+        fmt=args.format,
+        out=sys.stdout.buffer,
+        err=sys.stderr,
+        progress=sys.stderr.isatty(),
+        forward=forward,
+        output=output,
+        explain=args.explain,
+        keep=bool(args.html),
     )
-    for line in summary.lines():
-        print(line, file=sys.stderr)
+    _replay_report(args, summary, output)
     return 1 if summary.rejected else 0
+
+
+def _replay_report(args: argparse.Namespace, summary: Any, output: str) -> None:
+    """The table (stdout), the explanations and the summary (stderr), the HTML report (file)."""
+    from . import views
+
+    if output == "table":
+        sys.stdout.write(views.render_table(summary.incidents.values()))
+        if summary.incidents_omitted:
+            sys.stdout.write(f"... {summary.incidents_omitted} more incident(s) not shown\n")
+        sys.stdout.flush()
+    lines = summary.lines()
+    explained = summary.explain_lines() if args.explain else []
+    for line in explained:
+        print(line, file=sys.stderr)
+    for line in lines:
+        print(line, file=sys.stderr)
+    if args.html:
+        from .html_report import render_html
+
+        page = render_html(
+            list(summary.incidents.values()),
+            summary.alerts,
+            summary=lines,
+            explain=explained,
+            omitted_incidents=summary.incidents_omitted,
+        )
+        Path(args.html).write_text(page, encoding="utf-8")
+        print(f"HTML report: {args.html}", file=sys.stderr)
 
 
 def cmd_receiver(args: argparse.Namespace) -> int:
@@ -259,6 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rules", action="append", help="rule file or folder (repeatable; default: rules/)")
     p.add_argument("--format", default="auto", choices=FORMATS, help="force a wire format (default: detect per record)")
     p.add_argument("--forward", metavar="URL", help="also POST each incident, signed with $WEBHOOK_SECRET, to this webhook")
+    p.add_argument(
+        "--output",
+        choices=("table", "json"),
+        help="table: one line per incident at the end; json: snapshots as JSON lines (default: table on a terminal, else json)",
+    )
+    p.add_argument("--explain", action="store_true", help="list skipped, unmatched and rejected records with the reason")
+    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report (incidents, timeline, evidence)")
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("send", help="publish alert files to an Event Hub (partition key = tenant)")

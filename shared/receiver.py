@@ -13,6 +13,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import IO, Any
 
+from . import views
 from .webhook import IDEMPOTENCY_HEADER, MAX_PAYLOAD_BYTES, verify_signature
 
 
@@ -47,11 +48,10 @@ def make_handler(secret: str | None, out: IO[str], tolerance_s: int = 300) -> ty
                 self.end_headers()
                 return
             with lock:
-                attrs = incident.get("attributes", {})
-                out.write(
-                    f"RECEIVED {incident.get('incidentId')} rev {incident.get('revision')} {incident.get('action')} "
-                    f"sev {incident.get('severity')} {incident.get('ruleId')} {json.dumps(attrs, sort_keys=True)}\n"
-                )
+                if isinstance(incident, dict):  # host, user, tenant, link first; further entities indented below
+                    out.write("\n".join([views.receiver_line(incident), *views.entity_lines(incident)]) + "\n")
+                else:
+                    out.write(f"RECEIVED a JSON {type(incident).__name__}, not an incident snapshot\n")
                 out.flush()
             self.send_response(204)
             self.end_headers()

@@ -1,20 +1,59 @@
-"""``python -m shared replay``: run the rules over alert files with the in-memory store."""
+"""``python -m shared replay``: run the rules over alert files with the in-memory store.
+
+Snapshots go out as JSON lines as they are produced (``output="json"``), or are kept (the latest
+revision of each incident, bounded) for a table at the end (``output="table"``) and/or an HTML
+report. ``explain`` lists every skipped record, every alert no rule matched and every rejected
+record with its reason. The summary says which rules matched which alerts on which hosts.
+"""
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import IO, Any
 
 import orjson
 
+from . import views
 from .engine import Clock, Engine, Stats, utc_now
-from .normalize import DEFAULT_MAX_AGE_S, DEFAULT_MAX_SKEW_S, NormalizedEvent, Normalizer, Rejection, Skipped, iter_paths
+from .normalize import (
+    ALERT,
+    DEFAULT_MAX_AGE_S,
+    DEFAULT_MAX_SKEW_S,
+    EVIDENCE,
+    NormalizedEvent,
+    Normalizer,
+    Rejection,
+    Skipped,
+    iso,
+    iter_paths,
+)
 from .rules import Rule
 from .state import MemoryStateStore, StateStore
 
 REPLAY_BATCH = 1000  # events per engine batch: one load and one save per touched group per batch
+MAX_EXPLAINED = 2000  # explain lines kept per kind of reason; further ones are counted
+MAX_TIMELINE_ALERTS = 5000  # alert dots kept for the HTML timeline
+MAX_NAMES_PER_RULE = 20  # alert names and hosts listed per rule in the summary
+
+
+@dataclass
+class RuleSummary:
+    """What one rule matched: alert names (incidents created per name) and hosts, bounded."""
+
+    alert_names: Counter[str] = field(default_factory=Counter)
+    hosts: dict[str, None] = field(default_factory=dict)
+
+    def add(self, snap: dict[str, Any]) -> None:
+        name = views.alert_name(snap)
+        if snap.get("action") == "created" and name and (name in self.alert_names or len(self.alert_names) < MAX_NAMES_PER_RULE):
+            self.alert_names[name] += 1
+        for h in views.hosts(snap):
+            if len(self.hosts) < MAX_NAMES_PER_RULE:
+                self.hosts[h] = None
 
 
 @dataclass
@@ -24,22 +63,91 @@ class ReplaySummary:
     skipped: int = 0
     forwarded: int = 0
     stats: Stats = field(default_factory=Stats)
+    rules: dict[str, RuleSummary] = field(default_factory=dict)
+    rule_names: dict[str, str] = field(default_factory=dict)
+    incidents: dict[str, dict[str, Any]] = field(default_factory=dict)  # latest revision per incident (kept ones)
+    incidents_omitted: int = 0
+    alerts: list[dict[str, Any]] = field(default_factory=list)  # timeline points
+    alerts_omitted: int = 0
+    alert_hosts: dict[str, str] = field(default_factory=dict)  # alert id -> host, from evidence rows
+    explained: dict[str, list[str]] = field(default_factory=dict)
+    explained_omitted: Counter[str] = field(default_factory=Counter)
+    skipped_types: Counter[str] = field(default_factory=Counter)
+    unmatched: int = 0
 
     def lines(self) -> list[str]:
         c = self.stats.counts
+        hint = " (--explain lists them)" if self.skipped or self.unmatched or self.rejected else ""
+        skipped = ", ".join(f"{t} {n}" for t, n in self.skipped_types.most_common(5))
         out = [
-            f"records read: {self.records}, rejected: {self.rejected}, skipped (no rule can match): {self.skipped}",
+            f"records read: {self.records}, rejected: {self.rejected}, skipped (no rule can match): {self.skipped}"
+            + (f" [{skipped}]" if skipped else "")
+            + hint,
             f"events matched: {c['matched']}, counted: {c['counted']}, duplicates: {c['duplicates']}, "
             f"late: {c['late']}, incidents created: {c['incidents_created']}, updated: {c['incidents_updated']}",
         ]
+        if self.unmatched:
+            out.append(f"alerts no rule matched: {self.unmatched}")
         if self.forwarded:
             out.append(f"incidents forwarded to the webhook: {self.forwarded}")
+        if self.stats.per_rule:
+            out.append("rules that matched:")
         for rule_id, rc in sorted(self.stats.per_rule.items()):
             out.append(
                 f"  {rule_id}: matched {rc['matched']}, late {rc['late']}, duplicates {rc['duplicates']}, "
                 f"created {rc['incidents_created']}, updated {rc['incidents_updated']}"
             )
+            rs = self.rules.get(rule_id)
+            if rs is not None and rs.alert_names:
+                names = ", ".join(f'"{n}" x{k}' for n, k in rs.alert_names.most_common())
+                out.append(f"      alerts (incidents created): {names}")
+            if rs is not None and rs.hosts:
+                out.append(f"      hosts: {', '.join(rs.hosts)}")
         return out
+
+    def explain_lines(self) -> list[str]:
+        out = []
+        for reason, lines in self.explained.items():
+            more = self.explained_omitted.get(reason, 0)
+            out.append(f"{reason}: {len(lines) + more}")
+            out += [f"  {line}" for line in lines]
+            if more:
+                out.append(f"  ... {more} more")
+        return out
+
+    def explain(self, reason: str, line: str) -> None:
+        kept = self.explained.setdefault(reason, [])
+        if len(kept) < MAX_EXPLAINED:
+            kept.append(line)
+        else:
+            self.explained_omitted[reason] += 1
+
+    def keep(self, snap: dict[str, Any]) -> None:
+        """Keep the latest revision of each incident (bounded), for the table and the report."""
+        key = str(snap.get("incidentId"))
+        kept = self.incidents.get(key)
+        if kept is None and len(self.incidents) >= views.MAX_KEPT_INCIDENTS:
+            self.incidents_omitted += 1
+            return
+        if kept is None or snap.get("revision", 0) >= kept.get("revision", 0):
+            self.incidents[key] = snap
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedAt(Skipped):
+    """A skipped record and where it was read (only built when explaining)."""
+
+    position: str = ""
+
+
+class _PositionedNormalizer(Normalizer):
+    """Remembers where each skipped record came from (the plain normalizer does not pay for that)."""
+
+    def normalize(self, rec: Any, position: str, arrival: datetime) -> Any:
+        item = super().normalize(rec, position, arrival)
+        if type(item) is Skipped:
+            return SkippedAt(item.event_type, position)
+        return item
 
 
 def replay(
@@ -53,31 +161,56 @@ def replay(
     clock: Clock = utc_now,
     progress: bool = False,
     forward: Any = None,
+    output: str = "json",
+    explain: bool = False,
+    keep: bool = False,
 ) -> ReplaySummary:
-    """Stream every input through the engine; snapshots go to ``out`` as JSON lines."""
+    """Stream every input through the engine.
+
+    ``output="json"`` writes each snapshot to ``out`` as a JSON line when produced; ``"table"``
+    writes nothing there (the caller renders ``summary.incidents``). ``keep`` keeps the latest
+    snapshots and the alert timeline (for a table or an HTML report).
+    """
     engine = Engine(rules, store or MemoryStateStore(), clock)
-    normalizer = Normalizer(fmt=fmt, prefilter=engine.could_match, max_skew_s=DEFAULT_MAX_SKEW_S, max_age_s=DEFAULT_MAX_AGE_S)
-    summary = ReplaySummary()
+    normalizer_cls = _PositionedNormalizer if explain else Normalizer
+    normalizer = normalizer_cls(fmt=fmt, prefilter=engine.could_match, max_skew_s=DEFAULT_MAX_SKEW_S, max_age_s=DEFAULT_MAX_AGE_S)
+    summary = ReplaySummary(rule_names={r.id: r.model.name for r in rules})
+    keep = keep or output == "table"
     batch: list[NormalizedEvent] = []
     started = last_report = time.monotonic()
 
     def flush() -> None:
+        if keep or explain:
+            _look_at_batch(engine, batch, summary, keep=keep, explain=explain)
         result = engine.process(batch)
         summary.stats += result.stats
         for snap in result.incidents:
+            summary.rules.setdefault(str(snap.get("ruleId")), RuleSummary()).add(snap)
+            if keep:
+                summary.keep(snap)
             data = orjson.dumps(snap)
-            out.write(data + b"\n")
+            if output == "json":
+                out.write(data + b"\n")
             if forward is not None:
                 _forward(forward, data, err, summary)
         batch.clear()
 
     for item in iter_paths(normalizer, paths, clock):
         summary.records += 1
-        if type(item) is Skipped:
+        if isinstance(item, Skipped):
             summary.skipped += 1
+            summary.skipped_types[item.event_type] += 1
+            if explain:
+                where = item.position if isinstance(item, SkippedAt) else "?"
+                summary.explain(
+                    "skipped: no enabled rule can match the event type",
+                    f"{where}: {item.event_type}: no enabled rule's query can match this eventType",
+                )
         elif type(item) is Rejection:
             summary.rejected += 1
             err.write(f"{item}\n")
+            if explain:
+                summary.explain("rejected", str(item))
         else:
             batch.append(item)  # type: ignore[arg-type]
             if len(batch) >= REPLAY_BATCH:
@@ -91,8 +224,48 @@ def replay(
         flush()
     if progress and summary.records >= 50000:
         err.write("\n")
+    for alert in summary.alerts:  # AlertInfo rows have no host: their evidence rows do
+        if not alert.get("host"):
+            alert["host"] = summary.alert_hosts.get(str(alert.get("alertId")), "")
     out.flush()
     return summary
+
+
+def _look_at_batch(engine: Engine, batch: list[NormalizedEvent], summary: ReplaySummary, *, keep: bool, explain: bool) -> None:
+    """Timeline points and explanations for the events of one batch (only when asked for)."""
+    for event in batch:
+        attrs = event.attrs
+        alert_id = str(attrs.get("alertIdStr") or "")
+        host = attrs.get("hostName")
+        if event.kind == EVIDENCE and alert_id and isinstance(host, str) and len(summary.alert_hosts) < 10 * MAX_TIMELINE_ALERTS:
+            summary.alert_hosts.setdefault(alert_id, host)
+        if event.kind != ALERT:
+            continue
+        matched = any(r.query.matches(attrs) for r in engine.rules)
+        if not matched:
+            summary.unmatched += 1
+            if explain:
+                techniques = attrs.get("attackTechniqueId") or ()
+                summary.explain(
+                    "alerts no rule matched",
+                    f"{event.position}: {attrs.get('eventType')} {alert_id} {attrs.get('alertName', '')!r}"
+                    f" techniques [{', '.join(techniques) if not isinstance(techniques, str) else techniques}]:"
+                    " no enabled rule's query matched",
+                )
+        if keep:
+            if len(summary.alerts) >= MAX_TIMELINE_ALERTS:
+                summary.alerts_omitted += 1
+                continue
+            summary.alerts.append(
+                {
+                    "time": iso(event.event_time),
+                    "host": attrs.get("hostName") if isinstance(attrs.get("hostName"), str) else "",
+                    "title": str(attrs.get("alertName") or ""),
+                    "severity": str(attrs.get("eventSeverityCat") or "UNKNOWN"),
+                    "alertId": alert_id,
+                    "matched": matched,
+                }
+            )
 
 
 def _forward(forwarder: Any, data: bytes, err: IO[str], summary: ReplaySummary) -> None:

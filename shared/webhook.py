@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from requests.adapters import HTTPAdapter
 from urllib3.util import Retry
 
+from . import views
 from .engine import fit_snapshot
 from .errors import CorrelatorError, SettingsError
 from .tables import TableBacked
@@ -112,24 +113,39 @@ def json_payload(snapshot: dict[str, Any], limit: int = MAX_PAYLOAD_BYTES) -> by
 
 
 def _title(snapshot: Mapping[str, Any]) -> str:
-    attrs = snapshot.get("attributes", {})
-    subject = attrs.get("alertName") or attrs.get("incidentTitle") or attrs.get("hostName") or ""
+    subject = views.alert_name(snapshot) or views.host(snapshot)
     return f"{snapshot.get('ruleName', snapshot.get('ruleId'))}" + (f": {subject}" if subject else "")
 
 
 def _facts(snapshot: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Who and where first (host, user, tenant), then the incident; observed techniques beside the rule's."""
     facts = [
+        ("Host", ", ".join(views.hosts(snapshot)[:3]) or "-"),
+        ("User", ", ".join(views.users(snapshot)[:3]) or "-"),
+        ("Tenant", views.tenant(snapshot) or "-"),
         ("Severity", str(snapshot.get("severity"))),
         ("Action", f"{snapshot.get('action')} (revision {snapshot.get('revision')})"),
         ("First seen", str(snapshot.get("firstSeen"))),
         ("Last seen", str(snapshot.get("lastSeen"))),
         ("Triggers", str(snapshot.get("triggerCount"))),
     ]
-    facts += [(str(k), str(v)[:200]) for k, v in snapshot.get("attributes", {}).items()]
-    techniques = ", ".join(t.get("id", "") for t in snapshot.get("techniques", []))
+    observed = ", ".join(views.observed_techniques(snapshot))
+    if observed:
+        facts.append(("Observed techniques", observed[:200]))
+    techniques = ", ".join(views.rule_techniques(snapshot))
     if techniques:
-        facts.append(("Techniques", techniques))
+        facts.append(("Rule techniques", techniques))
+    facts += [(str(k), str(v)[:200]) for k, v in snapshot.get("attributes", {}).items()]
     return facts
+
+
+def _who_line(snapshot: Mapping[str, Any], link: Callable[[str], str]) -> str:
+    """``Host fin-ws-017 · User CONTOSO\\j.doe · <link>``: the first thing a reader sees under the title."""
+    url = _alert_url(snapshot)
+    parts = [f"Host {views.host(snapshot) or '-'}", f"User {views.user(snapshot) or '-'}"]
+    if url:
+        parts.append(link(url))
+    return " \u00b7 ".join(parts)
 
 
 def teams_payload(snapshot: dict[str, Any]) -> bytes:
@@ -147,6 +163,7 @@ def teams_payload(snapshot: dict[str, Any]) -> bytes:
     }
     url = _alert_url(snapshot)
     if url:
+        card["body"][1]["facts"].insert(2, {"title": "Defender", "value": f"[Open the alert]({url})"})
         card["actions"] = [{"type": "Action.OpenUrl", "title": "Open in Microsoft Defender", "url": url}]
     body = {
         "type": "message",
@@ -162,9 +179,11 @@ def teams_payload(snapshot: dict[str, Any]) -> bytes:
 
 def slack_payload(snapshot: dict[str, Any]) -> bytes:
     """Slack Block Kit message for an incoming webhook (``text`` is the notification fallback)."""
-    fields = [{"type": "mrkdwn", "text": f"*{k}*\n{v}"[:2000]} for k, v in _facts(snapshot)][:10]  # Slack: at most 10 fields
+    who = _who_line(snapshot, lambda url: f"<{url}|Open in Defender>")
+    fields = [{"type": "mrkdwn", "text": f"*{k}*\n{v}"[:2000]} for k, v in _facts(snapshot)[2:]][:10]  # Slack: at most 10 fields
     blocks: list[dict[str, Any]] = [
         {"type": "header", "text": {"type": "plain_text", "text": _title(snapshot)[:150], "emoji": False}},
+        {"type": "section", "text": {"type": "mrkdwn", "text": who[:3000]}},
         {"type": "section", "fields": fields},
     ]
     remediation = str(snapshot.get("remediation", ""))
@@ -178,15 +197,12 @@ def slack_payload(snapshot: dict[str, Any]) -> bytes:
                 "elements": [{"type": "button", "text": {"type": "plain_text", "text": "Open in Defender"}, "url": url}],
             }
         )
-    return orjson.dumps({"text": _title(snapshot)[:3000], "blocks": blocks})
+    fallback = f"{_title(snapshot)} ({_who_line(snapshot, lambda url: url)})"
+    return orjson.dumps({"text": fallback[:3000], "blocks": blocks})
 
 
 def _alert_url(snapshot: Mapping[str, Any]) -> str | None:
-    for event in reversed(snapshot.get("triggerEvents", [])):
-        url = event.get("attributes", {}).get("alertWebUrl")
-        if isinstance(url, str) and url.startswith("https://"):
-            return url
-    return None
+    return views.link(snapshot) or None
 
 
 def payload_for(target: WebhookTarget, snapshot: dict[str, Any]) -> bytes:

@@ -1,0 +1,504 @@
+"""Who and what an alert is about: hosts, users, IPs, files, processes, mailboxes, URLs, portal links
+and the ATT&CK techniques Defender actually observed, taken from each wire format's raw record.
+
+Pure functions over a :class:`NormalizedEvent` (its attributes and its raw record) returning a
+JSON-ready dict. Values are deduplicated (case-insensitively; a bare ``fin-ws-017`` or ``j.doe``
+folds into a qualified ``fin-ws-017.contoso.local`` or ``CONTOSO\\j.doe``), every text is cut to a
+length cap, every kind to ``MAX_PER_KIND`` values, and the whole to ``MAX_ENTITIES_BYTES`` encoded;
+a kind that lost values is listed in ``truncated``. Extraction never raises: a record of an
+unexpected shape yields what could be read (an extra must never lose the alert).
+
+Shape (every key always present)::
+
+    {"hosts": ["fin-ws-017.contoso.local"], "users": ["CONTOSO\\\\j.doe"], "ips": ["10.0.0.4"],
+     "files": [{"name": "upd.exe", "path": "C:\\\\Users\\\\Public", "sha1": "...", "sha256": "...", "md5": "..."}],
+     "processes": [{"commandLine": "schtasks.exe /create ...", "name": "schtasks.exe", "pid": 4242}],
+     "mailboxes": ["j.doe@contoso.com"], "urls": ["http://evil.example/x"],
+     "links": ["https://security.microsoft.com/alerts/<id>?tid=<tenant>"],
+     "techniques": [{"id": "T1053.005", "name": "Scheduled Task"}], "truncated": []}
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+
+from .normalize import NormalizedEvent
+
+log = logging.getLogger(__name__)
+
+KINDS = ("hosts", "users", "ips", "files", "processes", "mailboxes", "urls", "links", "techniques")
+MAX_PER_KIND = 10  # values per kind: an incident card stays readable and the state small
+MAX_TECHNIQUES = 20  # technique ids are short; alerts list up to a dozen
+MAX_TEXT = 256  # host, user, path, mailbox text
+MAX_LONG_TEXT = 1024  # command lines and URLs
+MAX_ENTITIES_BYTES = 12 * 1024  # encoded entities of one incident (kept in group state and every snapshot)
+PORTAL = "https://security.microsoft.com"
+
+_TECHNIQUE = re.compile(r"^T\d{4}(?:\.\d{3})?$")
+_NAMED_TECHNIQUE = re.compile(r"^(.*?)\s*\((T\d{4}(?:\.\d{3})?)\)\s*$")
+_HASH_KEYS = ("sha1", "sha256", "md5")
+
+
+def empty() -> dict[str, Any]:
+    """Entities with nothing in them (the shape every snapshot carries)."""
+    out: dict[str, Any] = {kind: [] for kind in KINDS}
+    out["truncated"] = []
+    return out
+
+
+def _cut(value: Any, limit: int = MAX_TEXT) -> str | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        value = str(value)
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+class EntityBag:
+    """Accumulates entities with deduplication and caps; :meth:`to_dict` gives the JSON form."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[Any]] = {kind: [] for kind in KINDS}
+        self._keys: dict[str, dict[str, int]] = {kind: {} for kind in KINDS}
+        self.truncated: set[str] = set()
+
+    # -- generic --------------------------------------------------------------------------------
+
+    def _append(self, kind: str, key: str, value: Any) -> int | None:
+        """Index of the value under ``key`` (added if new and room is left)."""
+        index = self._keys[kind].get(key)
+        if index is not None:
+            return index
+        limit = MAX_TECHNIQUES if kind == "techniques" else MAX_PER_KIND
+        if len(self.values[kind]) >= limit:
+            self.truncated.add(kind)
+            return None
+        self._keys[kind][key] = len(self.values[kind])
+        self.values[kind].append(value)
+        return len(self.values[kind]) - 1
+
+    def _add_name(self, kind: str, value: Any, short: str) -> None:
+        """Hosts and users: a bare name folds into a qualified one with the same short name."""
+        text = _cut(value)
+        if text is None:
+            return
+        folded = text.casefold()
+        keys = self._keys[kind]
+        if folded in keys:
+            return
+        bare = folded == short
+        if bare and f"short:{short}" in keys:
+            return  # a qualified form of this name is already there
+        if not bare and short in keys:  # replace the bare form by the qualified one
+            bare_index = keys.pop(short)
+            self.values[kind][bare_index] = text
+            keys[folded] = bare_index
+            keys.setdefault(f"short:{short}", bare_index)
+            return
+        added = self._append(kind, folded, text)
+        if added is not None and not bare:
+            keys.setdefault(f"short:{short}", added)
+
+    # -- kinds ----------------------------------------------------------------------------------
+
+    def host(self, name: Any) -> None:
+        text = _cut(name)
+        if text is not None:
+            self._add_name("hosts", text, text.split(".", 1)[0].casefold())
+
+    def user(self, name: Any, domain: Any = None, upn: Any = None) -> None:
+        name_text, domain_text, upn_text = _cut(name), _cut(domain), _cut(upn)
+        if upn_text and "@" in upn_text:
+            self._add_name("users", upn_text, upn_text.split("@", 1)[0].casefold())
+            return
+        if name_text is None:
+            return
+        if "\\" in name_text or "@" in name_text:
+            short = re.split(r"[\\@]", name_text)[1 if "\\" in name_text else 0]
+            self._add_name("users", name_text, short.casefold())
+        elif domain_text:
+            self._add_name("users", f"{domain_text}\\{name_text}", name_text.casefold())
+        else:
+            self._add_name("users", name_text, name_text.casefold())
+
+    def ip(self, value: Any) -> None:
+        text = _cut(value, 64)
+        if text is None:
+            return
+        try:
+            addr = ipaddress.ip_address(text.split("%", 1)[0])
+        except ValueError:
+            return
+        if addr.is_loopback or addr.is_link_local or addr.is_unspecified or addr.is_multicast:
+            return  # noise on every device: says nothing about this alert
+        shown = str(addr)
+        self._append("ips", shown, shown)
+
+    def file(self, name: Any = None, path: Any = None, **hashes: Any) -> None:
+        entry: dict[str, Any] = {}
+        name_text, path_text = _cut(name), _cut(path)
+        if name_text:
+            entry["name"] = name_text
+        if path_text:
+            entry["path"] = path_text
+        for key in _HASH_KEYS:
+            h = _cut(hashes.get(key), 128)
+            if h and re.fullmatch(r"[0-9A-Fa-f]{32,128}", h):
+                entry[key] = h.lower()
+        if not entry.get("name") and not any(k in entry for k in _HASH_KEYS):
+            return
+        key = entry.get("sha256") or entry.get("sha1") or entry.get("md5") or f"{path_text or ''}\\{name_text}".casefold()
+        index = self._append("files", key, entry)
+        if index is not None:  # the same file seen again may bring what the first sighting lacked
+            known = self.values["files"][index]
+            for k, v in entry.items():
+                known.setdefault(k, v)
+
+    def process(self, command_line: Any = None, name: Any = None, pid: Any = None) -> None:
+        cmd, name_text = _cut(command_line, MAX_LONG_TEXT), _cut(name)
+        if cmd is None and name_text is None:
+            return
+        entry: dict[str, Any] = {}
+        if cmd:
+            entry["commandLine"] = cmd
+        if name_text:
+            entry["name"] = name_text
+        if type(pid) is int or (isinstance(pid, str) and pid.isdigit()):
+            entry["pid"] = int(pid)
+        key = (cmd or "").casefold() + "\x1f" + (name_text or "").casefold()
+        index = self._append("processes", key, entry)
+        if index is not None:
+            known = self.values["processes"][index]
+            for k, v in entry.items():
+                known.setdefault(k, v)
+
+    def mailbox(self, address: Any) -> None:
+        text = _cut(address)
+        if text and "@" in text:
+            self._append("mailboxes", text.casefold(), text)
+
+    def url(self, value: Any) -> None:
+        text = _cut(value, MAX_LONG_TEXT)
+        if text:
+            self._append("urls", text, text)
+
+    def link(self, value: Any) -> None:
+        text = _cut(value, MAX_LONG_TEXT)
+        if text and text.startswith("https://"):  # only portal pages; evidence URLs are never links
+            self._append("links", text, text)
+
+    def technique(self, tid: Any, name: Any = None) -> None:
+        text = _cut(tid, 16)
+        if text is None:
+            return
+        text = text.upper()
+        if not _TECHNIQUE.match(text):
+            return
+        entry: dict[str, Any] = {"id": text}
+        name_text = _cut(name, 128)
+        if name_text:
+            entry["name"] = name_text
+        index = self._append("techniques", text, entry)
+        if index is not None and name_text:
+            self.values["techniques"][index].setdefault("name", name_text)
+
+    # -- whole dicts ----------------------------------------------------------------------------
+
+    def add(self, entities: Mapping[str, Any] | None) -> None:
+        """Fold another entities dict (e.g. the incident's so far) into this bag."""
+        if not isinstance(entities, Mapping):
+            return
+        for h in _items(entities, "hosts"):
+            self.host(h)
+        for u in _items(entities, "users"):
+            self.user(u)
+        for i in _items(entities, "ips"):
+            self.ip(i)
+        for f in _items(entities, "files"):
+            if isinstance(f, Mapping):
+                self.file(f.get("name"), f.get("path"), **{k: f.get(k) for k in _HASH_KEYS})
+        for p in _items(entities, "processes"):
+            if isinstance(p, Mapping):
+                self.process(p.get("commandLine"), p.get("name"), p.get("pid"))
+        for m in _items(entities, "mailboxes"):
+            self.mailbox(m)
+        for url in _items(entities, "urls"):
+            self.url(url)
+        for link in _items(entities, "links"):
+            self.link(link)
+        for t in _items(entities, "techniques"):
+            if isinstance(t, Mapping):
+                self.technique(t.get("id"), t.get("name"))
+        truncated = entities.get("truncated")
+        if isinstance(truncated, list):
+            self.truncated.update(k for k in truncated if k in KINDS)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {kind: [dict(v) if isinstance(v, dict) else v for v in self.values[kind]] for kind in KINDS}
+        out["truncated"] = [k for k in KINDS if k in self.truncated]
+        return _fit(out)
+
+
+def _items(entities: Mapping[str, Any], kind: str) -> list[Any]:
+    values = entities.get(kind)
+    return values if isinstance(values, list) else []
+
+
+def _fit(out: dict[str, Any]) -> dict[str, Any]:
+    """Drop the last values of the largest kinds until the encoded entities fit ``MAX_ENTITIES_BYTES``."""
+    size = len(orjson.dumps(out))
+    while size > MAX_ENTITIES_BYTES:
+        kind = max(KINDS, key=lambda k: len(orjson.dumps(out[k])))
+        if not out[kind]:
+            break
+        out[kind].pop()
+        if kind not in out["truncated"]:
+            out["truncated"].append(kind)
+        size = len(orjson.dumps(out))
+    return out
+
+
+# -- per format ------------------------------------------------------------------------------------
+
+
+def _graph(bag: EntityBag, rec: Mapping[str, Any]) -> None:
+    bag.link(rec.get("alertWebUrl"))
+    bag.link(rec.get("incidentWebUrl"))
+    for tid in _list(rec.get("mitreTechniques")):
+        bag.technique(tid)
+    for item in _list(rec.get("evidence")):
+        if isinstance(item, Mapping):
+            _graph_evidence(bag, item)
+
+
+def _account(bag: EntityBag, account: Any) -> None:
+    if isinstance(account, Mapping):
+        bag.user(account.get("accountName"), account.get("domainName"), account.get("userPrincipalName"))
+
+
+def _graph_file(bag: EntityBag, details: Any) -> None:
+    if isinstance(details, Mapping):
+        bag.file(details.get("fileName"), details.get("filePath"), **{k: details.get(k) for k in _HASH_KEYS})
+
+
+def _graph_evidence(bag: EntityBag, item: Mapping[str, Any]) -> None:
+    otype = str(item.get("@odata.type", "")).rsplit(".", 1)[-1]
+    if otype == "deviceEvidence":
+        bag.host(item.get("deviceDnsName") or item.get("hostName"))
+        bag.ip(item.get("lastExternalIpAddress"))
+        bag.ip(item.get("lastIpAddress"))
+        for addr in _list(item.get("ipInterfaces")):
+            bag.ip(addr)
+        for logged_on in _list(item.get("loggedOnUsers")):
+            _account(bag, logged_on)
+    elif otype == "processEvidence":
+        image = item.get("imageFile")
+        name = image.get("fileName") if isinstance(image, Mapping) else None
+        bag.process(item.get("processCommandLine"), name, item.get("processId"))
+        _graph_file(bag, image)
+    elif otype == "fileEvidence":
+        _graph_file(bag, item.get("fileDetails"))
+    elif otype == "mailboxEvidence":
+        bag.mailbox(item.get("primaryAddress"))
+    elif otype == "analyzedMessageEvidence":
+        bag.mailbox(item.get("recipientEmailAddress"))
+        for sender in ("p1Sender", "p2Sender"):
+            s = item.get(sender)
+            if isinstance(s, Mapping):
+                bag.mailbox(s.get("emailAddress"))
+        bag.ip(item.get("senderIp"))
+    elif otype == "networkConnectionEvidence":
+        for side in ("sourceAddress", "destinationAddress"):
+            addr = item.get(side)
+            if isinstance(addr, Mapping):
+                bag.ip(addr.get("ipAddress"))
+    elif otype == "hostLogonSessionEvidence":
+        host = item.get("host")
+        if isinstance(host, Mapping):
+            bag.host(host.get("deviceDnsName") or host.get("hostName"))
+        account = item.get("account")
+        if isinstance(account, Mapping):
+            _account(bag, account.get("userAccount"))
+    # Shapes shared by many evidence types (user, ip, url, blob, ...).
+    _account(bag, item.get("userAccount"))
+    bag.ip(item.get("ipAddress"))
+    bag.url(item.get("url"))
+
+
+def _mde(bag: EntityBag, rec: Mapping[str, Any]) -> None:
+    bag.host(rec.get("computerDnsName"))
+    related = rec.get("relatedUser")
+    if isinstance(related, Mapping):
+        bag.user(related.get("userName"), related.get("domainName"))
+    for tid in _list(rec.get("mitreTechniques")):
+        bag.technique(tid)
+    evidence = rec.get("evidence")
+    for item in [evidence] if isinstance(evidence, Mapping) else _list(evidence):  # Elastic splits one per line
+        if not isinstance(item, Mapping):
+            continue
+        bag.user(item.get("accountName"), item.get("domainName"), item.get("userPrincipalName"))
+        bag.ip(item.get("ipAddress"))
+        bag.url(item.get("url"))
+        kind = str(item.get("entityType", "")).lower()
+        if kind == "process":
+            bag.process(item.get("processCommandLine"), item.get("fileName"), item.get("processId"))
+        if kind in ("file", "process"):
+            bag.file(item.get("fileName"), item.get("filePath"), sha1=item.get("sha1"), sha256=item.get("sha256"))
+    alert_id = _cut(rec.get("id"))
+    if alert_id:
+        bag.link(_alert_link(alert_id, _cut(rec.get("aadTenantId"))))
+
+
+def _siem(bag: EntityBag, rec: Mapping[str, Any]) -> None:
+    bag.host(rec.get("ComputerDnsName") or rec.get("MachineName"))
+    bag.user(rec.get("UserName"), rec.get("UserDomain"))
+    for logged_on in _split(rec.get("LogOnUsers")):
+        bag.user(logged_on)
+    bag.file(rec.get("FileName"), rec.get("FilePath"), sha1=rec.get("Sha1"), sha256=rec.get("Sha256"), md5=rec.get("Md5"))
+    bag.process(rec.get("CommandLine"))
+    bag.ip(rec.get("IpAddress"))
+    for addr in [*_split(rec.get("InternalIPv4List")), *_split(rec.get("InternalIPv6List"))]:
+        bag.ip(addr)
+    bag.url(rec.get("Url"))
+    bag.link(rec.get("LinkToMTP") or rec.get("LinkToWDATP"))
+    bag.link(rec.get("IncidentLinkToMTP"))
+
+
+def _streaming(bag: EntityBag, rec: Mapping[str, Any]) -> None:
+    props = rec.get("properties")
+    if not isinstance(props, Mapping):
+        return
+    extra = props.get("AdditionalFields")
+    if isinstance(extra, str) and extra.startswith("{"):
+        try:
+            extra = orjson.loads(extra)
+        except orjson.JSONDecodeError:
+            extra = None
+    extra = extra if isinstance(extra, Mapping) else {}
+    bag.host(props.get("DeviceName"))
+    entity = str(props.get("EntityType", "")).lower()
+    upn = props.get("AccountUpn")
+    if entity in ("mailbox", "mailmessage"):
+        bag.mailbox(upn)
+    bag.user(props.get("AccountName"), props.get("AccountDomain"), upn)
+    bag.ip(props.get("RemoteIP"))
+    bag.ip(props.get("LocalIP"))
+    bag.url(props.get("RemoteUrl"))
+    if props.get("FileName") or props.get("SHA1") or props.get("SHA256"):
+        bag.file(props.get("FileName"), props.get("FolderPath"), sha1=props.get("SHA1"), sha256=props.get("SHA256"))
+    name = props.get("FileName") if entity == "process" else None
+    bag.process(props.get("ProcessCommandLine"), name if props.get("ProcessCommandLine") else None, extra.get("ProcessId"))
+    for text in _technique_texts(props.get("AttackTechniques")):
+        named = _NAMED_TECHNIQUE.match(text)
+        if named:
+            bag.technique(named.group(2), named.group(1))
+        else:
+            bag.technique(text)
+    alert_id = _cut(props.get("AlertId"))
+    if alert_id:
+        bag.link(_alert_link(alert_id, _cut(rec.get("tenantId"))))
+
+
+def _normalized(bag: EntityBag, rec: Mapping[str, Any]) -> None:
+    bag.host(rec.get("hostName") or rec.get("destName") or rec.get("srcName"))
+    bag.user(rec.get("user"))
+    for key in ("srcIpAddr", "destIpAddr", "hostIpAddr"):
+        bag.ip(rec.get(key))
+    bag.file(
+        rec.get("fileName"), rec.get("filePath"), sha1=rec.get("hashSHA1"), sha256=rec.get("hashSHA256") or rec.get("hashCode")
+    )
+    bag.process(rec.get("command"), rec.get("procName"))
+    bag.url(rec.get("url"))
+    bag.link(rec.get("alertWebUrl"))
+    techniques = rec.get("attackTechniqueId")
+    for tid in [techniques] if isinstance(techniques, str) else _list(techniques):
+        bag.technique(tid)
+
+
+_EXTRACTORS = {"graph": _graph, "mde": _mde, "siem": _siem, "streaming": _streaming, "normalized": _normalized}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _split(value: Any) -> list[str]:
+    """SIEM API list columns: ``;`` or ``,`` separated text."""
+    if not isinstance(value, str):
+        return []
+    return [part.strip() for part in re.split(r"[;,]", value) if part.strip()]
+
+
+def _technique_texts(value: Any) -> list[str]:
+    """``AttackTechniques``: a JSON list in a string (``["Name (T1234.001)"]``), a list, or ``""``."""
+    if isinstance(value, str):
+        if value.startswith("["):
+            try:
+                value = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                return []
+        else:
+            value = [value]
+    return [v for v in _list(value) if isinstance(v, str)]
+
+
+def _alert_link(alert_id: str, tenant: str | None) -> str:
+    link = f"{PORTAL}/alerts/{quote(alert_id, safe='')}"
+    return link + (f"?tid={quote(tenant, safe='')}" if tenant else "")
+
+
+# -- entry points ----------------------------------------------------------------------------------
+
+
+def collect(bag: EntityBag, event: NormalizedEvent) -> None:
+    """Add what ``event`` says about hosts, users, ... to ``bag``; never raises."""
+    attrs = event.attrs
+    bag.host(attrs.get("hostName"))
+    bag.user(attrs.get("user"))
+    extractor = _EXTRACTORS.get(event.format)
+    if extractor is None or not isinstance(event.raw, Mapping):
+        return
+    try:
+        extractor(bag, event.raw)
+    except (TypeError, ValueError, AttributeError, KeyError, RecursionError) as exc:  # odd shapes deep inside
+        log.warning("entities of %s at %s: %s: %s", event.format, event.position, type(exc).__name__, exc)
+
+
+def extract(event: NormalizedEvent) -> dict[str, Any]:
+    """The entities of one event."""
+    bag = EntityBag()
+    collect(bag, event)
+    return bag.to_dict()
+
+
+def merge(*parts: Mapping[str, Any] | None, events: Iterable[NormalizedEvent] = ()) -> dict[str, Any]:
+    """Entities dicts and events folded into one (first sightings first), deduplicated and capped."""
+    bag = EntityBag()
+    for part in parts:
+        bag.add(part)
+    for event in events:
+        collect(bag, event)
+    return bag.to_dict()
+
+
+def first(entities: Mapping[str, Any] | None, kind: str) -> str:
+    """The first value of a kind as text (``""`` when none): hosts, users, links."""
+    values = _items(entities or {}, kind)
+    if not values:
+        return ""
+    value = values[0]
+    if isinstance(value, Mapping):
+        return str(value.get("id") or value.get("name") or value.get("commandLine") or "")
+    return str(value)

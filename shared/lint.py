@@ -7,8 +7,9 @@ Checks (each a :class:`Warning` naming the file, the field and the reason):
 * ``evidence-only-attribute``: a query reads a column only AlertEvidence rows carry but never
   names ``AlertEvidence``, so it never sees those rows;
 * ``unused-subpattern``: a subpattern that neither the ``pattern`` nor an incident attribute uses;
-* ``group-by-tenant``: a rule that can match multi-tenant events groups without ``tenantId`` (or a
-  globally unique alert id), so alerts of different tenants would share one incident.
+* ``group-by-tenant``: a subpattern of a multi-subpattern rule that can match multi-tenant events
+  does not group by ``tenantId``; the correlation key then lacks the tenant (single-subpattern rules
+  need not: the engine appends the tenant to every group key).
 
 Works on the rule's data (``model_dump``), so fields added to the model later are seen as they come.
 """
@@ -80,7 +81,6 @@ SAMPLE_EVENT_TYPES = tuple(
     + [f"MS-Defender-{t}" for t in STREAMING_TABLES]
 )  # fmt: skip
 EVIDENCE_ONLY_ATTRS = ("EntityType", "EvidenceRole", "EvidenceDirection")
-GLOBAL_ALERT_KEYS = ("alertidstr",)  # globally unique alert ids: grouping by one keeps tenants apart
 TENANT_KEYS = ("tenantid",)
 
 
@@ -186,14 +186,15 @@ def lint_data(data: dict[str, Any], path: str) -> list[Warning]:
             )
         group_by = [str(g).lower() for g in sub.get("groupBy") or []]
         multi_tenant = any(not t.startswith(TENANTLESS_PREFIX) for t in types)
-        if multi_tenant and not any(g in group_by for g in TENANT_KEYS + GLOBAL_ALERT_KEYS):
+        if len(subs) > 1 and multi_tenant and not any(g in group_by for g in TENANT_KEYS):
             warnings.append(
                 Warning(
                     path,
                     f"subpatterns[{index}].groupBy",
                     "group-by-tenant",
-                    f"groups by {sub.get('groupBy') or 'nothing'} without tenantId: events of different tenants "
-                    "with equal values would count together and share one incident (add tenantId)",
+                    f"groups by {sub.get('groupBy') or 'nothing'} without tenantId: the correlation key holds the "
+                    "tenant only when every subpattern groups by tenantId, so events of different tenants could be "
+                    "correlated (add tenantId)",
                 )
             )
     if len(subs) > 1:

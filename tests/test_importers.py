@@ -111,6 +111,7 @@ def test_imported_multi_subpattern_rules_load_through_the_model() -> None:
         (b"<Rules><Rule", "not a readable XML rule export"),
         (b"<Reports><Report/></Reports>", r"no <Rule> element \(root is <Reports>\)"),
         (b'<!DOCTYPE r [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;&a;">]><Rules>&b;</Rules>', "not a readable XML rule export"),
+        (b'<!DOCTYPE r [<!ENTITY x SYSTEM "file:///etc/passwd">]><Rules>&x;</Rules>', "not a readable XML rule export"),
     ],
 )
 def test_files_that_are_not_rule_exports_are_refused_with_the_reason(tmp_path: Path, content: bytes, message: str) -> None:
@@ -251,3 +252,16 @@ def test_sigma_import_command_exit_status_reports_unconvertible_rules(tmp_path: 
     bad = ["import", "sigma", str(SIGMA / "proc_creation_win_susp_cross_user_process_spawn.yml"), "--out", str(tmp_path)]
     assert main(bad) == 1
     assert "User|fieldref: unsupported: modifier 'fieldref'" in capsys.readouterr().err
+
+
+def test_an_imported_rule_that_does_not_load_is_written_reported_and_fails_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    xml = (FSM / "expectRule.xml").read_text().replace('EventID IN ("4656", "4663")', "EventID IN (")
+    source = tmp_path / "broken.xml"
+    source.write_text(xml)
+    out = tmp_path / "out"
+    assert main(["import", "fortisiem", str(source), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "broken.xml: rule PH_Rule_SIGMA_1: subpatterns[0].query: invalid: the imported rule does not load:" in err
+    assert (out / "PH_Rule_SIGMA_1.yaml").is_file()  # kept for the author to fix

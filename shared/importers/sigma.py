@@ -403,8 +403,10 @@ def _correlation(corr: Any, source_name: str, stem: str, mod_names: dict[type, s
     subs: list[dict[str, Any]] = []
     names = []
     for index, ref in enumerate(refs):
-        name = rule_id(ref.name or f"rule{index + 1}")
+        words = re.findall(r"[A-Za-z0-9]+", ref.name or ref.title or "")[:3]
+        name = "_".join(w.lower() for w in words) or f"rule{index + 1}"
         name = name if re.match(r"[A-Za-z_]", name) else f"r_{name}"
+        name = name if name not in names else f"{name}_{index + 1}"
         converted = _query(item, ref, mod_names)
         if converted is None:
             item.note(f"rules[{index}]", f"referenced rule {ref.title!r} cannot be converted (see its notes)", "unsupported")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -108,8 +109,9 @@ def group_key(rule: Rule, event: NormalizedEvent) -> GroupKey:
     Values longer than ``MAX_GROUP_VALUE_CHARS`` are cut and suffixed with a hash of the whole value:
     distinct values stay distinct, and no alert can make its group's state too big to store.
     """
-    values = [_group_value(event.attrs.get(attr)) for attr in rule.group_by]
-    tenant = _group_value(event.attrs.get(TENANT_ATTR))
+    # Interned: alert names and tenants repeat across many groups, whose keys a store keeps.
+    values = [sys.intern(_group_value(event.attrs.get(attr))) for attr in rule.group_by]
+    tenant = sys.intern(_group_value(event.attrs.get(TENANT_ATTR)))
     if TENANT_ATTR not in rule.group_by:
         values.append(tenant)
     return GroupKey(rule.id, tuple(values), tenant)
@@ -155,13 +157,31 @@ def _event_summary(event: NormalizedEvent) -> dict[str, Any]:
     }
 
 
-def snapshot(rule: Rule, key: GroupKey, incident: Incident, action: str, trigger_events: list[NormalizedEvent]) -> dict[str, Any]:
-    """The incident message: a full snapshot; consumers keep the highest revision per incidentId."""
+SNAPSHOT_ORDER = (
+    "incidentId",
+    "revision",
+    "action",
+    "ruleId",
+    "tenantId",
+    "ruleName",
+    "severity",
+    "category",
+    "tactics",
+    "techniques",
+    "groupBy",
+    "attributes",
+    "triggerCount",
+    "firstSeen",
+    "lastSeen",
+    "remediation",
+    "triggerEvents",
+)
+
+
+def rule_fields(rule: Rule, key: GroupKey) -> dict[str, Any]:
+    """The parts of a snapshot that the rule and the group key fix (not recorded in the outbox)."""
     model = rule.model
     return {
-        "incidentId": incident.incident_id,
-        "revision": incident.revision,
-        "action": action,
         "ruleId": rule.id,
         "tenantId": key.tenant,
         "ruleName": model.name,
@@ -170,13 +190,31 @@ def snapshot(rule: Rule, key: GroupKey, incident: Incident, action: str, trigger
         "tactics": [t.model_dump(exclude_none=True) for t in model.tactics],
         "techniques": [t.model_dump(exclude_none=True) for t in model.techniques],
         "groupBy": dict(zip(rule.group_by, key.values, strict=False)),
+        "remediation": model.remediation,
+    }
+
+
+def assemble(fixed: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot from its rule fields and its own fields, in ``SNAPSHOT_ORDER`` (then any extra
+    own fields, such as ``triggerEventsTrimmed``), so a rebuilt snapshot encodes byte for byte alike."""
+    out = {k: fixed[k] if k in fixed else own[k] for k in SNAPSHOT_ORDER}
+    out.update((k, v) for k, v in own.items() if k not in out)
+    return out
+
+
+def snapshot(rule: Rule, key: GroupKey, incident: Incident, action: str, trigger_events: list[NormalizedEvent]) -> dict[str, Any]:
+    """The incident message: a full snapshot; consumers keep the highest revision per incidentId."""
+    own = {
+        "incidentId": incident.incident_id,
+        "revision": incident.revision,
+        "action": action,
         "attributes": dict(incident.attributes),
         "triggerCount": incident.trigger_count,
         "firstSeen": from_ms(incident.first_seen),
         "lastSeen": from_ms(incident.last_seen),
-        "remediation": model.remediation,
         "triggerEvents": [_event_summary(e) for e in trigger_events[-MAX_TRIGGER_EVENTS:]],
     }
+    return assemble(rule_fields(rule, key), own)
 
 
 def fit_snapshot(snapshot: dict[str, Any], limit: int) -> bytes:
@@ -202,7 +240,10 @@ def fit_snapshot(snapshot: dict[str, Any], limit: int) -> bytes:
 
 
 class _Outbox:
-    """A group's outbox records, decoded only when a batch holds events the group already knows."""
+    """A group's outbox records, decoded only when a batch holds events the group already knows.
+
+    A record keeps each snapshot without its rule fields; they are put back from the rule, so a
+    re-emitted snapshot is byte-identical as long as the rule file did not change in between."""
 
     def __init__(self, encoded: list[bytes]) -> None:
         self.encoded = encoded
@@ -216,8 +257,32 @@ class _Outbox:
             self._where = {i: pos for pos, rec in enumerate(self._records) for i in rec.ids}
         return self._where.get(ident)
 
-    def snapshots(self, positions: set[int]) -> list[dict[str, Any]]:
-        return [s for pos in sorted(positions) for s in self._records[pos].snapshots]
+    def snapshots(self, positions: set[int], rule: Rule, key: GroupKey) -> list[dict[str, Any]]:
+        if not positions:
+            return []
+        fixed = rule_fields(rule, key)
+        return [assemble(fixed, own) for pos in sorted(positions) for own in self._records[pos].snapshots]
+
+    @staticmethod
+    def record(ids: list[int], snapshots: list[dict[str, Any]]) -> tuple[bytes, list[dict[str, Any]]]:
+        """The outbox record of a batch, within ``MAX_OUTBOX_BYTES``; returns it with the snapshots to
+        emit, which are exactly the recorded ones (trimmed by ``fit_snapshot`` if they had to be)."""
+        ids = ids[-MAX_RECORD_IDS:]
+        data = OutboxRecord(ids, [_own(s) for s in snapshots]).encode()
+        if len(data) <= MAX_OUTBOX_BYTES - 4:
+            return data, snapshots
+        share = (MAX_OUTBOX_BYTES - 4 - 24 * len(ids) - 64) // len(snapshots)
+        snapshots = [orjson.loads(fit_snapshot(s, share)) for s in snapshots]
+        return OutboxRecord(ids, [_own(s) for s in snapshots]).encode(), snapshots
+
+
+def _own(snapshot: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in snapshot.items() if k not in _RULE_FIELDS}
+
+
+_RULE_FIELDS = frozenset(
+    ("ruleId", "tenantId", "ruleName", "severity", "category", "tactics", "techniques", "groupBy", "remediation")
+)
 
 
 def apply_events(
@@ -306,28 +371,16 @@ def apply_events(
     if evicted:
         stats.add("evicted", evicted, rule=rule.id)
         log.warning("group %s over its window cap: evicted %d oldest entries in this batch", key.text[:200], evicted)
-    snapshots = outbox.snapshots(replay)
+    snapshots = outbox.snapshots(replay, rule, key)
     stats.add("reemitted", len(snapshots), rule=rule.id)
     fresh = []
     for inc, action, evidence in touched.values():
         stats.add("incidents_" + action, rule=rule.id)
         fresh.append(snapshot(rule, key, inc, action, evidence))
     if fresh:
-        record, fresh = _record(applied, fresh)
+        record, fresh = _Outbox.record(applied, fresh)
         st.add_record(record)
     return st, snapshots + fresh
-
-
-def _record(ids: list[int], snapshots: list[dict[str, Any]]) -> tuple[bytes, list[dict[str, Any]]]:
-    """The outbox record of a batch, within ``MAX_OUTBOX_BYTES``; returns it with the snapshots to
-    emit, which are exactly the recorded ones (trimmed by ``fit_snapshot`` if they had to be)."""
-    ids = ids[-MAX_RECORD_IDS:]
-    data = OutboxRecord(ids, snapshots).encode()
-    if len(data) <= MAX_OUTBOX_BYTES - 4:
-        return data, snapshots
-    share = (MAX_OUTBOX_BYTES - 4 - 24 * len(ids) - 64) // len(snapshots)
-    snapshots = [orjson.loads(fit_snapshot(s, share)) for s in snapshots]
-    return OutboxRecord(ids, snapshots).encode(), snapshots
 
 
 def _evict(st: GroupState, n: int) -> int:

@@ -6,8 +6,8 @@ COUNT(*)), plus the open incident's counters, the eviction high-water mark, and 
 the snapshots its most recent batches emitted, so that a redelivered batch re-emits exactly them.
 Payloads are never kept.
 
-Encoding (version 2): the state is one JSON document (``to_bytes``, at most ``MAX_STATE_BYTES``) and
-the outbox a sequence of length-prefixed zlib records (``outbox_bytes``, at most
+Encoding (version 2): the state is one JSON document (``to_bytes``, at most ``MAX_STATE_BYTES``),
+stored deflated (``encode``), and the outbox a sequence of length-prefixed zlib records (``outbox_bytes``, at most
 ``MAX_OUTBOX_BYTES``); the store writes both in one conditional write. Version 1 states (no ``v``)
 still load: no eviction mark, no outbox, no tenant.
 """
@@ -105,12 +105,25 @@ class OutboxRecord:
     snapshots: list[dict[str, Any]]
 
     def encode(self) -> bytes:
-        return zlib.compress(orjson.dumps([self.ids, self.snapshots]), 6)
+        packer = zlib.compressobj(6, zdict=_ZDICT)
+        return packer.compress(orjson.dumps([self.ids, self.snapshots])) + packer.flush()
 
     @classmethod
     def decode(cls, data: bytes) -> OutboxRecord:
-        ids, snapshots = orjson.loads(zlib.decompress(data))
+        unpacker = zlib.decompressobj(zdict=_ZDICT)
+        ids, snapshots = orjson.loads(unpacker.decompress(data) + unpacker.flush())
         return cls(ids, snapshots)
+
+
+# Preset zlib dictionary of the text every recorded snapshot repeats: part of encoding version 2,
+# so it must never change without a new STATE_VERSION.
+_ZDICT = (
+    b'"tenantId":"alertIdStr":"alertName":"attackTechniqueId":["eventId":"incidentCount":'
+    b'"identity":"event:"position":"format":"normalized","timeFallback":false,"eventType":"M365Defender-Alert-'
+    b'"raw":{"truncated":true,"bytes":"preview":"attributes":{"eventTime":"'
+    b'"firstSeen":"lastSeen":"triggerCount":1,"triggerEvents":[{"eventType":"MS-Defender-Endpoint-Alert'
+    b'[{"incidentId":"inc-","revision":1,"action":"created","updated"'
+)
 
 
 _LEN = struct.Struct(">I")
@@ -150,12 +163,13 @@ class GroupState:
                 "v": STATE_VERSION,
                 "r": self.key.rule_id,
                 "k": list(self.key.values),
-                "t": self.key.tenant,
                 "e": self.entries,
                 "n": self.newest,
                 "i": self.incident.to_list() if self.incident else None,
                 "x": self.evicted,
-                "m": self.mark,
+                **({"m": self.mark} if self.mark is not None else {}),
+                # the tenant, unless it is the last group value (so for every shipped rule: saves its repetition)
+                **({"t": self.key.tenant} if self.key.values[-1:] != (self.key.tenant,) else {}),
             }
         )
 
@@ -170,6 +184,14 @@ class GroupState:
         ):
             self.outbox.pop(0)
 
+    def encode(self) -> bytes:
+        """The stored form: ``to_bytes`` deflated (version 1 stored the JSON as is)."""
+        return zlib.compress(self.to_bytes(), 6)
+
+    @classmethod
+    def decode(cls, data: bytes, outbox: bytes = b"") -> GroupState:
+        return cls.from_bytes(data if data[:1] == b"{" else zlib.decompress(data), outbox)
+
     @classmethod
     def from_bytes(cls, data: bytes, outbox: bytes = b"") -> GroupState:
         d = orjson.loads(data)
@@ -177,7 +199,9 @@ class GroupState:
         if version > STATE_VERSION:
             raise ValueError(f"group state version {version} is newer than this code ({STATE_VERSION})")
         incident = Incident.from_list(d["i"]) if d.get("i") else None
-        key = GroupKey(d["r"], tuple(d["k"]), d.get("t", ""))
+        values = tuple(d["k"])
+        tenant = d.get("t", values[-1] if version > 1 and values else "")
+        key = GroupKey(d["r"], values, tenant)
         return cls(key, d["e"], d["n"], incident, d.get("x", 0), d.get("m"), split_outbox(outbox))
 
 
@@ -251,7 +275,7 @@ class MemoryStateStore:
                 elif stored[3] <= now_ms:
                     out[key] = Loaded(None, stored[2])  # expired: ignored, but the token still guards it
                 else:
-                    out[key] = Loaded(GroupState.from_bytes(stored[0], stored[1]), stored[2])
+                    out[key] = Loaded(GroupState.decode(stored[0], stored[1]), stored[2])
         return out
 
     def save(self, changes: Sequence[Change]) -> None:
@@ -268,9 +292,7 @@ class MemoryStateStore:
                     self._data.pop(change.key, None)
                 else:
                     version = (current_token or 0) + 1
-                    # Copy to an exact-size bytes object: orjson's result keeps a 4 KiB buffer.
-                    state = bytes(memoryview(change.state.to_bytes()))
-                    self._data[change.key] = (state, change.state.outbox_bytes(), version, change.expires_at)
+                    self._data[change.key] = (change.state.encode(), change.state.outbox_bytes(), version, change.expires_at)
         if conflicts:
             raise KeysConflict(conflicts)
 

@@ -116,7 +116,7 @@ class TableStateStore:
         if expires <= now_ms:
             return Loaded(None, etag)
         outbox = entity.get("outbox")
-        return Loaded(GroupState.from_bytes(bytes(entity["state"]), bytes(outbox) if outbox else b""), etag)
+        return Loaded(GroupState.decode(bytes(entity["state"]), bytes(outbox) if outbox else b""), etag)
 
     def save(self, changes: Sequence[Change]) -> None:
         """Conditional writes grouped into one entity-group transaction per partition key (up to
@@ -219,7 +219,7 @@ class TableStateStore:
             "ruleId": change.key.rule_id,
             "groupValues": readable[:MAX_READABLE_PROPERTY],
             "version": STATE_VERSION,
-            "state": change.state.to_bytes(),
+            "state": change.state.encode(),
             "expiresAt": EntityProperty(change.expires_at, EdmType.INT64),
         }
         outbox = change.state.outbox_bytes()

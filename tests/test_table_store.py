@@ -148,4 +148,4 @@ def test_the_entity_names_its_state_version_and_holds_the_outbox_beside_the_stat
     store.save([Change(key, st, None, NOW + 60_000)])
     entity = store.table.get_entity(*store.keys_of(key))
     assert entity["version"] == STATE_VERSION == 2
-    assert bytes(entity["outbox"]) == st.outbox_bytes() and bytes(entity["state"]) == st.to_bytes()
+    assert bytes(entity["outbox"]) == st.outbox_bytes() and bytes(entity["state"]) == st.encode()

@@ -5,16 +5,24 @@ Defender's streaming export.
 
 * Per tenant, ``GET /v1.0/security/alerts_v2?$filter=lastUpdateDateTime ge <cursor>`` ordered by
   ``lastUpdateDateTime``, following ``@odata.nextLink``.
-* 429 honours ``Retry-After`` (fractional seconds), else exponential backoff with jitter; 5xx are
-  retried; a 401 refreshes the token once; at most 150 requests per minute per tenant.
-* The cursor (per tenant, Table Storage) advances only after a page's alerts were published. The
-  boundary alerts that ``ge`` returns again are recognised by event identity (``id`` +
-  ``lastUpdateDateTime``), so a crash between publish and cursor save re-publishes, never skips.
+* 429 and 5xx honour ``Retry-After`` (fractional seconds or a date; non-finite values refused),
+  else exponential backoff with jitter; no single wait passes ``MAX_WAIT_S`` and no run passes its
+  time budget (the tenant fails with the reason and is polled next run); a 401 refreshes the token
+  once; at most 150 requests per minute per tenant.
+* ``@odata.nextLink`` is followed only to the scheme, host and port of ``GRAPH_BASE_URL``: the
+  bearer token never leaves that origin.
+* The cursor (per tenant, Table Storage) moves only once the run's whole page sequence is
+  published, to the newest ``lastUpdateDateTime`` seen, never past the time of the poll; so the
+  order the service returns does not matter. Alerts at or after the cursor are remembered by event
+  identity (``id`` + ``lastUpdateDateTime``): the overlap ``ge`` returns again is not re-published,
+  and a failed run re-publishes (the correlator counts each version once), never skips.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import random
 import re
 import threading
 import time
@@ -28,7 +36,8 @@ from urllib.parse import urlencode
 import orjson
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.util import Retry
+from urllib3.exceptions import LocationParseError
+from urllib3.util import Retry, parse_url
 
 from .errors import CorrelatorError
 from .normalize import iso, parse_time
@@ -41,6 +50,8 @@ GRAPH_BASE_URL = "https://graph.microsoft.com/v1.0"
 REQUESTS_PER_MINUTE = 150  # Graph security API limit per app per tenant
 PAGE_SIZE = 100
 MAX_PAGES_PER_RUN = 200  # a run stops after this many pages; the cursor carries on next time
+RUN_BUDGET_S = 240.0  # one run of every tenant, well inside the 10-minute function timeout
+MAX_WAIT_S = 60.0  # the longest single Retry-After/backoff wait a tenant may take
 
 
 class GraphError(CorrelatorError):
@@ -150,31 +161,20 @@ class RateLimiter:
             waited += delay
 
 
-class _Retry(Retry):
-    """Retry-After may be fractional on Graph (``Retry-After: 2.128``); urllib3 only takes integers."""
-
-    def parse_retry_after(self, retry_after: str) -> float:
-        try:
-            return max(0.0, float(retry_after))
-        except ValueError:
-            return float(super().parse_retry_after(retry_after))
-
-
-def graph_session(retries: int = 5, backoff_s: float = 1.0) -> requests.Session:
-    retry = _Retry(
+def graph_session(retries: int = 3, backoff_s: float = 0.5) -> requests.Session:
+    """A session that retries connection and read failures only; the poller itself handles
+    429/5xx, so that every wait is checked against the run's time budget."""
+    retry = Retry(
         total=retries,
         connect=retries,
         read=retries,
-        status=retries,
+        status=0,
         other=0,
         redirect=0,
         allowed_methods=frozenset({"GET"}),
-        status_forcelist=(429, 500, 502, 503, 504),
+        status_forcelist=(),
         backoff_factor=backoff_s,
-        backoff_max=60,
-        backoff_jitter=backoff_s / 2,
-        respect_retry_after_header=True,
-        retry_after_max=300,
+        backoff_max=30,
         raise_on_status=False,
     )
     session = requests.Session()
@@ -189,6 +189,47 @@ def identity_of(alert: dict[str, Any]) -> str:
     return f"graph:{alert.get('id')}:{alert.get('lastUpdateDateTime') or alert.get('createdDateTime')}"
 
 
+def _origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) as the HTTP library parses ``url``; None when it is unusable."""
+    if "\\" in url or any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        return None
+    try:
+        parsed = parse_url(url)
+    except LocationParseError:
+        return None
+    scheme = (parsed.scheme or "").lower()
+    if scheme not in ("https", "http") or not parsed.host or parsed.auth:
+        return None
+    return scheme, parsed.host.lower(), parsed.port or (443 if scheme == "https" else 80)
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` value in seconds (fractional accepted, HTTP date accepted); None if absent.
+
+    Raises:
+        GraphError: a value that is not a finite, non-negative number or a date.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            raise GraphError(f"unusable Retry-After {text[:40]!r}") from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - datetime.now(timezone.utc)).total_seconds()
+        return max(0.0, seconds)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise GraphError(f"unusable Retry-After {text[:40]!r}")
+    return seconds
+
+
 @dataclass
 class PollResult:
     tenant: str
@@ -200,7 +241,13 @@ class PollResult:
     error: str | None = None
 
 
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
 class GraphPoller:
+    """Polls tenants one after another within a time budget per run (``budget_s``, below the
+    function timeout); one tenant's failure, whatever it is, never stops the others."""
+
     def __init__(
         self,
         credential_for: Callable[[str], TokenCredential],
@@ -213,35 +260,70 @@ class GraphPoller:
         lookback: timedelta = timedelta(days=1),
         clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
         timeout_s: float = 30.0,
+        retries: int = 5,
+        backoff_s: float = 1.0,
+        max_wait_s: float = MAX_WAIT_S,
+        budget_s: float = RUN_BUDGET_S,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.credential_for = credential_for
         self.cursors = cursors
         self.publisher = publisher
         self.base_url = base_url.rstrip("/")
+        origin = _origin(self.base_url)
+        if origin is None:
+            raise GraphError(f"GRAPH_BASE_URL {self.base_url!r} is not an http(s) URL with a host")
+        self.origin = origin
         self.session = session or graph_session()
         self.limiter = limiter or RateLimiter()
         self.lookback = lookback
         self.clock = clock
         self.timeout_s = timeout_s
+        self.retries, self.backoff_s, self.max_wait_s, self.budget_s = retries, backoff_s, max_wait_s, budget_s
+        self.monotonic, self.sleep = monotonic, sleep
+        self._deadline = math.inf
 
     def poll_all(self, tenants: Iterable[str]) -> list[PollResult]:
-        """Poll every tenant; one tenant's failure does not stop the others."""
+        """Poll every tenant within ``budget_s``; one tenant's failure does not stop the others."""
+        self._deadline = self.monotonic() + self.budget_s
         results = []
-        for tenant in tenants:
-            try:
-                results.append(self.poll(tenant))
-            except GraphError as exc:
-                log.error("graph poll of tenant %s failed: %s", tenant, exc)
-                results.append(PollResult(tenant, error=str(exc)))
+        try:
+            for tenant in tenants:
+                try:
+                    results.append(self.poll(tenant))
+                except Exception as exc:  # isolation: any failure of one tenant is that tenant's result
+                    reason = str(exc) if isinstance(exc, GraphError) else f"{type(exc).__name__}: {exc}"
+                    log.error("graph poll of tenant %s failed: %s", tenant, reason)
+                    results.append(PollResult(tenant, error=reason))
+        finally:
+            self._deadline = math.inf
         return results
 
     def poll(self, tenant: str) -> PollResult:
-        """Raises: GraphError (the cursor stays where the last published page left it)."""
+        """Publish every alert updated since the tenant's cursor, then move the cursor.
+
+        The cursor moves only once the whole page sequence is published, to the newest
+        ``lastUpdateDateTime`` seen (never past the time of this poll), so the order in which the
+        service returns alerts does not matter; alerts at or after the new cursor are remembered by
+        identity so the overlap that ``ge`` returns again is not re-published.
+
+        Raises: GraphError (the cursor stays where it was; the next run re-reads and the correlator
+        counts each alert version once), or the publisher's or cursor store's error.
+        """
         result = PollResult(tenant)
-        cursor, boundary = self.cursors.load(tenant)
-        if cursor is None:
-            cursor = iso(self.clock() - self.lookback)
+        poll_time = self.clock()
+        stored, boundary = self.cursors.load(tenant)
+        start = _time_of(stored) if stored else None
+        if start is None:
+            start, boundary = poll_time - self.lookback, []
+        if start > poll_time:  # a cursor from a clock gone wrong never hides the present: re-read the lookback
+            start, boundary = poll_time - self.lookback, []
+        cursor = iso(start)
         seen = set(boundary)
+        newest = start
+        late: list[tuple[datetime, str]] = []  # (time, identity) of everything seen at or after the start
+        ascending, previous = True, None
         query = urlencode({"$filter": f"lastUpdateDateTime ge {cursor}", "$orderby": "lastUpdateDateTime asc", "$top": PAGE_SIZE})
         url: str | None = f"{self.base_url}/security/alerts_v2?{query}"
         token = self._token(tenant)
@@ -256,6 +338,13 @@ class GraphPoller:
                 if not isinstance(alert, dict):
                     continue
                 ident = identity_of(alert)
+                when = _time_of(alert.get("lastUpdateDateTime"))
+                if when is not None:
+                    late.append((when, ident))
+                    newest = max(newest, when)
+                    if previous is not None and when < previous:
+                        ascending = False
+                    previous = when
                 if ident in seen:
                     result.duplicates += 1
                     continue
@@ -265,21 +354,42 @@ class GraphPoller:
                 rejected = self.publisher.publish(tenant, [orjson.dumps(a) for a in fresh])
                 result.rejected += rejected
                 result.published += len(fresh) - len(rejected)
-            cursor, boundary = _advance(cursor, boundary, alerts)
-            self.cursors.save(tenant, cursor, boundary)  # only after the page was published
-            seen = set(boundary) | {identity_of(a) for a in fresh}
-            next_link = page.get("@odata.nextLink")
-            url = next_link if isinstance(next_link, str) else None
-        result.cursor = cursor
+            url = self._next(page.get("@odata.nextLink"))
+        if url and not ascending:
+            raise GraphError(
+                f"stopped at {MAX_PAGES_PER_RUN} pages with alerts out of order; the cursor stays at {cursor} "
+                "(published alerts are recognised by identity next time)"
+            )
+        new = min(newest, poll_time)
+        new_boundary = [ident for when, ident in late if when >= new]
+        if new == start:
+            new_boundary = list(boundary) + new_boundary
+        result.cursor = iso(new)
+        if result.cursor != stored or new_boundary != boundary:
+            self.cursors.save(tenant, result.cursor, list(dict.fromkeys(new_boundary)))  # after every page was published
         log.info(
             "graph poll %s: %d published, %d duplicates, %d page(s), cursor %s",
             tenant,
             result.published,
             result.duplicates,
             result.pages,
-            cursor,
+            result.cursor,
         )
         return result
+
+    def _next(self, link: Any) -> str | None:
+        """The next page's URL, only on the origin (scheme, host, port) of ``GRAPH_BASE_URL``.
+
+        Raises: GraphError for any other origin (the token is never sent there).
+        """
+        if link is None:
+            return None
+        if not isinstance(link, str) or _origin(link) != self.origin:
+            shown = _origin(link) if isinstance(link, str) else None
+            where = f"{shown[0]}://{shown[1]}:{shown[2]}" if shown else "an unusable URL"
+            scheme, host, port = self.origin
+            raise GraphError(f"@odata.nextLink points to {where}, not to {scheme}://{host}:{port} (GRAPH_BASE_URL); not followed")
+        return link
 
     def _token(self, tenant: str) -> str:
         """A token for Graph in ``tenant``; ``azure-identity`` credentials cache it until it expires."""
@@ -289,8 +399,20 @@ class GraphPoller:
             raise GraphError(f"token for tenant {tenant}: {type(exc).__name__}") from None
         return str(token.token)
 
+    def _wait(self, seconds: float, why: str) -> None:
+        """Sleep unless that would pass ``max_wait_s`` or the run's time budget.
+
+        Raises: GraphError naming the wait that was refused.
+        """
+        remaining = self._deadline - self.monotonic()
+        if seconds > self.max_wait_s or seconds > remaining:
+            limit = min(self.max_wait_s, max(0.0, remaining))
+            raise GraphError(f"{why}: waiting {seconds:g}s exceeds the {limit:.0f}s left for this run; polled again next run")
+        self.sleep(seconds)
+
     def _get(self, tenant: str, url: str, token: str) -> tuple[dict[str, Any], str]:
         refreshed = False
+        failures = 0
         while True:
             self.limiter.acquire(tenant)
             try:
@@ -298,15 +420,24 @@ class GraphPoller:
                     url,
                     headers={"Authorization": f"Bearer {token}", "Prefer": "include-unknown-enum-members"},
                     timeout=self.timeout_s,
+                    allow_redirects=False,
                 )
             except requests.RequestException as exc:
                 raise GraphError(f"GET failed ({type(exc).__name__})") from None
-            if response.status_code == 401 and not refreshed:
+            status = response.status_code
+            if status == 401 and not refreshed:
                 refreshed = True
                 token = self._token(tenant)  # once: a second 401 fails the run
                 continue
-            if response.status_code != 200:
-                raise GraphError(f"HTTP {response.status_code} from alerts_v2")
+            if status in RETRY_STATUSES and failures < self.retries:
+                failures += 1
+                after = retry_after_seconds(response.headers.get("Retry-After"))
+                if after is None:
+                    after = min(self.max_wait_s, self.backoff_s * 2 ** (failures - 1) * (1 + random.random() / 2))
+                self._wait(after, f"HTTP {status} from alerts_v2")
+                continue
+            if status != 200:
+                raise GraphError(f"HTTP {status} from alerts_v2")
             try:
                 page = orjson.loads(response.content)
             except orjson.JSONDecodeError:
@@ -316,23 +447,11 @@ class GraphPoller:
             return page, token
 
 
-def _advance(cursor: str, boundary: list[str], alerts: list[Any]) -> tuple[str, list[str]]:
-    """New cursor = newest ``lastUpdateDateTime`` seen; boundary = identities at exactly that time."""
-    best = parse_time(cursor)
-    best_text = cursor
-    ids: list[str] = list(boundary)
-    for alert in alerts:
-        if not isinstance(alert, dict):
-            continue
-        text = alert.get("lastUpdateDateTime")
-        when = parse_time(text)
-        if when is None or best is None:
-            continue
-        if when > best:
-            best, best_text, ids = when, str(text), [identity_of(alert)]
-        elif when == best:
-            ids.append(identity_of(alert))
-    return best_text, list(dict.fromkeys(ids))
+def _time_of(value: Any) -> datetime | None:
+    try:
+        return parse_time(value) if isinstance(value, str) else None
+    except (OverflowError, ValueError):
+        return None
 
 
 # -- publishing ----------------------------------------------------------------------------------

@@ -53,6 +53,8 @@ class GraphEmulator:
 
     def __init__(self, page_size: int = 2) -> None:
         self.alerts: dict[str, list[dict[str, Any]]] = {}
+        self.descending = False  # a service that ignores $orderby and returns newest first
+        self.next_link_base: str | None = None  # where nextLink points (default: this server)
         self.faults: list[tuple[str, Any]] = []  # consumed one per request: ("429", retry_after|None), ("503", None), ...
         self.requests: list[tuple[str, str]] = []
         self.valid_tokens: set[str] = set()
@@ -93,13 +95,14 @@ class GraphEmulator:
                 items = sorted(
                     (a for a in emu.alerts.get(tenant, []) if a["lastUpdateDateTime"] >= since),
                     key=lambda a: a["lastUpdateDateTime"],
+                    reverse=emu.descending,
                 )
                 page = items[skip : skip + page_size]
                 body: dict[str, Any] = {"@odata.context": "x", "value": page}
                 if skip + page_size < len(items):
                     nxt = dict(query)
                     nxt["$skip"] = [str(skip + page_size)]
-                    body["@odata.nextLink"] = f"http://127.0.0.1:{emu.port}/v1.0/security/alerts_v2?" + "&".join(
+                    body["@odata.nextLink"] = f"{emu.next_link_base or emu.base_url}/security/alerts_v2?" + "&".join(
                         f"{k}={v[0]}" for k, v in nxt.items()
                     )
                 data = json.dumps(body).encode()
@@ -173,8 +176,9 @@ def make_poller(emu: GraphEmulator, **kw: Any) -> tuple[GraphPoller, Published, 
         kw.pop("cursors", MemoryCursorStore()),
         published,
         base_url=emu.base_url,
-        session=graph_session(retries=4, backoff_s=0.05),
-        clock=lambda: T0 - timedelta(hours=1),
+        session=graph_session(retries=2, backoff_s=0.05),
+        clock=kw.pop("clock", lambda: T0 + timedelta(hours=1)),
+        backoff_s=0.05,
         **kw,
     )
     return poller, published, creds
@@ -227,12 +231,20 @@ def test_expired_token_triggers_exactly_one_refresh(emu: GraphEmulator) -> None:
         published,
         base_url=emu.base_url,
         session=graph_session(retries=2, backoff_s=0.05),
-        clock=lambda: T0 - timedelta(hours=1),
+        clock=lambda: T0 + timedelta(hours=1),
     )
     poller.poll("tA")
     assert published.ids("tA") == ["datA_0"]
     assert [t for _, t in emu.requests] == ["tA:expired", "tA:2"]
     assert credential.calls == 2
+
+
+def counted_once(published: Published) -> list[int]:
+    """The incident counts the correlator makes of everything published (each alert version once)."""
+    engine = Engine(load_rules([default_rules_dir()]), MemoryStateStore())
+    events = [Normalizer().normalize(r, "p", T0) for _, r in published.records]
+    result = engine.process([e for e in events if isinstance(e, NormalizedEvent)])
+    return sorted(s["attributes"]["incidentCount"] for s in result.incidents)
 
 
 def test_malformed_json_fails_that_tenant_only_and_loses_nothing(emu: GraphEmulator) -> None:
@@ -244,18 +256,19 @@ def test_malformed_json_fails_that_tenant_only_and_loses_nothing(emu: GraphEmula
     assert results[0].error and "malformed JSON" in results[0].error
     assert published.ids("tA") == ["datA_0", "datA_1"]
     assert published.ids("tB") == ["datB_0", "datB_1"]
-    poller.poll("tA")  # the next run resumes from the saved cursor: no gap, no repeat
-    assert published.ids("tA") == [f"datA_{n}" for n in range(5)]
+    poller.poll("tA")  # the cursor did not move: the next run re-reads from the start, skipping nothing
+    assert set(published.ids("tA")) == {f"datA_{n}" for n in range(5)}
+    assert poller.poll("tA").published == 0  # and once complete, the overlap is recognised by identity
 
 
-def test_crash_between_publish_and_cursor_save_re_publishes_but_never_skips(emu: GraphEmulator) -> None:
+def test_crash_before_the_cursor_save_re_publishes_but_never_skips(emu: GraphEmulator) -> None:
     emu.alerts["tA"] = [alert("tA", n) for n in range(4)]
 
     class Flaky(MemoryCursorStore):
         fail = True
 
         def save(self, tenant: str, cursor: str, boundary: list[str]) -> None:
-            if self.fail and cursor > "2026-11-20T09:00:01Z":
+            if self.fail:
                 self.fail = False
                 raise RuntimeError("crash before the cursor was saved")
             super().save(tenant, cursor, boundary)
@@ -267,12 +280,125 @@ def test_crash_between_publish_and_cursor_save_re_publishes_but_never_skips(emu:
     poller.poll("tA")
     ids = published.ids("tA")
     assert set(ids) == {f"datA_{n}" for n in range(4)}  # nothing skipped
-    assert len(ids) > 4  # page 2 was published twice ...
-    engine = Engine(load_rules([default_rules_dir()]), MemoryStateStore())
-    events = [Normalizer().normalize(r, "p", T0) for _, r in published.records]
-    result = engine.process([e for e in events if isinstance(e, NormalizedEvent)])
-    counts = sorted(s["attributes"]["incidentCount"] for s in result.incidents)
-    assert counts == [1, 1, 1, 1]  # ... and the correlator counts each alert version once
+    assert len(ids) == 8  # everything was published twice ...
+    assert counted_once(published) == [1, 1, 1, 1]  # ... and the correlator counts each alert version once
+
+
+def test_next_link_to_another_origin_fails_the_tenant_and_never_carries_the_token(emu: GraphEmulator) -> None:
+    other = GraphEmulator()
+    try:
+        emu.alerts["tA"] = [alert("tA", n) for n in range(5)]
+        emu.alerts["tB"] = [alert("tB", 0)]
+        for base in (other.base_url, emu.base_url.replace("127.0.0.1", "localhost"), "https://evil.example/v1.0"):
+            emu.next_link_base = base
+            poller, published, _ = make_poller(emu)
+            results = poller.poll_all(["tA", "tB"])
+            assert results[0].error and "nextLink" in results[0].error and "not followed" in results[0].error
+            assert results[1].error is None and published.ids("tB") == ["datB_0"]  # the next tenant carries on
+        assert other.requests == []  # no request at all, so no bearer token, reached the other server
+        emu.next_link_base = f"http://user:pw@127.0.0.1:{emu.port}/v1.0"  # userinfo is refused too
+        poller, _, _ = make_poller(emu)
+        assert "not followed" in (poller.poll_all(["tA"])[0].error or "")
+    finally:
+        other.close()
+
+
+def test_a_plain_http_next_link_from_an_https_base_is_refused() -> None:
+    poller = GraphPoller(lambda t: None, MemoryCursorStore(), Published())  # type: ignore[arg-type,return-value]
+    assert poller._next("https://graph.microsoft.com/v1.0/security/alerts_v2?$skiptoken=x")
+    assert poller._next("https://GRAPH.microsoft.com:443/v1.0/x")  # same origin, spelled differently
+    for link in (
+        "http://graph.microsoft.com/v1.0/security/alerts_v2?$skiptoken=x",
+        "https://graph.microsoft.com:8443/v1.0/x",
+        "https://graph.microsoft.com.evil.example/v1.0/x",
+        "https://evil.example\\@graph.microsoft.com/v1.0/x",
+        "https://x@graph.microsoft.com/v1.0/x",
+        "//graph.microsoft.com/v1.0/x",
+    ):
+        with pytest.raises(GraphError, match="not followed"):
+            poller._next(link)
+
+
+@pytest.mark.parametrize("retry_after", ["100000", "inf", "nan", "-1", "soon"])
+def test_an_unbounded_or_unusable_retry_after_fails_that_tenant_quickly_and_the_others_are_polled(
+    emu: GraphEmulator, retry_after: str
+) -> None:
+    emu.alerts["tA"] = [alert("tA", 0)]
+    emu.alerts["tB"] = [alert("tB", 0)]
+    emu.faults = [("429", retry_after)]
+    poller, published, _ = make_poller(emu)
+    start = time.monotonic()
+    results = poller.poll_all(["tA", "tB"])
+    assert time.monotonic() - start < 5
+    error = results[0].error or ""
+    assert "Retry-After" in error or "exceeds" in error
+    assert published.ids("tA") == [] and published.ids("tB") == ["datB_0"]
+    assert poller.poll("tA").published == 1  # next run: nothing was lost
+
+
+def test_waits_stay_within_the_run_budget(emu: GraphEmulator) -> None:
+    emu.alerts["tA"] = [alert("tA", 0)]
+    emu.alerts["tB"] = [alert("tB", 0)]
+    emu.faults = [("429", "0.4"), ("429", "0.4")]
+    poller, published, _ = make_poller(emu, budget_s=0.6)
+    start = time.monotonic()
+    results = poller.poll_all(["tA", "tB"])
+    assert results[0].error and "exceeds" in results[0].error  # the second wait would pass the budget
+    assert results[1].error is None and published.ids("tB") == ["datB_0"]
+    assert time.monotonic() - start < 0.6
+
+
+class Exploding(Published):
+    def publish(self, tenant: str, records: list[bytes]) -> list[str]:
+        if tenant == "tA":
+            raise KeyError("anything at all")
+        return super().publish(tenant, records)
+
+
+def test_any_exception_of_one_tenant_leaves_the_other_tenants_polled(emu: GraphEmulator) -> None:
+    for t in ("tA", "tB", "tC"):
+        emu.alerts[t] = [alert(t, 0)]
+    poller, published, _ = make_poller(emu, published=Exploding())
+    results = poller.poll_all(["tA", "tB", "tC"])
+    assert results[0].error == "KeyError: 'anything at all'"
+    assert [r.error for r in results[1:]] == [None, None]
+    assert published.ids("tB") == ["datB_0"] and published.ids("tC") == ["datC_0"]
+
+
+def test_cursor_is_right_when_the_service_ignores_orderby_and_page_two_fails(emu: GraphEmulator) -> None:
+    emu.descending = True  # newest first: page 1 holds the newest alerts
+    emu.alerts["tA"] = [alert("tA", n) for n in range(6)]
+    cursors = MemoryCursorStore()
+    poller, published, _ = make_poller(emu, cursors=cursors)
+    emu.faults = [(None, None), ("malformed", None)]  # page 2 fails
+    assert poller.poll_all(["tA"])[0].error
+    assert cursors.load("tA") == (None, [])  # nothing moved although page 1 was published
+    result = poller.poll("tA")
+    assert set(published.ids("tA")) == {f"datA_{n}" for n in range(6)}  # the older alerts were not skipped
+    assert result.cursor == "2026-11-20T09:00:05Z"
+    emu.alerts["tA"].append(alert("tA", 7, seconds=9))
+    assert poller.poll("tA").duplicates == 1
+    assert published.ids("tA")[-1] == "datA_7"
+    assert counted_once(published) == [1] * 7
+
+
+def test_cursor_never_passes_the_time_of_the_poll(emu: GraphEmulator) -> None:
+    emu.alerts["tA"] = [alert("tA", 0), {**alert("tA", 1), "lastUpdateDateTime": "2099-01-01T00:00:00Z"}]
+    poller, published, _ = make_poller(emu)
+    result = poller.poll("tA")
+    assert result.cursor == "2026-11-20T10:00:00Z"  # the poll time, not 2099
+    emu.alerts["tA"].append(alert("tA", 2, seconds=3700))  # arrives after the poll, before 2099
+    again = poller.poll("tA")
+    assert published.ids("tA") == ["datA_0", "datA_1", "datA_2"]  # the 2099 alert is not re-published
+    assert again.duplicates == 1
+
+
+def test_a_stored_cursor_in_the_future_re_reads_the_lookback(emu: GraphEmulator) -> None:
+    emu.alerts["tA"] = [alert("tA", n, seconds=3500 + n) for n in range(2)]  # a little before the poll
+    cursors = MemoryCursorStore({"tA": ("2099-01-01T00:00:00Z", [])})  # left by a clock gone wrong
+    poller, published, _ = make_poller(emu, cursors=cursors)
+    assert poller.poll("tA").cursor == "2026-11-20T09:58:21Z"
+    assert published.ids("tA") == ["datA_0", "datA_1"]
 
 
 def test_rate_limiter_keeps_to_150_requests_per_minute_per_tenant() -> None:

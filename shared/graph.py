@@ -103,27 +103,31 @@ class TableCursorStore(TableBacked):
         from azure.core.exceptions import ResourceNotFoundError
 
         self._ensure()
+        with self.azure_errors("graph cursor read"):
+            try:
+                entity = self.table.get_entity(self.PARTITION, _row_key(tenant))
+            except ResourceNotFoundError:
+                return None, []
         try:
-            entity = self.table.get_entity(self.PARTITION, _row_key(tenant))
-        except ResourceNotFoundError:
-            return None, []
-        return entity.get("cursor"), orjson.loads(entity.get("boundary", "[]"))
+            boundary = orjson.loads(entity.get("boundary", "[]"))
+        except orjson.JSONDecodeError:
+            boundary = []  # an unreadable boundary only costs re-publishing (recognised downstream)
+        return entity.get("cursor"), [str(b) for b in boundary] if isinstance(boundary, list) else []
 
     def save(self, tenant: str, cursor: str, boundary: list[str]) -> None:
         from azure.data.tables import UpdateMode
 
         self._ensure()
         # One poller per tenant at a time (the timer trigger is a singleton), so a plain upsert is safe here.
-        self.table.upsert_entity(
-            {
-                "PartitionKey": self.PARTITION,
-                "RowKey": _row_key(tenant),
-                "tenant": tenant,
-                "cursor": cursor,
-                "boundary": orjson.dumps(boundary[-500:]).decode(),
-            },
-            mode=UpdateMode.REPLACE,
-        )
+        entity = {
+            "PartitionKey": self.PARTITION,
+            "RowKey": _row_key(tenant),
+            "tenant": tenant,
+            "cursor": cursor,
+            "boundary": orjson.dumps(boundary[-500:]).decode(),
+        }
+        with self.azure_errors("graph cursor write"):
+            self.table.upsert_entity(entity, mode=UpdateMode.REPLACE)
 
 
 def _row_key(tenant: str) -> str:

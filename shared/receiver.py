@@ -1,13 +1,17 @@
 """A small webhook receiver for local runs and tests: verifies signatures, prints incidents.
 
 ``python -m shared receiver --port 8787`` (secret from ``WEBHOOK_SECRET``). Answers 204 to a
-correctly signed, fresh request, 401 otherwise, 413 over the size cap.
+correctly signed, fresh request, 401 otherwise, 413 over the size cap, 411 without a
+``Content-Length``, 400 for a malformed one or a body that is not a JSON object. Idle connections are
+closed after ``idle_timeout_s``; at most ``max_connections`` are served at once (503 beyond).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,36 +20,61 @@ from typing import IO, Any
 from . import views
 from .webhook import IDEMPOTENCY_HEADER, MAX_PAYLOAD_BYTES, verify_signature
 
+IDLE_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 32
+_LENGTH = re.compile(r"[0-9]{1,10}")  # ASCII digits only: int() would also take '-1', ' 7', '١٢'
 
-def make_handler(secret: str | None, out: IO[str], tolerance_s: int = 300) -> type[BaseHTTPRequestHandler]:
+
+def make_handler(
+    secret: str | None, out: IO[str], tolerance_s: int = 300, idle_timeout_s: float = IDLE_TIMEOUT_S
+) -> type[BaseHTTPRequestHandler]:
     lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "defender-correlator-receiver/1"
+        timeout = idle_timeout_s  # socket timeout: a silent or slow client is dropped
 
         def log_message(self, format: str, *args: Any) -> None:
             return
 
+        def _answer(self, status: int) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
         def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length", "0") or 0)
-            if length > MAX_PAYLOAD_BYTES:
-                self.send_response(413)
-                self.end_headers()
+            raw_length = self.headers.get("Content-Length")
+            if raw_length is None:
+                self._answer(411)
                 return
-            body = self.rfile.read(length)
+            if not _LENGTH.fullmatch(raw_length.strip(" \t")):
+                self._answer(400)
+                return
+            length = int(raw_length)
+            if length > MAX_PAYLOAD_BYTES:
+                self._answer(413)
+                return
+            try:
+                body = self.rfile.read(length)
+            except TimeoutError:
+                self.close_connection = True
+                return
+            if len(body) != length:
+                self.close_connection = True  # the client went away mid-body
+                return
             headers = {k: v for k, v in self.headers.items()}
             if secret is not None and not verify_signature(secret, headers, body, tolerance_s=tolerance_s):
                 with lock:
                     out.write(f"REJECTED bad or stale signature ({self.headers.get(IDEMPOTENCY_HEADER)})\n")
                     out.flush()
-                self.send_response(401)
-                self.end_headers()
+                self._answer(401)
                 return
             try:
                 incident = json.loads(body)
             except ValueError:
-                self.send_response(400)
-                self.end_headers()
+                incident = None
+            if not isinstance(incident, dict):
+                self._answer(400)
                 return
             with lock:
                 if isinstance(incident, dict):  # host, user, tenant, link first; further entities indented below
@@ -53,18 +82,57 @@ def make_handler(secret: str | None, out: IO[str], tolerance_s: int = 300) -> ty
                 else:
                     out.write(f"RECEIVED a JSON {type(incident).__name__}, not an incident snapshot\n")
                 out.flush()
-            self.send_response(204)
-            self.end_headers()
+            self._answer(204)
 
     return Handler
 
 
-def serve(host: str, port: int, secret: str | None, out: IO[str] = sys.stdout) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer((host, port), make_handler(secret, out))
-    return server
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """A threading server that serves at most ``max_connections`` connections at once."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        return  # a broken client connection is that client's problem; no traceback on stderr
+
+
+def serve(
+    host: str,
+    port: int,
+    secret: str | None,
+    out: IO[str] = sys.stdout,
+    *,
+    max_connections: int = MAX_CONNECTIONS,
+    idle_timeout_s: float = IDLE_TIMEOUT_S,
+) -> ThreadingHTTPServer:
+    """Raises: OSError when the address cannot be bound (in use, not local, no permission)."""
+    return BoundedHTTPServer((host, port), make_handler(secret, out, idle_timeout_s=idle_timeout_s), max_connections)
 
 
 def main(host: str, port: int, secret_env: str) -> int:
+    """Raises: OSError when the address cannot be bound."""
     secret = os.environ.get(secret_env)
     if not secret:
         print(f"warning: {secret_env} is not set: signatures are NOT verified", file=sys.stderr)

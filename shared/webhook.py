@@ -15,21 +15,23 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import orjson
 import requests
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from requests.adapters import HTTPAdapter
-from urllib3.util import Retry
+from urllib3.exceptions import LocationParseError
+from urllib3.util import Retry, parse_url
 
 from . import views
 from .engine import fit_snapshot
-from .errors import CorrelatorError, SettingsError
+from .errors import CorrelatorError, SettingsError, StoreError
 from .tables import TableBacked
 
 log = logging.getLogger("defender_correlator.webhook")
@@ -81,15 +83,17 @@ class WebhookTarget(BaseModel):
         return value
 
     def check_url(self) -> None:
-        """Raises: SettingsError unless HTTPS, or HTTP to loopback with ``allow_http``."""
-        parts = urlsplit(self.url)
-        if parts.scheme == "https" and parts.hostname:
-            return
-        if parts.scheme == "http" and parts.hostname and _is_loopback(parts.hostname):
-            if self.allow_http:
-                return
-            raise SettingsError(f"webhook target {self.name}: http:// needs the allow-http override (tests and local runs only)")
-        raise SettingsError(f"webhook target {self.name}: URL must be https:// (or http:// to loopback with the override)")
+        """Raises: SettingsError unless the URL passes :func:`endpoint` (the one URL policy)."""
+        self.endpoint()
+
+    def endpoint(self) -> str:
+        """The URL to connect to: parsed once by urllib3 (the parser ``requests`` connects with),
+        validated on that parsed form, and returned re-serialised from it, so that what is checked is
+        what is connected to.
+
+        Raises: SettingsError naming the target (never the URL: it may carry a credential).
+        """
+        return checked_url(self.url, allow_http=self.allow_http, where=f"webhook target {self.name}")
 
     def wants(self, snapshot: Mapping[str, Any]) -> bool:
         return snapshot.get("action") in self.actions and int(snapshot.get("severity", 0)) >= self.min_severity
@@ -102,6 +106,74 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def checked_url(raw: str, *, allow_http: bool, where: str) -> str:
+    """The one URL policy for webhooks: https:// with a host, or http:// to loopback with the
+    override; never user-info, a backslash or control characters.
+
+    Raises: SettingsError naming ``where``.
+    """
+    if "\\" in raw or any(ord(c) < 0x21 or ord(c) == 0x7F for c in raw):
+        raise SettingsError(f"{where}: URL contains a backslash, a space or a control character")
+    try:
+        parsed = parse_url(raw)
+    except LocationParseError:
+        raise SettingsError(f"{where}: URL cannot be parsed") from None
+    scheme, host = (parsed.scheme or "").lower(), (parsed.host or "").lower()
+    if parsed.auth is not None or "@" in (parsed.netloc or ""):
+        raise SettingsError(f"{where}: URL must not carry user info (user:password@)")
+    if not host:
+        raise SettingsError(f"{where}: URL has no host")
+    if scheme == "https":
+        return str(parsed.url)
+    if scheme == "http" and _is_loopback(host):
+        if allow_http:
+            return str(parsed.url)
+        raise SettingsError(f"{where}: http:// needs the allow-http override (tests and local runs only)")
+    raise SettingsError(f"{where}: URL must be https:// (or http:// to loopback with the override)")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the path and query of every URL (and every bare request path) replaced: Slack
+    and Teams webhook URLs carry their credential there."""
+    text = _FULL_URL.sub(lambda m: f"{m.group(1)}/<redacted>", text)
+    return _BARE_PATH.sub(lambda m: f"{m.group(1)}/<redacted>", text)
+
+
+_FULL_URL = re.compile(r"""([A-Za-z][A-Za-z0-9+.-]*://[^/\s'"?#]+)[/?#][^\s'"]*""")
+_BARE_PATH = re.compile(r"""(^|[\s'"(=:,])/(?!<redacted>)[^\s'"]*""")
+
+
+class RedactUrls(logging.Filter):
+    """Rewrites a log record so that no URL path or query reaches any handler."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a record that cannot format is left to the handler's own error path
+            return True
+        redacted = redact_url(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+_REDACTED_LOGGERS = ("urllib3", "urllib3.connectionpool", "urllib3.connection", "urllib3.poolmanager", "urllib3.util.retry")
+_redactor = RedactUrls()
+
+
+def install_log_redaction() -> None:
+    """Put the redacting filter on urllib3's loggers (filters are not inherited by child loggers, so
+    each one that logs a URL gets it) and on our own; idempotent."""
+    names = set(_REDACTED_LOGGERS) | {n for n in logging.root.manager.loggerDict if n.startswith("urllib3")}
+    for name in sorted(names | {log.name}):
+        logger = logging.getLogger(name)
+        if _redactor not in logger.filters:
+            logger.addFilter(_redactor)
+
+
+install_log_redaction()
 
 
 # -- payloads ----------------------------------------------------------------------------------
@@ -228,7 +300,9 @@ def verify_signature(
     lowered = {k.lower(): v for k, v in headers.items()}
     timestamp = lowered.get(TIMESTAMP_HEADER.lower(), "")
     signature = lowered.get(SIGNATURE_HEADER.lower(), "")
-    if not timestamp.isdigit() or abs((now if now is not None else time.time()) - int(timestamp)) > tolerance_s:
+    if not (timestamp.isascii() and timestamp.isdigit()) or len(timestamp) > 12:
+        return False  # str.isdigit() also accepts non-ASCII digits such as '١٢' or '²'
+    if abs((now if now is not None else time.time()) - int(timestamp)) > tolerance_s:
         return False
     return hmac.compare_digest(sign(secret, timestamp, body), signature)
 
@@ -317,18 +391,20 @@ def deliver(target: WebhookTarget, snapshot: dict[str, Any], poster: Poster, now
         DeliveryError: ``permanent`` for 4xx (other than 408/429) and refused redirects; transient
             for 5xx/429/408 and network errors once the retry budget is spent.
     """
-    target.check_url()
+    url = target.endpoint()
     body = payload_for(target, snapshot)
-    url = target.url
     for _ in range(MAX_REDIRECTS + 1):
         result = poster.post(target, url, body, headers_for(target, snapshot, body, now()))
         status = result.status or 0
         if 200 <= status < 300:
             return result
         if status in (301, 302, 303, 307, 308) and result.location:
-            nxt = urljoin(url, result.location)
-            if (urlsplit(nxt).scheme, urlsplit(nxt).netloc) != (urlsplit(url).scheme, urlsplit(url).netloc):
-                raise DeliveryError(f"refused redirect to another host ({urlsplit(nxt).netloc})", permanent=True, status=status)
+            try:
+                nxt = checked_url(urljoin(url, result.location), allow_http=target.allow_http, where="redirect")
+            except SettingsError as exc:
+                raise DeliveryError(f"refused redirect ({exc})", permanent=True, status=status) from None
+            if _origin(nxt) != _origin(url):
+                raise DeliveryError(f"refused redirect to another host ({_origin(nxt)[1]})", permanent=True, status=status)
             url = nxt
             continue
         permanent = (400 <= status < 500 and status not in (408, 429)) or 300 <= status < 400
@@ -336,20 +412,42 @@ def deliver(target: WebhookTarget, snapshot: dict[str, Any], poster: Poster, now
     raise DeliveryError("too many redirects", permanent=True)
 
 
+def _origin(url: str) -> tuple[str, str, int]:
+    parsed = parse_url(url)
+    scheme = parsed.scheme or ""
+    return scheme, (parsed.host or "").lower(), parsed.port or (443 if scheme == "https" else 80)
+
+
 # -- delivery records --------------------------------------------------------------------------
 
 
 class DeliveryLog(Protocol):
+    """Per (target, incident): the highest revision delivered and the highest revision poisoned.
+
+    Raises (every method): StoreError when the store is unreachable.
+    """
+
     def delivered_revision(self, target: str, incident_id: str) -> int:
         """Highest revision delivered to ``target`` for the incident (0: none)."""
         ...
 
     def record(self, target: str, incident_id: str, revision: int) -> None: ...
 
+    def poisoned_revision(self, target: str, incident_id: str) -> int:
+        """Highest revision whose delivery to ``target`` ended on the poison queue (0: none)."""
+        ...
+
+    def record_poisoned(self, target: str, incident_id: str, revision: int) -> None: ...
+
+    def clear_poisoned(self, target: str, incident_id: str) -> None:
+        """Forget the poison record, so that a re-driven message is delivered again."""
+        ...
+
 
 @dataclass
 class MemoryDeliveryLog:
     data: dict[tuple[str, str], int] = field(default_factory=dict)
+    poisoned: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def delivered_revision(self, target: str, incident_id: str) -> int:
         return self.data.get((target, incident_id), 0)
@@ -358,50 +456,85 @@ class MemoryDeliveryLog:
         key = (target, incident_id)
         self.data[key] = max(revision, self.data.get(key, 0))
 
+    def poisoned_revision(self, target: str, incident_id: str) -> int:
+        return self.poisoned.get((target, incident_id), 0)
+
+    def record_poisoned(self, target: str, incident_id: str, revision: int) -> None:
+        key = (target, incident_id)
+        self.poisoned[key] = max(revision, self.poisoned.get(key, 0))
+
+    def clear_poisoned(self, target: str, incident_id: str) -> None:
+        self.poisoned.pop((target, incident_id), None)
+
 
 class TableDeliveryLog(TableBacked):
-    """Delivery records in Azure Table Storage: one entity per (target, incident)."""
+    """Delivery records in Azure Table Storage: one entity per (target, incident), holding the
+    delivered (``revision``) and the poisoned (``poisonedRevision``) revision."""
 
     @staticmethod
     def _keys(target: str, incident_id: str) -> tuple[str, str]:
         return target, hashlib.blake2b(incident_id.encode(), digest_size=16).hexdigest()
 
-    def delivered_revision(self, target: str, incident_id: str) -> int:
+    def _get(self, target: str, incident_id: str) -> dict[str, Any] | None:
         from azure.core.exceptions import ResourceNotFoundError
 
         self._ensure()
-        try:
-            entity = self.table.get_entity(*self._keys(target, incident_id))
-        except ResourceNotFoundError:
-            return 0
-        return int(entity.get("revision", 0))
+        with self.azure_errors("delivery log read"):
+            try:
+                return dict(self.table.get_entity(*self._keys(target, incident_id)))
+            except ResourceNotFoundError:
+                return None
+
+    def delivered_revision(self, target: str, incident_id: str) -> int:
+        entity = self._get(target, incident_id)
+        return int(entity.get("revision", 0)) if entity else 0
+
+    def poisoned_revision(self, target: str, incident_id: str) -> int:
+        entity = self._get(target, incident_id)
+        return int(entity.get("poisonedRevision", 0)) if entity else 0
 
     def record(self, target: str, incident_id: str, revision: int) -> None:
+        self._raise_to(target, incident_id, "revision", revision)
+
+    def record_poisoned(self, target: str, incident_id: str, revision: int) -> None:
+        self._raise_to(target, incident_id, "poisonedRevision", revision)
+
+    def clear_poisoned(self, target: str, incident_id: str) -> None:
+        from azure.data.tables import UpdateMode
+
+        self._ensure()
+        pk, rk = self._keys(target, incident_id)
+        with self.azure_errors("delivery log write"):
+            self.table.upsert_entity({"PartitionKey": pk, "RowKey": rk, "poisonedRevision": 0}, mode=UpdateMode.MERGE)
+
+    def _raise_to(self, target: str, incident_id: str, prop: str, revision: int) -> None:
+        """Conditional write: never lower a revision another worker recorded."""
         from azure.core import MatchConditions
         from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
         from azure.data.tables import UpdateMode
 
         self._ensure()
         pk, rk = self._keys(target, incident_id)
-        for _ in range(5):  # conditional write: never lower a revision another worker recorded
-            try:
-                entity = self.table.get_entity(pk, rk)
-            except ResourceNotFoundError:
+        with self.azure_errors("delivery log write"):
+            for _ in range(5):
                 try:
-                    self.table.create_entity({"PartitionKey": pk, "RowKey": rk, "incidentId": incident_id, "revision": revision})
+                    entity = self.table.get_entity(pk, rk)
+                except ResourceNotFoundError:
+                    try:
+                        self.table.create_entity({"PartitionKey": pk, "RowKey": rk, "incidentId": incident_id, prop: revision})
+                        return
+                    except ResourceExistsError:
+                        continue
+                if int(entity.get(prop, 0)) >= revision:
                     return
-                except ResourceExistsError:
+                entity[prop] = revision
+                try:
+                    etag, unchanged = entity.metadata["etag"], MatchConditions.IfNotModified
+                    self.table.update_entity(entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=unchanged)
+                    return
+                except ResourceModifiedError:
                     continue
-            if int(entity.get("revision", 0)) >= revision:
-                return
-            entity["revision"] = revision
-            try:
-                self.table.update_entity(
-                    entity, mode=UpdateMode.REPLACE, etag=entity.metadata["etag"], match_condition=MatchConditions.IfNotModified
-                )
-                return
-            except ResourceModifiedError:
-                continue
+        raise StoreError(f"delivery log write: {target}/{incident_id} kept changing under 5 conditional writes")
 
 
 # -- the forwarder -------------------------------------------------------------------------------
@@ -455,13 +588,16 @@ class Forwarder:
             self._to_poison(body, f"not an incident snapshot ({type(exc).__name__})", message_id)
             result.failed["*"] = "not an incident snapshot"
             return result
-        transient: list[str] = []
+        transient: dict[str, str] = {}
         for target in self.targets:
             if not target.wants(snapshot):
                 result.skipped.append(target.name)
                 continue
             if self.deliveries.delivered_revision(target.name, incident_id) >= revision:
                 result.skipped.append(target.name)  # already delivered, or a newer revision was
+                continue
+            if self.deliveries.poisoned_revision(target.name, incident_id) >= revision:
+                result.skipped.append(target.name)  # this revision is on the poison queue already
                 continue
             try:
                 attempt = deliver(target, snapshot, self.poster, self.now)
@@ -471,27 +607,39 @@ class Forwarder:
                 if err.permanent:
                     result.failed[target.name] = reason
                 else:
-                    transient.append(reason)
+                    transient[target.name] = reason
                 continue
             self.deliveries.record(target.name, incident_id, revision)
             result.delivered.append(target.name)
             log.info(
                 "webhook delivered to %s: %s revision %d in %d attempt(s)", target.name, incident_id, revision, attempt.attempts
             )
+        last = dequeue_count >= self.max_dequeue_count
+        if transient and last:
+            result.failed.update(
+                {name: f"gave up after {dequeue_count} deliveries of the message: {why}" for name, why in transient.items()}
+            )
         if result.failed:
-            self._to_poison(body, "; ".join(result.failed.values()), message_id)
-        if transient:
-            reason = "; ".join(transient)
-            if dequeue_count >= self.max_dequeue_count:
-                self._to_poison(body, f"gave up after {dequeue_count} deliveries of the message: {reason}", message_id)
-                result.failed.update({"*": reason})
-                return result
-            raise DeliveryError(reason, permanent=False)
+            # One poison entry per (revision, target): the targets are recorded as poisoned for this
+            # revision, so a re-delivery of the message (another target's transient failure) or a
+            # duplicate message neither calls them again nor parks the revision again.
+            self._to_poison(body, "; ".join(result.failed.values()), message_id, targets=sorted(result.failed))
+            for name in result.failed:
+                self.deliveries.record_poisoned(name, incident_id, revision)
+        if transient and not last:
+            raise DeliveryError("; ".join(transient.values()), permanent=False)
         return result
 
-    def _to_poison(self, body: bytes, reason: str, message_id: str | None) -> None:
+    def _to_poison(self, body: bytes, reason: str, message_id: str | None, targets: Sequence[str] = ("*",)) -> None:
         log.error("incident message %s to poison queue: %s", message_id, reason)
         if self.poison is not None:
             self.poison.send(
-                orjson.dumps({"reason": reason, "messageId": message_id, "body": body.decode("utf-8", "replace")}).decode()
+                orjson.dumps(
+                    {
+                        "reason": reason,
+                        "messageId": message_id,
+                        "targets": list(targets),
+                        "body": body.decode("utf-8", "replace"),
+                    }
+                ).decode()
             )

@@ -599,3 +599,118 @@ def test_local_receiver_prints_signed_incidents_and_refuses_bad_signatures() -> 
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("RECEIVED inc-abc rev 1 created sev 9 PH_RULE_X")
     assert lines[1].startswith("REJECTED bad or stale signature")
+
+
+# -- the URL policy, log redaction, poison once per (revision, target) --------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://evil.example\\@127.0.0.1:8787/",  # urllib3 connects to evil.example:80
+        "https://evil.example\\@hooks.example/",
+        "http://user:pw@127.0.0.1:8787/hook",
+        "https://token@hooks.example/hook",
+        "http://127.0.0.1.evil.example/hook",
+        "http://localhost.evil.example/hook",
+        "https://hooks.example/a b",
+        "https://hooks.example/\x00",
+        "https:///hook",
+        "file:///etc/passwd",
+    ],
+)
+def test_the_url_policy_checks_what_the_http_client_connects_to(url: str) -> None:
+    with pytest.raises(SettingsError) as err:
+        WebhookTarget(url=url, allow_http=True).check_url()
+    assert "webhook target default" in str(err.value) and "evil" not in str(err.value)
+
+
+def test_the_checked_url_is_the_one_connected_to(server: Script) -> None:
+    t = target(server.url.replace("127.0.0.1", "LOCALHOST") + "?k=v")
+    assert t.endpoint() == server.url.replace("127.0.0.1", "localhost") + "?k=v"
+    assert forwarder(t).handle(orjson.dumps(snapshot())).delivered == ["default"]
+    assert server.requests[0][0] == "/hook?k=v"
+
+
+def test_redirect_targets_pass_the_same_url_policy(server: Script) -> None:
+    port = server.server.server_address[1]
+    server.responses = [(307, {"Location": f"http://evil.example\\@127.0.0.1:{port}/x"}, 0)]
+    result = forwarder(target(server.url)).handle(orjson.dumps(snapshot()))
+    assert "refused redirect" in result.failed["default"] and len(server.requests) == 1
+
+
+def test_no_log_line_shows_a_webhook_url_path_or_query(server: Script, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    secret_path = "/services/T0SECRET/B0SECRET/XSECRETX?sig=QSECRETQ"
+    dead = "http://127.0.0.1:9" + secret_path  # connection refused: urllib3 warns "Retrying ... /path?query"
+    with pytest.raises(DeliveryError):
+        forwarder(target(dead, retries=1)).handle(orjson.dumps(snapshot()))
+    server.responses = [(500, {}, 0), (204, {}, 0)]  # a status retry: urllib3 logs the path at debug
+    forwarder(target(server.url.replace("/hook", secret_path), retries=1)).handle(orjson.dumps(snapshot()))
+    urllib3_lines = [r for r in caplog.records if r.name.startswith("urllib3")]
+    assert any("Retrying" in r.getMessage() for r in urllib3_lines)  # the warning is still there ...
+    assert "SECRET" not in caplog.text  # ... without the path or the query
+
+
+def test_one_permanent_and_one_transient_target_park_the_revision_once_per_target(server: Script) -> None:
+    refusing = Script([(400, {}, 0)] * 20)
+    try:
+        parked: list[dict[str, Any]] = []
+        sink = type("P", (), {"send": lambda self, m: parked.append(json.loads(m))})()
+        deliveries = MemoryDeliveryLog()
+        fw = Forwarder(
+            [
+                target(refusing.url, name="permanent"),
+                target("http://127.0.0.1:9/hook", name="transient", retries=0),
+            ],
+            deliveries,
+            poison=sink,
+            max_dequeue_count=5,
+        )
+        body = orjson.dumps(snapshot())
+        for dequeue in range(1, 6):
+            try:
+                fw.handle(body, dequeue_count=dequeue, message_id="m1")
+            except DeliveryError:
+                assert dequeue < 5
+        fw.handle(body, dequeue_count=1, message_id="m2")  # a duplicate message of the same revision
+        assert sorted(p["targets"][0] for p in parked) == ["permanent", "transient"]
+        assert len(parked) == 2
+        assert len(refusing.requests) == 1  # the refusing target was not called again on each re-delivery
+        assert json.loads(parked[0]["body"])["revision"] == 1
+        assert deliveries.poisoned_revision("permanent", "inc-abc") == 1
+        fw.handle(orjson.dumps(snapshot(revision=2, action="updated")), dequeue_count=5, message_id="m3")  # a new revision is tried
+        assert len(refusing.requests) == 2 and len(parked) == 3
+        deliveries.clear_poisoned("permanent", "inc-abc")  # a re-drive is delivered again
+        fw.handle(orjson.dumps(snapshot(revision=2, action="updated")), dequeue_count=5, message_id="m4")
+        assert len(refusing.requests) == 3 and parked[-1]["targets"] == ["permanent"]
+    finally:
+        refusing.close()
+
+
+@pytest.mark.azurite
+def test_table_delivery_log_keeps_delivered_and_poisoned_revisions(azurite: Azurite, table_name: str) -> None:
+    log = TableDeliveryLog(TableClient.from_connection_string(azurite.connection_string, table_name))
+    assert (log.delivered_revision("a", "inc"), log.poisoned_revision("a", "inc")) == (0, 0)
+    log.record_poisoned("a", "inc", 3)
+    log.record("a", "inc", 2)
+    log.record_poisoned("a", "inc", 1)  # never lowered
+    assert (log.delivered_revision("a", "inc"), log.poisoned_revision("a", "inc")) == (2, 3)
+    log.clear_poisoned("a", "inc")
+    assert (log.delivered_revision("a", "inc"), log.poisoned_revision("a", "inc")) == (2, 0)
+
+
+def test_every_table_backed_store_maps_azure_failures_to_store_error() -> None:
+    from shared.errors import StoreError
+    from shared.graph import TableCursorStore
+
+    conn = "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=a2V5;TableEndpoint=http://127.0.0.1:9/devstoreaccount1;"
+    for store, call in (
+        (TableDeliveryLog, lambda s: s.delivered_revision("a", "inc")),
+        (TableDeliveryLog, lambda s: s.record("a", "inc", 1)),
+        (TableCursorStore, lambda s: s.load("t")),
+        (TableCursorStore, lambda s: s.save("t", "2026-01-01T00:00:00Z", [])),
+    ):
+        instance = store(TableClient.from_connection_string(conn, "unreachable", retry_total=0))
+        with pytest.raises(StoreError, match=r"\(table unreachable\): ServiceRequestError"):
+            call(instance)

@@ -1,4 +1,11 @@
-"""Command line: ``python -m shared {validate,test-rules,replay} ...``."""
+"""Command line: ``python -m shared {validate,test-rules,replay,send,receiver} ...``.
+
+Exit codes (documented in the README): 0 success; 1 some records rejected (the rest processed), an
+invalid rule file or a failed rule test; 2 usage or input error (arguments, files, rules, settings);
+3 could not connect (an endpoint unreachable or refusing our credentials, a port that cannot be
+listened on); 4 some webhook deliveries failed (``replay --forward``). A user error prints one line
+``error: ...`` on stderr, never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +13,33 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from .errors import RuleSetError
+from .errors import CorrelatorError, EndpointError, RuleSetError
 from .normalize import FORMATS
 from .rules import default_rules_dir, load_rules, rule_files
+
+EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_CONNECT, EXIT_DELIVERY = 0, 1, 2, 3, 4
+
+
+class CommandError(Exception):
+    """A user-facing failure of a command: one line and an exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """A usage error is one line (``--help`` shows the usage)."""
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {message}\n")
+
+
+def _port(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be a number from 0 to 65535, not {text!r}")
+    return int(text)
 
 
 def _rule_paths(values: list[str] | None) -> list[Path]:
@@ -84,18 +113,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return 2
     forward = None
     if args.forward:
-        from .errors import SettingsError
         from .webhook import Forwarder, MemoryDeliveryLog, WebhookTarget
 
         secret = os.environ.get("WEBHOOK_SECRET")
         target = WebhookTarget.model_validate(
             {"url": args.forward, "secret": secret, "allow_http": True, "retries": 2, "backoff_s": 0.2}
         )
-        try:
-            forward = Forwarder([target], MemoryDeliveryLog())
-        except SettingsError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        forward = Forwarder([target], MemoryDeliveryLog())  # SettingsError: exit 2 via main()
     output = args.output or ("table" if sys.stdout.isatty() else "json")
     summary = replay(
         args.files,
@@ -110,6 +134,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         keep=bool(args.html),
     )
     _replay_report(args, summary, output)
+    if summary.forward_failed:
+        return EXIT_DELIVERY
     return 1 if summary.rejected else 0
 
 
@@ -145,12 +171,14 @@ def _replay_report(args: argparse.Namespace, summary: Any, output: str) -> None:
 def cmd_receiver(args: argparse.Namespace) -> int:
     from .receiver import main as receiver_main
 
-    return receiver_main(args.host, args.port, args.secret_env)
+    try:
+        return receiver_main(args.host, args.port, args.secret_env)
+    except OSError as exc:
+        raise CommandError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", EXIT_CONNECT) from None
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from .graph import eventhub_publisher
-    from .send import make_producer, send
+    from .send import make_producer, send_files
 
     missing = [f for f in args.files if f != "-" and not os.path.isfile(f)]
     if missing:
@@ -160,9 +188,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     if not connection and not args.namespace:
         print(f"error: set ${args.connection_env} to an Event Hubs connection string, or pass --namespace", file=sys.stderr)
         return 2
-    producer = make_producer(connection, args.namespace, args.hub)
-    with producer:
-        counts = send(args.files, eventhub_publisher(producer), fmt=args.format, progress=sys.stderr.isatty())
+    producer = make_producer(connection, args.namespace, args.hub, connection_env=args.connection_env)
+    counts = send_files(args.files, producer, fmt=args.format, progress=sys.stderr.isatty())
     print(f"read {counts['read']}, sent {counts['sent']}, rejected {counts['rejected']}", file=sys.stderr)
     return 1 if counts["rejected"] else 0
 
@@ -239,7 +266,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m shared", description="defender-correlator commands")
+    parser = _Parser(prog="python -m shared", description="defender-correlator commands")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -321,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("receiver", help="a local webhook receiver that verifies signatures and prints incidents")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8787)
+    p.add_argument("--port", type=_port, default=8787)
     p.add_argument("--secret-env", default="WEBHOOK_SECRET", help="environment variable holding the shared secret")
     p.set_defaults(func=cmd_receiver)
     return parser
@@ -333,7 +360,24 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors already
         return int(exc.code or 0)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except CommandError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
+    except EndpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONNECT
+    except CorrelatorError as exc:  # settings, rules, records: the user's input
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:  # a file that cannot be read, a broken pipe
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or type(exc).__name__}{where}", file=sys.stderr)
+        return EXIT_USAGE
     return code
 
 

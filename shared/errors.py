@@ -91,3 +91,7 @@ class SettingsError(CorrelatorError):
 
 class RuleImportError(CorrelatorError):
     """A file given to an importer is not a rule of that kind (the message names the file and why)."""
+
+
+class EndpointError(CorrelatorError):
+    """A remote endpoint (Event Hub, webhook, Graph) could not be reached or refused our credentials."""

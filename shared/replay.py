@@ -62,6 +62,7 @@ class ReplaySummary:
     rejected: int = 0
     skipped: int = 0
     forwarded: int = 0
+    forward_failed: int = 0  # incidents that did not reach every forwarding target
     stats: Stats = field(default_factory=Stats)
     rules: dict[str, RuleSummary] = field(default_factory=dict)
     rule_names: dict[str, str] = field(default_factory=dict)
@@ -88,8 +89,8 @@ class ReplaySummary:
         ]
         if self.unmatched:
             out.append(f"alerts no rule matched: {self.unmatched}")
-        if self.forwarded:
-            out.append(f"incidents forwarded to the webhook: {self.forwarded}")
+        if self.forwarded or self.forward_failed:
+            out.append(f"incidents forwarded to the webhook: {self.forwarded}, failed: {self.forward_failed}")
         if self.stats.per_rule:
             out.append("rules that matched:")
         for rule_id, rc in sorted(self.stats.per_rule.items()):
@@ -278,4 +279,6 @@ def _forward(forwarder: Any, data: bytes, err: IO[str], summary: ReplaySummary) 
         err.write(f"webhook: {exc}\n")
     if result is not None and result.failed:
         err.write(f"webhook: {'; '.join(result.failed.values())}\n")
+    if result is None or result.failed:
+        summary.forward_failed += 1
     summary.forwarded += len(result.delivered) if result is not None else 0

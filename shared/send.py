@@ -10,6 +10,7 @@ from typing import IO, Any
 
 import orjson
 
+from .errors import EndpointError, SettingsError
 from .graph import BatchPublisher
 from .normalize import NormalizedEvent, Normalizer, Rejection, iter_paths
 
@@ -62,12 +63,42 @@ def send(
     return counts
 
 
-def make_producer(connection_string: str | None, namespace: str | None, hub: str) -> Any:
+def make_producer(
+    connection_string: str | None, namespace: str | None, hub: str, *, connection_env: str = "EVENTHUB_CONNECTION_STRING"
+) -> Any:
+    """Raises: SettingsError naming ``connection_env`` for a malformed connection string (never its value)."""
     from azure.eventhub import EventHubProducerClient
 
     if connection_string:
-        return EventHubProducerClient.from_connection_string(connection_string, eventhub_name=hub)
+        try:
+            return EventHubProducerClient.from_connection_string(connection_string, eventhub_name=hub, retry_total=2)
+        except (ValueError, TypeError, KeyError):
+            raise SettingsError(
+                f"${connection_env} is not an Event Hubs connection string "
+                "(Endpoint=sb://<namespace>/;SharedAccessKeyName=...;SharedAccessKey=...)"
+            ) from None
     from azure.identity import DefaultAzureCredential
 
     fqdn = namespace if namespace and "." in namespace else f"{namespace}.servicebus.windows.net"
-    return EventHubProducerClient(fully_qualified_namespace=fqdn, eventhub_name=hub, credential=DefaultAzureCredential())
+    return EventHubProducerClient(
+        fully_qualified_namespace=fqdn, eventhub_name=hub, credential=DefaultAzureCredential(), retry_total=2
+    )
+
+
+def send_files(paths: list[str], producer: Any, *, fmt: str = "auto", progress: bool = False) -> dict[str, Any]:
+    """:func:`send` on a producer, closing it.
+
+    Raises: EndpointError when the hub cannot be reached or refuses the credentials (records sent
+    before that stay sent).
+    """
+    from azure.core.exceptions import AzureError, ClientAuthenticationError
+    from azure.eventhub.exceptions import EventHubError
+
+    from .graph import eventhub_publisher
+
+    try:
+        with producer:
+            return send(paths, eventhub_publisher(producer), fmt=fmt, progress=progress)
+    except (EventHubError, ClientAuthenticationError, AzureError) as exc:
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise EndpointError(f"could not send to the Event Hub ({type(exc).__name__}: {first})") from None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,17 +13,23 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from .errors import SettingsError
 
+# Azure naming rules. Tables: 3-63 letters and digits, starting with a letter ("tables" is reserved).
+# Queues (and blob containers): 3-63 lower-case letters, digits and single dashes, no dash at either end.
+TABLE_NAME = r"^(?![Tt][Aa][Bb][Ll][Ee][Ss]$)[A-Za-z][A-Za-z0-9]{2,62}$"
+QUEUE_NAME = r"^(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$"
+HOST_JSON = Path(__file__).resolve().parent.parent / "host.json"
+
 
 class Settings(BaseModel):
     """Every app setting the code reads (the Bicep sets each of them; a test checks that)."""
 
-    model_config = ConfigDict(frozen=True, populate_by_name=True)
+    model_config = ConfigDict(frozen=True, populate_by_name=True, regex_engine="python-re")  # naming rules use look-ahead
 
     alerts_eventhub_name: str = Field(alias="ALERTS_EVENTHUB_NAME", min_length=1)
     alerts_consumer_group: str = Field(alias="ALERTS_CONSUMER_GROUP", default="$Default", min_length=1)
-    incidents_queue: str = Field(alias="INCIDENTS_QUEUE", default="incidents", pattern=r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
-    rejected_queue: str = Field(alias="REJECTED_QUEUE", default="rejected-alerts", pattern=r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
-    state_table: str = Field(alias="STATE_TABLE", default="correlatorstate", pattern=r"^[A-Za-z][A-Za-z0-9]{2,62}$")
+    incidents_queue: str = Field(alias="INCIDENTS_QUEUE", default="incidents", pattern=QUEUE_NAME)
+    rejected_queue: str = Field(alias="REJECTED_QUEUE", default="rejected-alerts", pattern=QUEUE_NAME)
+    state_table: str = Field(alias="STATE_TABLE", default="correlatorstate", pattern=TABLE_NAME)
     purge_schedule: str = Field(alias="PURGE_SCHEDULE", default="0 */15 * * * *")
     rules_dir: str | None = Field(alias="RULES_DIR", default=None)
     # Storage for state and dead letters: a connection string (local/Azurite) or identity-based URIs.
@@ -50,6 +58,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         SettingsError: naming the missing or malformed setting.
     """
     source = dict(os.environ if env is None else env)
+    _reject_unresolved_references(source, [str(f.alias) for f in Settings.model_fields.values()])
     try:
         settings = Settings.model_validate({k: v for k, v in source.items() if v != ""})
     except ValidationError as exc:
@@ -68,12 +77,77 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return settings
 
 
-def _reject_unresolved_references(source: Mapping[str, str]) -> None:
+def _is_unresolved_reference(value: object) -> bool:
+    return isinstance(value, str) and value.lstrip().lower().startswith("@microsoft.keyvault(")
+
+
+def _reject_unresolved_references(source: Mapping[str, str], names: Iterable[str]) -> None:
     """A Key Vault reference the platform could not resolve arrives as its own text; using that text
-    as a secret would sign with a guessable value, so it is an error naming the setting."""
-    for name, value in source.items():
-        if isinstance(value, str) and value.startswith("@Microsoft.KeyVault(") and ("SECRET" in name or "PASSWORD" in name):
+    (as a secret, a URL, a name) would sign with a guessable value or worse, so any setting read that
+    holds one is an error naming it, whatever it is called."""
+    for name in names:
+        if _is_unresolved_reference(source.get(name)):
             raise SettingsError(f"app setting {name}: its Key Vault reference was not resolved (secret missing or no access)")
+
+
+class _Source:
+    """The app settings as read by one loader: every value read is checked for an unresolved Key
+    Vault reference under its own name; empty values count as unset."""
+
+    def __init__(self, env: Mapping[str, str] | None) -> None:
+        self.env = dict(os.environ if env is None else env)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        value = self.env.get(name)
+        if value is None or value == "":
+            return default
+        _reject_unresolved_references(self.env, [name])
+        return value
+
+    def text(self, name: str, default: str) -> str:
+        value = self.get(name, default)
+        return default if value is None else value
+
+    def flag(self, name: str, default: bool = False) -> bool:
+        """A strict boolean: true/false, 1/0 or yes/no (any case); anything else is an error."""
+        value = self.get(name)
+        if value is None:
+            return default
+        lowered = value.strip().lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise SettingsError(f"app setting {name}: {value[:40]!r} is not a boolean (true or false)")
+
+    def name(self, name: str, default: str, pattern: str, kind: str) -> str:
+        value = self.text(name, default)
+        if not re.fullmatch(pattern, value):
+            rule = (
+                "3-63 letters and digits, starting with a letter"
+                if kind == "table"
+                else "3-63 lower-case letters, digits and single dashes, not at either end"
+            )
+            raise SettingsError(f"app setting {name}: {value[:70]!r} is not a valid Azure {kind} name ({rule})")
+        return value
+
+
+def host_max_dequeue_count(path: Path = HOST_JSON) -> int | None:
+    """``extensions.queues.maxDequeueCount`` from ``host.json`` (None when the file is not there).
+
+    Raises: SettingsError when the file is there but unreadable or the value is not a positive integer.
+    """
+    import json
+
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text()).get("extensions", {}).get("queues", {}).get("maxDequeueCount", 5)
+    except (OSError, ValueError, AttributeError):
+        raise SettingsError(f"{path.name}: cannot read extensions.queues.maxDequeueCount") from None
+    if type(value) is not int or value < 1:
+        raise SettingsError(f"{path.name}: extensions.queues.maxDequeueCount must be a positive integer")
+    return value
 
 
 class WebhookSettings(BaseModel):
@@ -87,85 +161,139 @@ class WebhookSettings(BaseModel):
     max_dequeue_count: int
 
 
-def load_webhook_settings(env: Mapping[str, str] | None = None) -> WebhookSettings:
+_TARGET_FIELDS = {
+    "url": "url",
+    "secret": "secretSetting",
+    "format": "format",
+    "actions": "actions",
+    "min_severity": "minSeverity",
+    "name": "name",
+}
+_DEFAULT_TARGET_SETTINGS = {
+    "url": "WEBHOOK_URL",
+    "secret": "WEBHOOK_SECRET",
+    "format": "WEBHOOK_FORMAT",
+    "actions": "WEBHOOK_ACTIONS",
+    "min_severity": "WEBHOOK_MIN_SEVERITY",
+    "name": "WEBHOOK_URL",
+}
+
+
+def _listed_setting(where: str, field: str) -> str:
+    return f"{where}.{_TARGET_FIELDS.get(field, field)}"
+
+
+def load_webhook_settings(
+    env: Mapping[str, str] | None = None, *, host_json: Path = HOST_JSON, require_target: bool = True
+) -> WebhookSettings:
     """Targets from ``WEBHOOK_URL`` (+ ``WEBHOOK_SECRET``, ``WEBHOOK_FORMAT``, ``WEBHOOK_ACTIONS``,
     ``WEBHOOK_MIN_SEVERITY``, ``WEBHOOK_ALLOW_HTTP``) and/or ``WEBHOOK_TARGETS`` (a JSON list of
     ``{name, url, secretSetting, format, actions, minSeverity}``; each secret read from the app
     setting it names, e.g. a Key Vault reference).
 
     Raises:
-        SettingsError: naming the setting (never its secret value).
+        SettingsError: naming the setting (never its secret value): each value is checked under its
+            own name.
     """
     import json
 
-    from pydantic import ValidationError as _VE
-
     from .webhook import WebhookTarget
 
-    source = dict(os.environ if env is None else env)
-    _reject_unresolved_references(source)
-    allow_http = source.get("WEBHOOK_ALLOW_HTTP", "false").lower() in ("1", "true", "yes")
-    raw: list[dict[str, Any]] = []
-    if source.get("WEBHOOK_URL"):
+    source = _Source(env)
+    allow_http = source.flag("WEBHOOK_ALLOW_HTTP")
+    raw: list[tuple[dict[str, Any], Callable[[str], str]]] = []
+    url = source.get("WEBHOOK_URL")
+    if url:
+        actions = source.text("WEBHOOK_ACTIONS", "created,updated")
         raw.append(
-            {
-                "name": "default",
-                "url": source["WEBHOOK_URL"],
-                "secret": source.get("WEBHOOK_SECRET") or None,
-                "format": source.get("WEBHOOK_FORMAT", "json"),
-                "actions": tuple(a.strip() for a in source.get("WEBHOOK_ACTIONS", "created,updated").split(",") if a.strip()),
-                "min_severity": source.get("WEBHOOK_MIN_SEVERITY", "1"),
-                "allow_http": allow_http,
-            }
-        )
-    if source.get("WEBHOOK_TARGETS"):
-        try:
-            listed = json.loads(source["WEBHOOK_TARGETS"])
-            assert isinstance(listed, list)
-        except (ValueError, AssertionError):
-            raise SettingsError("app setting WEBHOOK_TARGETS: must be a JSON list of targets") from None
-        for i, item in enumerate(listed):
-            if not isinstance(item, dict):
-                raise SettingsError(f"app setting WEBHOOK_TARGETS[{i}]: must be an object")
-            secret_setting = item.get("secretSetting")
-            if secret_setting and not source.get(secret_setting):
-                raise SettingsError(f"app setting {secret_setting} (secret of WEBHOOK_TARGETS[{i}]) is missing")
-            raw.append(
+            (
                 {
-                    "name": item.get("name", f"target{i}"),
-                    "url": item.get("url", ""),
-                    "secret": source.get(secret_setting) if secret_setting else None,
-                    "format": item.get("format", "json"),
-                    "actions": tuple(item.get("actions", ("created", "updated"))),
-                    "min_severity": item.get("minSeverity", 1),
+                    "name": "default",
+                    "url": url,
+                    "secret": source.get("WEBHOOK_SECRET"),
+                    "format": source.text("WEBHOOK_FORMAT", "json"),
+                    "actions": tuple(a.strip() for a in actions.split(",") if a.strip()),
+                    "min_severity": source.text("WEBHOOK_MIN_SEVERITY", "1"),
                     "allow_http": allow_http,
-                }
+                },
+                lambda field: _DEFAULT_TARGET_SETTINGS.get(field, "WEBHOOK_URL"),
             )
-    if not raw:
+        )
+    listed_text = source.get("WEBHOOK_TARGETS")
+    if listed_text:
+        try:
+            listed = json.loads(listed_text)
+        except ValueError:
+            listed = None
+        if not isinstance(listed, list):
+            raise SettingsError("app setting WEBHOOK_TARGETS: must be a JSON list of targets")
+        for i, item in enumerate(listed):
+            where = f"WEBHOOK_TARGETS[{i}]"
+            if not isinstance(item, dict):
+                raise SettingsError(f"app setting {where}: must be an object")
+            unknown = set(item) - set(_TARGET_FIELDS.values())
+            if unknown:
+                raise SettingsError(f"app setting {where}: unknown keys {sorted(unknown)}")
+            secret_setting = item.get("secretSetting")
+            if secret_setting is not None and (not isinstance(secret_setting, str) or not source.get(secret_setting)):
+                raise SettingsError(f"app setting {secret_setting} (secret of {where}) is missing")
+            raw.append(
+                (
+                    {
+                        "name": item.get("name", f"target{i}"),
+                        "url": item.get("url", ""),
+                        "secret": source.get(secret_setting) if secret_setting else None,
+                        "format": item.get("format", "json"),
+                        "actions": item.get("actions", ("created", "updated")),
+                        "min_severity": item.get("minSeverity", 1),
+                        "allow_http": allow_http,
+                    },
+                    functools.partial(_listed_setting, where),
+                )
+            )
+    if not raw and require_target:
         raise SettingsError("app setting WEBHOOK_URL (or WEBHOOK_TARGETS) is missing")
     targets = []
-    for i, item in enumerate(raw):
-        where = "WEBHOOK_URL" if item["name"] == "default" and i == 0 and source.get("WEBHOOK_URL") else f"WEBHOOK_TARGETS[{i}]"
+    for item, setting_of in raw:
         try:
             target = WebhookTarget.model_validate(item)
-        except _VE as exc:
+        except ValidationError as exc:
             first = exc.errors()[0]
-            raise SettingsError(f"app setting {where}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-        target.check_url()
+            field = str(first["loc"][0]) if first["loc"] else "url"
+            raise SettingsError(f"app setting {setting_of(field)}: {first['msg']}") from None
+        try:
+            target.check_url()
+        except SettingsError as exc:
+            raise SettingsError(f"app setting {setting_of('url')}: {str(exc).split(': ', 1)[-1]}") from None
         targets.append(target)
     if len({t.name for t in targets}) != len(targets):
         raise SettingsError("app setting WEBHOOK_TARGETS: target names repeat")
-    try:
-        max_dequeue = int(source.get("WEBHOOK_MAX_DEQUEUE_COUNT", "5"))
-    except ValueError:
-        raise SettingsError("app setting WEBHOOK_MAX_DEQUEUE_COUNT: must be an integer") from None
-    incidents_queue = source.get("INCIDENTS_QUEUE", "incidents")
+    max_dequeue = _max_dequeue_count(source, host_json)
+    incidents_queue = source.name("INCIDENTS_QUEUE", "incidents", QUEUE_NAME, "queue")
     return WebhookSettings(
         targets=tuple(targets),
-        delivery_table=source.get("DELIVERY_TABLE", "webhookdeliveries"),
-        poison_queue=source.get("INCIDENTS_POISON_QUEUE", f"{incidents_queue}-poison"),
+        delivery_table=source.name("DELIVERY_TABLE", "webhookdeliveries", TABLE_NAME, "table"),
+        poison_queue=source.name("INCIDENTS_POISON_QUEUE", f"{incidents_queue}-poison", QUEUE_NAME, "queue"),
         max_dequeue_count=max_dequeue,
     )
+
+
+def _max_dequeue_count(source: _Source, host_json: Path) -> int:
+    """``WEBHOOK_MAX_DEQUEUE_COUNT``, derived from ``host.json`` when unset; a value that disagrees
+    with ``host.json`` fails start-up (the forwarder would give up too late or too early)."""
+    from_host = host_max_dequeue_count(host_json)
+    text = source.get("WEBHOOK_MAX_DEQUEUE_COUNT")
+    if text is None:
+        return from_host if from_host is not None else 5
+    if not re.fullmatch(r"[0-9]{1,4}", text.strip()) or int(text) < 1:
+        raise SettingsError(f"app setting WEBHOOK_MAX_DEQUEUE_COUNT: {text[:20]!r} is not a positive integer")
+    value = int(text)
+    if from_host is not None and value != from_host:
+        raise SettingsError(
+            f"app setting WEBHOOK_MAX_DEQUEUE_COUNT: {value} disagrees with host.json "
+            f"extensions.queues.maxDequeueCount {from_host} (leave it unset to take host.json's)"
+        )
+    return value
 
 
 class GraphSettings(BaseModel):
@@ -187,10 +315,12 @@ class GraphSettings(BaseModel):
 
 def load_graph_settings(env: Mapping[str, str] | None = None) -> GraphSettings:
     """Raises: SettingsError naming the setting."""
-    source = dict(os.environ if env is None else env)
-    _reject_unresolved_references(source)
-    tenants = tuple(t.strip() for t in source.get("GRAPH_TENANTS", "").split(",") if t.strip())
-    auth = source.get("GRAPH_AUTH", "managed_identity")
+    source = _Source(env)
+    tenants = tuple(t.strip() for t in source.text("GRAPH_TENANTS", "").split(",") if t.strip())
+    for tenant in tenants:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}", tenant):
+            raise SettingsError(f"app setting GRAPH_TENANTS: {tenant[:60]!r} is not a tenant id or domain")
+    auth = source.text("GRAPH_AUTH", "managed_identity")
     if auth not in ("managed_identity", "client_secret", "certificate"):
         raise SettingsError("app setting GRAPH_AUTH: must be managed_identity, client_secret or certificate")
     if tenants and auth == "client_secret" and not (source.get("GRAPH_CLIENT_ID") and source.get("GRAPH_CLIENT_SECRET")):
@@ -205,15 +335,20 @@ def load_graph_settings(env: Mapping[str, str] | None = None) -> GraphSettings:
         )
     if tenants and not source.get("ALERTS_EVENTHUB_NAME"):
         raise SettingsError("app setting ALERTS_EVENTHUB_NAME is missing")
+    base_url = source.text("GRAPH_BASE_URL", "https://graph.microsoft.com/v1.0")
+    from .webhook import checked_url
+
+    checked_url(base_url, allow_http=True, where="app setting GRAPH_BASE_URL")  # http only to loopback (emulators)
+    client_secret = source.get("GRAPH_CLIENT_SECRET")
     return GraphSettings(
         tenants=tenants,
         auth=auth,
         client_id=source.get("GRAPH_CLIENT_ID") or source.get("AZURE_CLIENT_ID"),
-        client_secret=SecretStr(source["GRAPH_CLIENT_SECRET"]) if source.get("GRAPH_CLIENT_SECRET") else None,
+        client_secret=SecretStr(client_secret) if client_secret else None,
         certificate_path=source.get("GRAPH_CERTIFICATE_PATH"),
-        cursor_table=source.get("GRAPH_CURSOR_TABLE", "graphcursors"),
-        base_url=source.get("GRAPH_BASE_URL", "https://graph.microsoft.com/v1.0"),
+        cursor_table=source.name("GRAPH_CURSOR_TABLE", "graphcursors", TABLE_NAME, "table"),
+        base_url=base_url,
         eventhub_namespace=namespace,
         eventhub_connection=SecretStr(connection) if connection else None,
-        eventhub_name=source.get("ALERTS_EVENTHUB_NAME", ""),
+        eventhub_name=source.text("ALERTS_EVENTHUB_NAME", ""),
     )

@@ -52,7 +52,7 @@ def code_settings() -> tuple[set[str], set[str]]:
         text = path.read_text()
         if path.name == "settings.py":
             names |= set(re.findall(r'alias="([A-Za-z_][A-Za-z0-9_]*)"', text))
-        names |= set(re.findall(r'source(?:\.get\(|\[)"([A-Z][A-Za-z0-9_]*)"', text))
+        names |= set(re.findall(r'source(?:\.(?:get|text|flag|name)\(|\[)"([A-Z][A-Za-z0-9_]*)"', text))
         names |= set(re.findall(r'"%([A-Z][A-Z0-9_]*)%"', text))
         prefixes |= set(re.findall(r'connection="([A-Za-z_][A-Za-z0-9_]*)"', text))
     return names, prefixes

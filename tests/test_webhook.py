@@ -679,7 +679,8 @@ def test_one_permanent_and_one_transient_target_park_the_revision_once_per_targe
         assert len(refusing.requests) == 1  # the refusing target was not called again on each re-delivery
         assert json.loads(parked[0]["body"])["revision"] == 1
         assert deliveries.poisoned_revision("permanent", "inc-abc") == 1
-        fw.handle(orjson.dumps(snapshot(revision=2, action="updated")), dequeue_count=5, message_id="m3")  # a new revision is tried
+        # a new revision is tried afresh
+        fw.handle(orjson.dumps(snapshot(revision=2, action="updated")), dequeue_count=5, message_id="m3")
         assert len(refusing.requests) == 2 and len(parked) == 3
         deliveries.clear_poisoned("permanent", "inc-abc")  # a re-drive is delivered again
         fw.handle(orjson.dumps(snapshot(revision=2, action="updated")), dequeue_count=5, message_id="m4")

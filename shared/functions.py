@@ -323,32 +323,19 @@ _forwarder: Any = None
 
 def build_forwarder(env: dict[str, str] | None = None) -> Any:
     """The webhook forwarder from app settings: Table delivery records, poison queue."""
-    from azure.data.tables import TableClient
-    from azure.storage.queue import QueueClient
-
+    from .claimcheck import BlobClaims
+    from .clients import StorageClients
     from .settings import load_webhook_settings
     from .webhook import Forwarder, TableDeliveryLog
 
     hooks = load_webhook_settings(env)
     settings = load_settings(env)
-    if settings.storage_connection:
-        table = TableClient.from_connection_string(settings.storage_connection, hooks.delivery_table)
-        queue = QueueClient.from_connection_string(settings.storage_connection, hooks.poison_queue)
-    else:
-        from azure.identity import ManagedIdentityCredential
-
-        credential = ManagedIdentityCredential(client_id=settings.managed_identity_client_id)
-        assert settings.table_service_uri and settings.queue_service_uri
-        table = TableClient(settings.table_service_uri, hooks.delivery_table, credential=credential)
-        queue = QueueClient(settings.queue_service_uri, hooks.poison_queue, credential=credential)
-    from .claimcheck import BlobClaims
-    from .clients import StorageClients
-
-    claims = BlobClaims(StorageClients.from_settings(settings).container(settings.deadletter_container))
+    clients = StorageClients.from_settings(settings)
+    claims = BlobClaims(clients.container(settings.deadletter_container))
     return Forwarder(
         list(hooks.targets),
-        TableDeliveryLog(table),
-        poison=QueuePoison(queue, claims),
+        TableDeliveryLog(clients.table(hooks.delivery_table)),
+        poison=QueuePoison(clients.queue(hooks.poison_queue), claims),
         max_dequeue_count=hooks.max_dequeue_count,
     )
 
@@ -385,7 +372,6 @@ class GraphRuntime:
 
 def build_graph_runtime(env: dict[str, str] | None = None) -> GraphRuntime | None:
     """The Graph poller from app settings, or None when ``GRAPH_TENANTS`` is not configured."""
-    from azure.data.tables import TableClient
     from azure.eventhub import EventHubProducerClient
 
     from .graph import GraphPoller, TableCursorStore, eventhub_publisher
@@ -413,15 +399,9 @@ def build_graph_runtime(env: dict[str, str] | None = None) -> GraphRuntime | Non
             credentials[tenant] = credential_for(tenant)
         return credentials[tenant]
 
-    if settings.storage_connection:
-        table = TableClient.from_connection_string(settings.storage_connection, graph.cursor_table)
-    else:
-        assert settings.table_service_uri
-        table = TableClient(
-            settings.table_service_uri,
-            graph.cursor_table,
-            credential=identity.ManagedIdentityCredential(client_id=settings.managed_identity_client_id),
-        )
+    from .clients import StorageClients
+
+    table = StorageClients.from_settings(settings).table(graph.cursor_table)
     if graph.eventhub_connection is not None and "Endpoint=" in graph.eventhub_connection.get_secret_value():
         producer = EventHubProducerClient.from_connection_string(
             graph.eventhub_connection.get_secret_value(), eventhub_name=graph.eventhub_name

@@ -12,6 +12,8 @@ import pytest
 from shared.errors import SettingsError
 from shared.settings import load_graph_settings, load_settings, load_webhook_settings
 
+from .conftest import Azurite
+
 HOOK = {"WEBHOOK_URL": "https://hooks.example/a"}
 BASE = {"ALERTS_EVENTHUB_NAME": "alerts", "STATE_STORAGE_CONNECTION": "UseDevelopmentStorage=true"}
 GRAPH = {
@@ -131,3 +133,28 @@ def test_max_dequeue_count_is_taken_from_host_json_and_cannot_disagree(tmp_path:
 def test_the_shipped_host_json_gives_the_forwarder_its_max_dequeue_count() -> None:
     shipped = json.loads((Path(__file__).resolve().parent.parent / "host.json").read_text())
     assert load_webhook_settings(HOOK).max_dequeue_count == shipped["extensions"]["queues"]["maxDequeueCount"]
+
+
+@pytest.mark.azurite
+def test_forwarder_and_graph_runtime_get_their_tables_from_the_one_client_factory(azurite: Azurite, table_name: str) -> None:
+    from shared.functions import build_forwarder, build_graph_runtime
+
+    env = {
+        **HOOK,
+        "ALERTS_EVENTHUB_NAME": "alerts",
+        "STATE_STORAGE_CONNECTION": azurite.connection_string,
+        "DELIVERY_TABLE": table_name + "d",
+        "GRAPH_TENANTS": "t1",
+        "GRAPH_CURSOR_TABLE": table_name + "g",
+        "ALERTS_EVENTHUB": "Endpoint=sb://127.0.0.1:9/;SharedAccessKeyName=k;SharedAccessKey=dmFsdWU=",
+    }
+    forwarder = build_forwarder(env)
+    forwarder.deliveries.record_poisoned("default", "inc", 2)
+    assert forwarder.deliveries.poisoned_revision("default", "inc") == 2
+    graph = build_graph_runtime(env)
+    assert graph is not None
+    try:
+        graph.poller.cursors.save("t1", "2026-11-20T09:00:00Z", ["graph:a:1"])
+        assert graph.poller.cursors.load("t1") == ("2026-11-20T09:00:00Z", ["graph:a:1"])
+    finally:
+        graph.close()

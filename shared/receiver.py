@@ -76,11 +76,8 @@ def make_handler(
             if not isinstance(incident, dict):
                 self._answer(400)
                 return
-            with lock:
-                if isinstance(incident, dict):  # host, user, tenant, link first; further entities indented below
-                    out.write("\n".join([views.receiver_line(incident), *views.entity_lines(incident)]) + "\n")
-                else:
-                    out.write(f"RECEIVED a JSON {type(incident).__name__}, not an incident snapshot\n")
+            with lock:  # host, user, tenant, link first; further entities indented below
+                out.write("\n".join([views.receiver_line(incident), *views.entity_lines(incident)]) + "\n")
                 out.flush()
             self._answer(204)
 

@@ -82,8 +82,13 @@ def cmd_test_rules(args: argparse.Namespace) -> int:
         return rt.EXIT_INVALID
     selection = rt.Selection(rules=args.rule or (), tests=args.test or ())
     results = rt.run_rule_tests(rules, selection, min_tests=args.min_tests)
+    if not args.min_tests:
+        for rule in rules:
+            if selection.rule(rule.id) and not rule.model.tests:
+                print(f"warning: {rule.path}: rule {rule.id} has no test cases (--min-tests 1 fails such rules)", file=sys.stderr)
     if not results:
-        print("no rule test matched the selection", file=sys.stderr)
+        what = "matched --rule/--test" if args.rule or args.test else "found (no rule carries test cases)"
+        print(f"no rule test {what}", file=sys.stderr)
         return rt.EXIT_NOTHING_SELECTED
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
     if args.json:
@@ -283,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         "test-rules",
         help="run the test cases carried by rule files",
         epilog="exit status: 0 all passed, 1 a test failed (or a rule has fewer than --min-tests tests), "
-        "2 a rule file is invalid, 3 nothing matched --rule/--test",
+        "2 a rule file is invalid, 3 no test to run (nothing matched --rule/--test, or no rule has tests)",
     )
     p.add_argument("paths", nargs="*", help="rule files or folders (default: the shipped rules/)")
     p.add_argument("--rule", action="append", metavar="ID", help="only rules whose id matches (glob or substring; repeatable)")

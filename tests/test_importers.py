@@ -60,6 +60,7 @@ def test_what_cannot_be_carried_over_is_reported_with_element_rule_and_reason() 
     assert f"{FSM / 'expectRule.xml'}: rule PH_Rule_SIGMA_1: TriggerEventDisplay: not carried over:" in text
     assert "rule PH_Rule_SIGMA_1: SigmaFileName: not carried over: Sigma bookkeeping" in text
     assert "Rule@phIncidentCategory: not carried over: incident category 'Server'" in text
+    assert "Rule@group: not carried over: attribute group='PH_SYS_RULE_THREAT_HUNTING' has no field" in text
     reconstructed = yaml.safe_load(item.text())["source"]["reconstructed"]
     assert {"field": "subpatterns[0].groupBy", "note": "CustomerScope groupByEachCustomer: tenantId added"} in reconstructed
 

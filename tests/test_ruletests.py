@@ -67,7 +67,7 @@ def test_selecting_one_test_by_name_runs_only_that_test(rule_file: Path, capsys:
 def test_a_selection_matching_nothing_exits_3(rule_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, str(rule_file), "--rule", "OTHER_RULE")
     assert code == 3
-    assert "no rule test matched" in err
+    assert "no rule test matched --rule/--test" in err
 
 
 def test_a_failure_shows_the_test_line_and_an_expected_versus_actual_diff(
@@ -136,9 +136,13 @@ def test_a_rule_with_fewer_tests_than_min_tests_fails(rule_file: Path, capsys: p
     assert code == 0
 
 
-def test_a_rule_without_tests_fails_with_min_tests_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_rule_without_tests_is_warned_and_fails_with_min_tests_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "r.yaml").write_text(RULE.split("tests:")[0])
-    assert run(capsys, str(tmp_path), "--min-tests", "1")[0] == 1
+    (tmp_path / "s.yaml").write_text(RULE.replace("TWO_EVENTS", "OTHER"))
+    code, _, err = run(capsys, str(tmp_path))
+    assert code == 1  # OTHER's failing tests; TWO_EVENTS has none
+    assert "rule TWO_EVENTS has no test cases" in err
+    assert run(capsys, str(tmp_path / "r.yaml"), "--min-tests", "1")[0] == 1
 
 
 def test_an_invalid_rule_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

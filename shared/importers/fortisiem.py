@@ -288,6 +288,9 @@ def convert_rule(el: Element, source: str, position: int) -> Imported:
             continue
         reason = _NOT_CARRIED.get(child.tag, "element we do not know")
         item.note(child.tag, reason)
+    for attr, value in el.attrib.items():
+        if attr not in ("id", "function", "subFunction", "technique", "phIncidentCategory"):
+            item.note(f"Rule@{attr}", f"attribute {attr}={value!r} has no field in our rule format")
     if incident is not None:
         for child in incident:
             if child.tag != "ArgList":

@@ -452,7 +452,7 @@ def _correlation(corr: Any, source_name: str, stem: str, mod_names: dict[type, s
         if agg != "COUNT(*)":
             attrs["value"] = f"sigma.{agg}"
     else:
-        if op != ">=" or cond.count > len(subs):
+        if op != ">=" or cond.count not in (1, len(subs)):  # 1: no condition given (all rules)
             item.note(
                 "condition",
                 f"temporal condition '{op} {cond.count:g}' (rules that must match): all {len(subs)} are required here",

@@ -351,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", choices=FORMATS)
     p.set_defaults(func=cmd_send)
 
+    from .redrive import add_parser as add_redrive
+
+    add_redrive(sub)
+
     p = sub.add_parser("receiver", help="a local webhook receiver that verifies signatures and prints incidents")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=8787)

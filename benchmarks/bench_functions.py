@@ -4,6 +4,10 @@ Run: bash scripts/bench.sh functions   (starts Azurite)   or, with Azurite alrea
      AZURITE_CONNECTION_STRING=... .venv/bin/python benchmarks/bench_functions.py
 
 Reports, side by side in one run:
+  * the worst-case batches of issue 11, with the ratio to the figures measured before the fix
+    (``bash scripts/bench.sh worst`` runs only these): one 1 MiB event of tiny invalid records (all
+    dead-lettered: one claim-check blob + one queue message), and 100 events of 100 distinct new
+    groups (state reads 16 at a time, one transaction per partition key);
   * storage round trips per batch: a batch with no matching event, and a batch with matches
     (at most one read and one write per touched group);
   * records/s through AlertBatchHandler for batches of 100 and 1000 Event Hub events with 1% matching
@@ -32,8 +36,10 @@ from azure.functions.meta import Datum
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from shared.claimcheck import BlobClaims
+from shared.clients import StorageClients
 from shared.engine import Engine
-from shared.functions import AlertBatchHandler
+from shared.functions import AlertBatchHandler, QueueDeadLetters
 from shared.rules import default_rules_dir, load_rules
 from shared.state import MemoryStateStore
 from shared.table_store import TableStateStore
@@ -117,13 +123,82 @@ def rate(handler: AlertBatchHandler, size: int, batches: int, offset: int) -> fl
     return size * batches / (time.perf_counter() - start)
 
 
+OLD_DEAD_LETTERS_PER_S = 610  # before the fix: one queue call per dead letter (issue 11, item 3)
+OLD_NEW_GROUPS_PER_S = 260  # before the fix: one get + one create per group, in sequence
+
+
+def worst_case(conn: str, rules: list[Any], stamp: int) -> dict[str, Any]:
+    """The two worst-case batches, timed on Azurite with the production paths, each next to the
+    old one-call-at-a-time way measured in the same run (the machine's load varies a lot)."""
+    clients = StorageClients.from_connection_string(conn)
+    figures: dict[str, Any] = {}
+    body = b"[" + b",".join([b"1"] * 500_000) + b"]"  # ~1 MiB: 500,000 records of no known format
+    handler = AlertBatchHandler(
+        Engine(rules, MemoryStateStore()),
+        QueueDeadLetters(clients.queue(f"benchdl{stamp}")),
+        claims=BlobClaims(clients.container(f"benchdl{stamp}")),
+    )
+    handler.handle(batch(0, 1))  # warm up: create the queue and the container
+    start = time.perf_counter()
+    summary = handler.handle([func.EventHubEvent(body=body, trigger_metadata=META, sequence_number=1, enqueued_time=T0)]).summary
+    seconds = time.perf_counter() - start
+    rate_dl = summary["rejected"] / seconds
+    old_queue = QueueDeadLetters(clients.queue(f"benchdlold{stamp}"))
+    sample = ['{"reason": "record of no known format (keys: int)", "rawPreview": "MQ=="}'] * 1000
+    start = time.perf_counter()
+    old_queue.send(sample)  # the old path: one queue call per dead letter
+    rate_old = len(sample) / (time.perf_counter() - start)
+    figures["worst_dead_letters"] = {"records": summary["rejected"], "bodyBytes": len(body), "seconds": round(seconds, 2)}
+    figures["worst_dead_letters_per_s"] = round(rate_dl)
+    figures["old_dead_letters_per_s_this_run"] = round(rate_old)
+    print(
+        f"{'worst case: 1 MiB of invalid records':38s}: {summary['rejected']} dead letters in {seconds:.2f} s = "
+        f"{rate_dl:,.0f}/s; one queue call each (old path, this run): {rate_old:,.0f}/s, x{rate_dl / rate_old:,.0f}; "
+        f"issue figure ~{OLD_DEAD_LETTERS_PER_S}/s, x{rate_dl / OLD_DEAD_LETTERS_PER_S:,.0f}",
+        flush=True,
+    )
+    timings: dict[str, list[float]] = {"new": [], "old": []}
+    for b in range(5):  # batches of 100 events, each event a new group (new alert id); old and new interleaved
+        for mode in ("old", "new"):
+            store = table_store(conn, f"benchnew{mode}{b}x{stamp}", rules)
+            if mode == "old":
+                store.concurrency, store.transactions = 1, False  # one get + one create per group, in sequence
+            engine_handler = AlertBatchHandler(Engine(rules, store), NullDeadLetters())
+            events = [
+                func.EventHubEvent(body=record(i, True, alert_id=f"new{b}-{i}"), trigger_metadata=META, sequence_number=i)
+                for i in range(100)
+            ]
+            start = time.perf_counter()
+            groups = engine_handler.handle(events).summary["groups"]
+            timings[mode].append(time.perf_counter() - start)
+            assert groups == 100, groups
+    new_s, old_s = (sorted(timings[m])[len(timings[m]) // 2] for m in ("new", "old"))
+    figures["worst_new_groups"] = {
+        "groupsPerBatch": 100,
+        "medianBatchSeconds": round(new_s, 3),
+        "oldMedianSeconds": round(old_s, 3),
+    }
+    figures["worst_new_groups_per_s"] = round(100 / new_s)
+    figures["old_new_groups_per_s_this_run"] = round(100 / old_s)
+    print(
+        f"{'worst case: 100 events, 100 new groups':38s}: {new_s:.3f} s per batch = {100 / new_s:,.0f} groups/s; "
+        f"sequential (old path, this run): {100 / old_s:,.0f}/s, x{old_s / new_s:.1f}; "
+        f"issue figure ~{OLD_NEW_GROUPS_PER_S}/s, x{100 / new_s / OLD_NEW_GROUPS_PER_S:.1f}",
+        flush=True,
+    )
+    return figures
+
+
 def main() -> None:
     conn = os.environ.get("AZURITE_CONNECTION_STRING")
     if not conn:
         sys.exit("set AZURITE_CONNECTION_STRING (bash scripts/bench.sh functions starts Azurite for you)")
     rules = load_rules([default_rules_dir()])
     stamp = int(time.time())
-    figures: dict[str, Any] = {}
+    figures: dict[str, Any] = worst_case(conn, rules, stamp)
+    if os.environ.get("BENCH_ONLY_WORST"):
+        print(orjson.dumps(figures).decode())
+        return
 
     counting = CountingStore(table_store(conn, f"benchrt{stamp}", rules))
     handler = AlertBatchHandler(Engine(rules, counting), NullDeadLetters())

@@ -62,10 +62,14 @@ def _digest(text: str) -> str:
 class TableStateStore:
     """StateStore on one Azure table. Failures of the service surface as :class:`StoreError`."""
 
-    def __init__(self, table: TableClient):
+    def __init__(self, table: TableClient, *, concurrency: int = MAX_CONCURRENCY, transactions: bool = True):
+        """``concurrency=1, transactions=False`` is the one-call-at-a-time baseline the benchmark
+        compares against."""
         self.table = table
         self.calls = {"load": 0, "save": 0, "purge": 0}
         self._pool: ThreadPoolExecutor | None = None
+        self.concurrency = concurrency
+        self.transactions = transactions
 
     @classmethod
     def from_connection_string(cls, conn: str, table_name: str, **kw: Any) -> TableStateStore:
@@ -90,10 +94,10 @@ class TableStateStore:
 
     def _parallel(self, jobs: Sequence[Callable[[], _T]]) -> list[_T]:
         """Run ``jobs`` with at most ``MAX_CONCURRENCY`` in flight; the first exception propagates."""
-        if len(jobs) <= 1:
+        if len(jobs) <= 1 or self.concurrency <= 1:
             return [job() for job in jobs]
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=MAX_CONCURRENCY, thread_name_prefix="table-store")
+            self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="table-store")
         return list(self._pool.map(lambda job: job(), jobs))
 
     def load(self, keys: Sequence[GroupKey], now_ms: int) -> dict[GroupKey, Loaded]:
@@ -145,7 +149,7 @@ class TableStateStore:
 
     def _write_chunk(self, chunk: list[tuple[Change, Any]]) -> list[GroupKey]:
         """Write one partition's chunk; returns the keys that lost to another writer."""
-        if len(chunk) > 1:
+        if len(chunk) > 1 and self.transactions:
             try:
                 self.table.submit_transaction([op for _, op in chunk])
                 return []

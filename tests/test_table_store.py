@@ -29,6 +29,22 @@ class TestTableStore(StoreContract):
     pass
 
 
+class TestSequentialTableStore(StoreContract):
+    """The one-call-at-a-time mode (the benchmark's baseline) keeps the same contract."""
+
+    @pytest.fixture
+    def store(self, azurite: Azurite, table_name: str) -> Iterator[TableStateStore]:
+        s = TableStateStore.from_connection_string(
+            azurite.connection_string,
+            table_name,
+            concurrency=1,
+            transactions=False,
+        )
+        s.ensure_table()
+        yield s
+        s.table.delete_table()
+
+
 def test_expires_at_is_written_as_int64(store: TableStateStore) -> None:
     key = GroupKey("R", ("a", "b", "t"))
     store.save([Change(key, state_for(key), None, NOW + 1)])

@@ -52,7 +52,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     paths = _rule_paths(args.paths)
     empty = [p for p in paths if p.is_dir() and not rule_files(p)]
     for folder in empty:
-        print(f"{folder}: no rule files (*.yaml, *.yml) in this folder", file=sys.stderr)
+        print(f"error: {folder}: no rule files (*.yaml, *.yml) in this folder", file=sys.stderr)
     try:
         rules = load_rules(paths)
     except RuleSetError as exc:
@@ -88,7 +88,7 @@ def cmd_test_rules(args: argparse.Namespace) -> int:
                 print(f"warning: {rule.path}: rule {rule.id} has no test cases (--min-tests 1 fails such rules)", file=sys.stderr)
     if not results:
         what = "matched --rule/--test" if args.rule or args.test else "found (no rule carries test cases)"
-        print(f"no rule test {what}", file=sys.stderr)
+        print(f"error: no rule test {what}", file=sys.stderr)
         return rt.EXIT_NOTHING_SELECTED
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
     if args.json:
@@ -97,7 +97,11 @@ def cmd_test_rules(args: argparse.Namespace) -> int:
         for result in results:
             print("\n".join(rt.render_text(result, color=color)))
     if args.junit:
-        Path(args.junit).write_bytes(rt.render_junit(results))
+        try:
+            Path(args.junit).write_bytes(rt.render_junit(results))
+        except OSError as exc:
+            print(f"error: cannot write {args.junit} ({exc.strerror or exc})", file=sys.stderr)
+            return rt.EXIT_INVALID
     failed = sum(not r.passed for r in results)
     print(f"{len(results) - failed} passed, {failed} failed", file=sys.stderr if args.json else sys.stdout)
     return rt.EXIT_FAILED if failed else rt.EXIT_PASSED
@@ -226,7 +230,11 @@ def cmd_import(args: argparse.Namespace) -> int:
     except RuleImportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    written = write_all(items, Path(args.out), force=args.force)
+    try:
+        written = write_all(items, Path(args.out), force=args.force)
+    except OSError as exc:
+        print(f"error: cannot write rule files to {args.out} ({exc.strerror or exc})", file=sys.stderr)
+        return 2
     for result in written:
         for note in result.imported.notes:
             print(note, file=sys.stderr)
@@ -251,7 +259,11 @@ def cmd_coverage(args: argparse.Namespace) -> int:
         return 2
     print("\n".join(coverage_lines(rules)))
     if args.layer:
-        Path(args.layer).write_text(json.dumps(navigator_layer(rules), indent=2) + "\n", encoding="utf-8")
+        try:
+            Path(args.layer).write_text(json.dumps(navigator_layer(rules), indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            print(f"error: cannot write {args.layer} ({exc.strerror or exc})", file=sys.stderr)
+            return 2
         print(f"wrote ATT&CK Navigator layer {args.layer}", file=sys.stderr)
     return 0
 
@@ -288,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         "test-rules",
         help="run the test cases carried by rule files",
         epilog="exit status: 0 all passed, 1 a test failed (or a rule has fewer than --min-tests tests), "
-        "2 a rule file is invalid, 3 no test to run (nothing matched --rule/--test, or no rule has tests)",
+        "2 a rule file is invalid or there is no test to run (nothing matched --rule/--test, or no rule has tests)",
     )
     p.add_argument("paths", nargs="*", help="rule files or folders (default: the shipped rules/)")
     p.add_argument("--rule", action="append", metavar="ID", help="only rules whose id matches (glob or substring; repeatable)")

@@ -25,7 +25,7 @@ from .state import MemoryStateStore
 TIMELINE_START = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 # Exit codes of ``python -m shared test-rules`` (documented in the README).
-EXIT_PASSED, EXIT_FAILED, EXIT_INVALID, EXIT_NOTHING_SELECTED = 0, 1, 2, 3
+EXIT_PASSED, EXIT_FAILED, EXIT_INVALID, EXIT_NOTHING_SELECTED = 0, 1, 2, 2
 
 _RED, _GREEN, _DIM, _BOLD, _RESET = "\033[31m", "\033[32m", "\033[2m", "\033[1m", "\033[0m"
 

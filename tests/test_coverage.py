@@ -37,3 +37,21 @@ def test_layer_follows_the_navigator_layer_format(tmp_path: Path, capsys: pytest
         assert entry["score"] == len(entry["comment"].split(", ")) >= 1
         assert entry["score"] <= layer["gradient"]["maxValue"]
     assert layer == navigator_layer(load_rules([default_rules_dir()]))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["coverage", "--layer", "{tmp}/missing/dir/layer.json"],
+        ["test-rules", "--junit", "{tmp}/missing/dir/junit.xml", "--test", "two tenants"],
+        ["import", "sigma", "tests/data/sigma/proc_creation_win_certutil_download.yml", "--out", "{tmp}/file"],
+    ],
+)
+def test_an_unwritable_output_is_one_error_line_and_exit_2(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    (tmp_path / "file").write_text("a file where a folder is expected")
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: cannot write") and "Traceback" not in "\n".join(err)

@@ -135,7 +135,7 @@ def test_an_empty_folder_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixtu
     (tmp_path / "notes.txt").write_text("not a rule")
     code, text = validate(capsys, str(tmp_path))
     assert code == 1
-    assert f"{tmp_path}: no rule files (*.yaml, *.yml) in this folder" in text
+    assert f"error: {tmp_path}: no rule files (*.yaml, *.yml) in this folder" in text
 
 
 def test_a_missing_folder_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -64,10 +64,10 @@ def test_selecting_one_test_by_name_runs_only_that_test(rule_file: Path, capsys:
     assert out.splitlines() == ["PASS TWO_EVENTS :: two events fire", "1 passed, 0 failed"]
 
 
-def test_a_selection_matching_nothing_exits_3(rule_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_selection_matching_nothing_exits_2(rule_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, str(rule_file), "--rule", "OTHER_RULE")
-    assert code == 3
-    assert "no rule test matched --rule/--test" in err
+    assert code == 2
+    assert "error: no rule test matched --rule/--test" in err
 
 
 def test_a_failure_shows_the_test_line_and_an_expected_versus_actual_diff(

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from .errors import RuleError, StoreError
+from .errors import StoreError
 from .normalize import EVIDENCE, EVIDENCE_EVENT_TYPE, NormalizedEvent, iso, raw_evidence
 from .query import mentions
 from .rules import Rule
@@ -424,6 +424,14 @@ def _map_attributes(rule: Rule, key: GroupKey, values: dict[Any, Any]) -> dict[s
     return out
 
 
+def _excepted(rule: Rule, snap: dict[str, Any], stats: Stats) -> bool:
+    tenant = snap.get("tenantId") or next((v for k, v in snap["groupBy"].items() if k.lower() == "tenantid"), None)
+    if rule.excepted(snap["attributes"], tenant):
+        stats.add("excepted", rule=rule.id)
+        return True
+    return False
+
+
 def expires_at(rule: Rule, now_ms: int) -> int:
     """Wall-clock time after which an idle group can be purged: neither its window nor its
     incident can change any more once both the window and the incident lifetime have passed."""
@@ -440,10 +448,10 @@ class Engine:
     """Runs every enabled rule over batches of normalized events against a state store."""
 
     def __init__(self, rules: Sequence[Rule], store: StateStore, clock: Clock = utc_now) -> None:
+        from . import sequence  # multi-subpattern rules (imports this module, hence imported here)
+
+        self._sequence = sequence
         self.rules = [r for r in rules if r.model.enabled]
-        for r in self.rules:
-            if r.sequence:  # the multi-subpattern correlator (shared/sequence.py) is wired in next
-                raise RuleError("multi-subpattern rules and clear conditions are not wired into the engine yet", file=r.path)
         # Alert evidence rows are not alerts: only rules that name the evidence type see them.
         self.evidence_rules = [r for r in self.rules if mentions(r.query.tree, "eventType", "AlertEvidence")]
         self.store = store
@@ -474,6 +482,10 @@ class Engine:
             for rule in self.evidence_rules if event.kind == EVIDENCE else self.rules:
                 if rule.query.matches(event.attrs):
                     stats.add("matched", rule=rule.id)
+                    if rule.sequence:
+                        for key in self._sequence.keys_for(rule, event):
+                            groups.setdefault(key, (rule, []))[1].append(event)
+                        continue
                     key = group_key(rule, event)
                     groups.setdefault(key, (rule, []))[1].append(event)
         stats.add("groups", len(groups))
@@ -491,22 +503,70 @@ class Engine:
                 rule, group_events = groups[key]
                 current = loaded.get(key, Loaded(None, None))
                 group_stats = Stats()
-                new_state, snaps = apply_events(rule, key, current.state, group_events, group_stats)
-                changes.append(Change(key, new_state, current.token, expires_at(rule, now_ms)))
+                apply = self._sequence.apply_events if rule.sequence else apply_events
+                new_state, snaps = apply(rule, key, current.state, group_events, group_stats)
+                if rule.exceptions and not rule.sequence:
+                    snaps = [s for s in snaps if not _excepted(rule, s, group_stats)]
+                due = self._sequence.due_at(rule, new_state) if rule.sequence else None
+                changes.append(Change(key, new_state, current.token, expires_at(rule, now_ms), due))
                 produced[key] = (snaps, group_stats)
-            lost: set[GroupKey] = set()
-            try:
-                self.store.save(changes)
-            except KeysConflict as conflict:
-                lost = set(conflict.keys)
-                stats.add("etag_conflicts", len(lost))
-            stats.add("storage_calls")
-            for key in pending:
-                if key not in lost:
-                    incidents.extend(produced[key][0])
-                    stats += produced[key][1]
+            saved, lost = _save(self.store, changes, produced, stats)
+            incidents.extend(saved)
             if not lost:
                 return BatchResult(incidents, stats)
             pending = [k for k in pending if k in lost]
             log.info("state conflict on %d group(s), attempt %d: re-reading", len(pending), attempt)
         raise StoreError(f"state of {len(pending)} group(s) kept changing under us after {MAX_SAVE_ATTEMPTS} attempts")
+
+    def fire_due(self, progress: datetime, limit: int = 1000) -> BatchResult:
+        """Let event time reach ``progress`` for groups that wait on time alone (NOT FOLLOWED_BY
+        absences, quiet-period clears): fire what is due, one load of the due groups and one
+        conditional save. A group another writer changed meanwhile is left for the next call.
+
+        Raises:
+            StoreError: the store failed; nothing was emitted and a later call retries.
+        """
+        stats = Stats()
+        by_id = {r.id: r for r in self.rules if r.sequence}
+        if not by_id:
+            return BatchResult([], stats)
+        now_ms = to_ms(self.clock())
+        progress_ms = to_ms(progress)
+        loaded = self.store.load_due(progress_ms, now_ms, limit)
+        stats.add("storage_calls")
+        changes: list[Change] = []
+        produced: dict[GroupKey, tuple[list[dict[str, Any]], Stats]] = {}
+        for key, current in loaded.items():
+            rule = by_id.get(key.rule_id)
+            if rule is None or current.state is None:
+                continue
+            group_stats = Stats()
+            new_state, snaps = self._sequence.advance(rule, current.state, progress_ms, group_stats)
+            changes.append(
+                Change(key, new_state, current.token, expires_at(rule, now_ms), self._sequence.due_at(rule, new_state))
+            )
+            produced[key] = (snaps, group_stats)
+        if not changes:
+            return BatchResult([], stats)
+        incidents, _ = _save(self.store, changes, produced, stats)
+        return BatchResult(incidents, stats)
+
+
+def _save(
+    store: StateStore, changes: list[Change], produced: dict[GroupKey, tuple[list[dict[str, Any]], Stats]], stats: Stats
+) -> tuple[list[dict[str, Any]], set[GroupKey]]:
+    """Write ``changes`` in one conditional save; return the snapshots of the groups that were
+    written (their stats merged into ``stats``) and the keys another writer changed meanwhile."""
+    lost: set[GroupKey] = set()
+    try:
+        store.save(changes)
+    except KeysConflict as conflict:
+        lost = set(conflict.keys)
+        stats.add("etag_conflicts", len(lost))
+    stats.add("storage_calls")
+    incidents: list[dict[str, Any]] = []
+    for key, (snaps, group_stats) in produced.items():
+        if key not in lost:
+            incidents.extend(snaps)
+            stats += group_stats
+    return incidents, lost

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import orjson
@@ -44,6 +44,7 @@ from .state import StateStore
 log = logging.getLogger("defender_correlator")
 
 MAX_MESSAGE_BYTES = MAX_RECORD_BYTES  # Event Hub caps an event at 1 MiB; a bigger body is one record too many
+ABSENCE_GRACE_S = 300  # event-time progress = wall clock minus this (Defender's delivery delay)
 MAX_QUEUE_MESSAGE_BYTES = 45 * 1024  # base64 of a queue message (64 KiB max) leaves 48 KiB of payload
 # Failures a retry of the batch may fix. Everything else raised while handling a record is about
 # that record (a bug in a parser or in per-event engine code) and becomes its rejection.
@@ -239,6 +240,20 @@ class Runtime:
         deleted = self.store.purge_expired(to_ms(utc_now()))
         log.info("purge_summary %s", orjson.dumps({"deleted": deleted}).decode())
         return deleted
+
+    def fire_due(self, now: datetime | None = None) -> list[str]:
+        """Fire NOT FOLLOWED_BY absences and quiet-period clears whose event-time deadline has passed.
+
+        Event-time progress is taken as the wall clock minus ``ABSENCE_GRACE_S``: Defender alerts
+        reach the hub minutes after they happen, and a follower that arrives within the grace still
+        cancels its absence. An absence incident is emitted at most grace + timer period after its
+        deadline. Raises: StoreError (the timer runs again at its next tick).
+        """
+        progress = (now or utc_now()) - timedelta(seconds=ABSENCE_GRACE_S)
+        result = self.handler.engine.fire_due(progress)
+        summary = {"fired": len(result.incidents), "etagConflicts": result.stats.counts["etag_conflicts"]}
+        log.info("absence_summary %s", orjson.dumps(summary).decode(), extra={"custom_dimensions": summary})
+        return [fit_snapshot(s, MAX_QUEUE_MESSAGE_BYTES).decode() for s in result.incidents]
 
 
 _runtime: Runtime | None = None

@@ -180,20 +180,28 @@ def replay(
     batch: list[NormalizedEvent] = []
     started = last_report = time.monotonic()
 
+    event_progress: list[Any] = [None]  # newest event time replayed: the replay's event-time progress
+
     def flush() -> None:
         if keep or explain:
             _look_at_batch(engine, batch, summary, keep=keep, explain=explain)
-        result = engine.process(batch)
-        summary.stats += result.stats
-        for snap in result.incidents:
-            summary.rules.setdefault(str(snap.get("ruleId")), RuleSummary()).add(snap)
-            if keep:
-                summary.keep(snap)
-            data = orjson.dumps(snap)
-            if output == "json":
-                out.write(data + b"\n")
-            if forward is not None:
-                _forward(forward, data, err, summary)
+        results = [engine.process(batch)]
+        newest = max((e.event_time for e in batch), default=None)
+        if newest is not None and (event_progress[0] is None or newest > event_progress[0]):
+            event_progress[0] = newest
+        if event_progress[0] is not None:  # absences and quiet clears whose deadline the replay has passed
+            results.append(engine.fire_due(event_progress[0]))
+        for result in results:
+            summary.stats += result.stats
+            for snap in result.incidents:
+                summary.rules.setdefault(str(snap.get("ruleId")), RuleSummary()).add(snap)
+                if keep:
+                    summary.keep(snap)
+                data = orjson.dumps(snap)
+                if output == "json":
+                    out.write(data + b"\n")
+                if forward is not None:
+                    _forward(forward, data, err, summary)
         batch.clear()
 
     for item in iter_paths(normalizer, paths, clock):

@@ -94,6 +94,9 @@ class RuleTestCase(_Model):
     name: str
     description: str | None = None
     events: list[TestEvent]
+    until: float | None = Field(
+        default=None, ge=0, description="offset to let event time reach after the events (fires due absences and quiet clears)"
+    )
     expect: ExpectedIncidents
 
 
@@ -334,7 +337,7 @@ def compile_rule(model: RuleModel, path: str = "<rule>", groups: Groups | None =
     return Rule(
         model=model,
         path=path,
-        query=Query.any_of(queries) if multi else queries[0],
+        query=Query.any_of(queries + ([clear.query] if clear is not None and clear.query is not None else [])),
         constraint=constraints[0],
         mappings=mappings,
         aggregates=subs[0].aggregates,

@@ -114,15 +114,23 @@ def run_case(rule: Rule, case: RuleTestCase, line: int | None = None) -> CaseRes
         if isinstance(event, str):
             problem = Problem("event", "a valid event", event, event)
             return CaseResult(rule.id, case.name, False, event, rule.path, line, (problem,))
-        result = engine.process([event])
+        results = [engine.process([event])]
+        _collect(results, stats, latest, pairs)
+    if case.until is not None:  # time passes with no event: the absence timer's view
+        now[0] = TIMELINE_START + timedelta(seconds=case.until)
+        _collect([engine.fire_due(now[0])], stats, latest, pairs)
+    problems = _compare(case, latest, pairs)
+    detail = "; ".join(p.message for p in problems)
+    return CaseResult(rule.id, case.name, not problems, detail, rule.path, line, tuple(problems))
+
+
+def _collect(results: list[Any], stats: Stats, latest: dict[str, dict[str, Any]], pairs: set[tuple[str, int]]) -> None:
+    for result in results:
         stats += result.stats
         for snap in result.incidents:
             pairs.add((snap["incidentId"], snap["revision"]))
             if snap["revision"] >= latest.get(snap["incidentId"], {}).get("revision", 0):
                 latest[snap["incidentId"]] = snap
-    problems = _compare(case, latest, pairs)
-    detail = "; ".join(p.message for p in problems)
-    return CaseResult(rule.id, case.name, not problems, detail, rule.path, line, tuple(problems))
 
 
 def _compare(case: RuleTestCase, latest: dict[str, dict[str, Any]], pairs: set[tuple[str, int]]) -> list[Problem]:

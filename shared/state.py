@@ -156,6 +156,7 @@ class GroupState:
     evicted: int = 0
     mark: list[int] | None = None
     outbox: list[bytes] = field(default_factory=list)
+    ext: dict[str, Any] | None = None  # the multi-subpattern correlator's own fields (shared/sequence.py)
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(
@@ -170,6 +171,8 @@ class GroupState:
                 **({"m": self.mark} if self.mark is not None else {}),
                 # the tenant, unless it is the last group value (so for every shipped rule: saves its repetition)
                 **({"t": self.key.tenant} if self.key.values[-1:] != (self.key.tenant,) else {}),
+                # written only by multi-subpattern rules, so other states keep their bytes
+                **({"s": self.ext} if self.ext is not None else {}),
             }
         )
 
@@ -202,7 +205,7 @@ class GroupState:
         values = tuple(d["k"])
         tenant = d.get("t", values[-1] if version > 1 and values else "")
         key = GroupKey(d["r"], values, tenant)
-        return cls(key, d["e"], d["n"], incident, d.get("x", 0), d.get("m"), split_outbox(outbox))
+        return cls(key, d["e"], d["n"], incident, d.get("x", 0), d.get("m"), split_outbox(outbox), d.get("s"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +222,7 @@ class Change:
     state: GroupState | None  # None: delete
     token: Any  # token from load; None means "create, must not exist"
     expires_at: int  # epoch ms (wall clock) after which the state may be purged
+    due_at: int | None = None  # epoch ms (event time) after which time passing alone has work (absences)
 
 
 class StateStore(Protocol):
@@ -246,6 +250,14 @@ class StateStore(Protocol):
         """Delete states expired at ``now_ms``; returns how many were deleted."""
         ...
 
+    def load_due(self, progress_ms: int, now_ms: int, limit: int) -> dict[GroupKey, Loaded]:
+        """Load up to ``limit`` unexpired states whose ``due_at`` is at or before ``progress_ms``.
+
+        Raises:
+            StoreError: the store is unreachable.
+        """
+        ...
+
 
 class KeysConflict(ConcurrencyConflict):
     def __init__(self, keys: Iterable[GroupKey]) -> None:
@@ -261,6 +273,7 @@ class MemoryStateStore:
 
     def __init__(self) -> None:
         self._data: dict[GroupKey, tuple[bytes, bytes, int, int]] = {}  # key -> (state, outbox, version, expires_at)
+        self._due: dict[GroupKey, int] = {}  # key -> due_at (event time), for groups that have one
         self._lock = threading.Lock()
         self.calls = {"load": 0, "save": 0, "purge": 0}
 
@@ -288,11 +301,14 @@ class MemoryStateStore:
                 if current_token != change.token:
                     conflicts.append(change.key)
                     continue
+                self._due.pop(change.key, None)
                 if change.state is None:
                     self._data.pop(change.key, None)
                 else:
                     version = (current_token or 0) + 1
                     self._data[change.key] = (change.state.encode(), change.state.outbox_bytes(), version, change.expires_at)
+                    if change.due_at is not None:
+                        self._due[change.key] = change.due_at
         if conflicts:
             raise KeysConflict(conflicts)
 
@@ -302,7 +318,20 @@ class MemoryStateStore:
             dead = [k for k, v in self._data.items() if v[3] <= now_ms]
             for k in dead:
                 del self._data[k]
+                self._due.pop(k, None)
         return len(dead)
+
+    def load_due(self, progress_ms: int, now_ms: int, limit: int) -> dict[GroupKey, Loaded]:
+        self.calls["load"] += 1
+        out: dict[GroupKey, Loaded] = {}
+        with self._lock:
+            for key, due in self._due.items():
+                stored = self._data[key]
+                if due <= progress_ms and stored[3] > now_ms:
+                    out[key] = Loaded(GroupState.decode(stored[0], stored[1]), stored[2])
+                    if len(out) >= limit:
+                        break
+        return out
 
     def __len__(self) -> int:
         return len(self._data)

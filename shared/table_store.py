@@ -119,8 +119,7 @@ class TableStateStore:
         expires = _int(entity.get("expiresAt"))
         if expires <= now_ms:
             return Loaded(None, etag)
-        outbox = entity.get("outbox")
-        return Loaded(GroupState.decode(bytes(entity["state"]), bytes(outbox) if outbox else b""), etag)
+        return Loaded(GroupState.decode(bytes(entity["state"]), _outbox(entity)), etag)
 
     def save(self, changes: Sequence[Change]) -> None:
         """Conditional writes grouped into one entity-group transaction per partition key (up to
@@ -229,7 +228,35 @@ class TableStateStore:
         outbox = change.state.outbox_bytes()
         if outbox:
             entity["outbox"] = outbox
+        if change.due_at is not None:  # absent otherwise, so the due query never lists the group
+            entity["dueAt"] = EntityProperty(change.due_at, EdmType.INT64)
         return entity
+
+    def load_due(self, progress_ms: int, now_ms: int, limit: int) -> dict[GroupKey, Loaded]:
+        """States with ``dueAt <= progress_ms`` (a filtered query over the table; only groups with a
+        pending absence or quiet-period clear carry ``dueAt``)."""
+        self.calls["load"] += 1
+        out: dict[GroupKey, Loaded] = {}
+        try:
+            entities = self.table.query_entities(
+                "dueAt le @progress and expiresAt gt @now",
+                parameters={"progress": progress_ms, "now": now_ms},
+                select=["state", "outbox"],
+                results_per_page=min(limit, 1000),
+            )
+            for entity in entities:
+                state = GroupState.decode(bytes(entity["state"]), _outbox(entity))
+                out[state.key] = Loaded(state, entity.metadata["etag"])
+                if len(out) >= limit:
+                    break
+        except AzureError as exc:
+            raise StoreError(f"loading due state: {type(exc).__name__}: {exc}") from exc
+        return out
+
+
+def _outbox(entity: Any) -> bytes:
+    outbox = entity.get("outbox")
+    return bytes(outbox) if outbox else b""
 
 
 def _if_match(token: Any) -> dict[str, Any]:

@@ -109,3 +109,23 @@ class StoreContract:
         assert got is not None and got.to_bytes() == st.to_bytes() and got.outbox_bytes() == st.outbox_bytes()
         assert (got.mark, got.key.tenant) == ([NOW - 5, 7], "t1")
         assert [OutboxRecord.decode(r).ids for r in got.outbox] == [[1, -2], [3]]
+
+    def test_load_due_lists_groups_whose_due_time_has_passed_and_forgets_it_when_cleared(self, store: StateStore) -> None:
+        keys = [GroupKey("R", (f"d{i}",)) for i in range(4)]
+        dues = [NOW - 5, NOW, NOW + 5, None]
+        store.save([Change(k, state_for(k), None, NOW + 60_000, due) for k, due in zip(keys, dues, strict=True)])
+        due = store.load_due(NOW, NOW, 100)
+        assert sorted(k.values[0] for k in due) == ["d0", "d1"]
+        loaded = due[keys[0]]
+        assert loaded.state is not None and loaded.state.to_bytes() == state_for(keys[0]).to_bytes()
+        # saving with the token it came with clears the due time; the token guards it like load()'s
+        store.save([Change(keys[0], loaded.state, loaded.token, NOW + 60_000, None)])
+        assert sorted(k.values[0] for k in store.load_due(NOW, NOW, 100)) == ["d1"]
+        with pytest.raises(KeysConflict):
+            store.save([Change(keys[0], loaded.state, loaded.token, NOW + 60_000, None)])
+
+    def test_load_due_skips_expired_groups_and_honours_the_limit(self, store: StateStore) -> None:
+        keys = [GroupKey("R", (f"e{i}",)) for i in range(3)]
+        store.save([Change(k, state_for(k), None, NOW + (10 if i == 0 else 60_000), NOW) for i, k in enumerate(keys)])
+        assert keys[0] not in store.load_due(NOW, NOW + 10, 100)
+        assert len(store.load_due(NOW, NOW + 10, 1)) == 1

@@ -135,7 +135,13 @@ def final(snapshots: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def test_binding_metadata_of_every_function() -> None:
     functions: dict[str, Any] = app_functions()  # type: ignore[assignment]
-    assert set(functions) == {"correlate_alerts", "purge_expired_state", "forward_incident", "poll_graph_alerts"}
+    assert set(functions) == {
+        "correlate_alerts",
+        "purge_expired_state",
+        "forward_incident",
+        "poll_graph_alerts",
+        "fire_due_absences",
+    }
     correlate = json.loads(functions["correlate_alerts"].get_function_json())["bindings"]
     trigger = next(b for b in correlate if b["type"] == "eventHubTrigger")
     assert trigger == {
@@ -399,3 +405,34 @@ def test_purge_function_deletes_expired_state(storage: Storage) -> None:
     fn(None)
     assert runtime.store.load([key], 0)[key].state is None
     assert runtime.store.purge_expired(2) == 0
+
+
+@pytest.mark.azurite
+def test_absence_timer_emits_due_absences_to_the_incidents_queue(storage: Storage) -> None:
+    from datetime import timedelta
+
+    from shared.functions import ABSENCE_GRACE_S
+    from shared.rules import parse_rule_text
+
+    rule = parse_rule_text((REPO / "rules" / "MS_Defender_HighSev_Alert_Unattended.yaml").read_text(), "unattended.yaml")
+    runtime = storage.runtime()
+    engine = Engine([rule], runtime.store, lambda: datetime.now(timezone.utc))
+    runtime.handler.engine = engine
+    set_runtime(runtime)
+    try:
+        start = datetime.now(timezone.utc) - timedelta(hours=5)
+        alert = graph_alert("da-unattended", 0) | {"severity": "high", "status": "new"}
+        alert["createdDateTime"] = alert["lastUpdateDateTime"] = start.isoformat().replace("+00:00", "Z")
+        assert call(hub_events([orjson.dumps(alert)])) == []
+        timer = json.loads(app_functions()["fire_due_absences"].get_function_json())["bindings"]  # type: ignore[index]
+        assert {b["type"] for b in timer} == {"timerTrigger", "queue"}
+        out = Out()
+        function_app.fire_due_absences.build().get_user_function()(None, out)
+        [snap] = [orjson.loads(m) for m in out.value]
+        assert (snap["ruleId"], snap["action"], snap["attributes"]["alertIdStr"]) == (rule.id, "created", "da-unattended")
+        assert ABSENCE_GRACE_S < 3600  # the 4 h deadline passed an hour ago, grace included
+        again = Out()
+        function_app.fire_due_absences.build().get_user_function()(None, again)
+        assert again.value is None  # fired once
+    finally:
+        set_runtime(None)

@@ -68,7 +68,7 @@ def test_seed_rule_carries_every_field_of_the_fortinet_page() -> None:
 
 def test_every_shipped_rule_loads_and_marks_its_source() -> None:
     rules = load_rules([default_rules_dir()])
-    assert len(rules) == 10
+    assert len(rules) == 14
     for rule in rules:
         assert rule.model.source is not None and rule.model.source.url, rule.id
         assert rule.model.tests, f"{rule.id} has no test cases"

@@ -1,0 +1,495 @@
+"""The multi-subpattern correlator: AND, OR, FOLLOWED_BY and NOT FOLLOWED_BY in event time.
+
+Pure, like :func:`shared.engine.apply_events`: a correlation group's state and its new events in,
+the new state and the incident snapshots out. The engine routes events here for rules whose
+``sequence`` flag is set (several subpatterns, or a clear condition) and stores the state with the
+same load-once / conditional-save-once per group and batch.
+
+Semantics (``docs/correlation-semantics.md`` has the full text):
+
+* A *correlation group* is the rule id plus the correlation key (equal group-by values that
+  ``correlation`` ties across every subpattern). Inside it, a subpattern *instance* is one value of
+  that subpattern's full group-by; it is satisfied at the earliest time its aggregate constraint
+  holds over its events since the window start.
+* The pattern is evaluated over windows ``[T - timeWindow, T]`` ending at event times ``T``:
+  ``a AND b`` completes when both have; ``a OR b`` when either has; ``a FOLLOWED_BY b`` when ``b``
+  completes using only events strictly later than ``a``'s completion (equal times are not "after").
+  Cross-subpattern conditions must hold between the chosen instances.
+* Every event time ``T`` whose window satisfies the pattern is a trigger (once per ``T``, whatever
+  the arrival order): the first opens an incident, later ones update it, as for single subpatterns.
+* ``L NOT FOLLOWED_BY R``: when ``L`` completes at ``a``, an absence is pending until
+  ``a + timeWindow``; it fires (incident at event time ``a + timeWindow``) if no ``R`` completed in
+  ``(a, a + timeWindow]``, once event time has passed the deadline: a later event of the same group,
+  or the absence timer (:meth:`shared.engine.Engine.fire_due`) when the stream's event-time progress has.
+* ``clear``: ``after`` closes the open incident (``action: cleared``) once event time passes its last
+  trigger + ``after``; ``query`` closes it when a matching event of the same correlation key arrives.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .engine import MAX_TRIGGER_EVENTS, TENANT_ATTR, Stats, _group_value, _Outbox, incident_id, snapshot, to_ms
+from .normalize import NormalizedEvent
+from .pattern import Absent, AllOf, AnyOf, PatternNode, Sub, Then
+from .query import CrossCompare, Ref
+from .rules import CompiledSub, Rule
+from .state import MAX_STATE_BYTES, GroupKey, GroupState, Incident, identity_hash
+
+log = logging.getLogger(__name__)
+
+MAX_SEQUENCE_ENTRIES = 200  # events kept per correlation group (all subpatterns together)
+MAX_COMBINATIONS = 256  # instance combinations tried per window (cross-subpattern conditions)
+MAX_TRIGGER_TIMES = 200  # trigger times remembered per group (a trigger fires once per event time)
+
+Entry = list[Any]  # [time_ms, identity_hash, subpattern index, [group-by values..., window values...]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing
+# ---------------------------------------------------------------------------------------------
+
+
+def _value(event: NormalizedEvent, attr: str) -> str:
+    return _group_value(event.attrs.get(attr))
+
+
+def _key(rule: Rule, attrs: tuple[str, ...], event: NormalizedEvent) -> GroupKey:
+    """As :func:`shared.engine.group_key`: the tenant is always part of the key."""
+    values = [_value(event, a) for a in attrs]
+    tenant = _value(event, TENANT_ATTR)
+    if TENANT_ATTR not in rule.key_attrs:
+        values.append(tenant)
+    return GroupKey(rule.id, tuple(values), tenant)
+
+
+def _sub_key(rule: Rule, sub: CompiledSub, event: NormalizedEvent) -> GroupKey:
+    return _key(rule, sub.key_attrs, event)
+
+
+def keys_for(rule: Rule, event: NormalizedEvent) -> list[GroupKey]:
+    """The correlation groups an event belongs to (one per distinct key among the subpatterns it matches)."""
+    keys = [_sub_key(rule, s, event) for s in rule.subs if s.query.matches(event.attrs)]
+    if rule.clear is not None and rule.clear.query is not None and rule.clear.query.matches(event.attrs):
+        keys.append(_key(rule, rule.key_attrs, event))
+    return list(dict.fromkeys(keys))
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Match:
+    """A satisfied pattern: its completion time and the instance chosen for each subpattern."""
+
+    completion: int
+    instances: dict[int, list[Entry]]  # subpattern index -> the instance's entries in the window
+
+
+def _holds(sub: CompiledSub, entries: list[Entry]) -> bool:
+    return sub.constraint.holds(_aggregate_values(sub, entries))
+
+
+def _aggregate_values(sub: CompiledSub, entries: list[Entry]) -> dict[Any, Any]:
+    values: dict[Any, Any] = {}
+    offset = len(sub.group_by)
+    for agg in sub.aggregates:
+        column = None
+        if agg.attr is not None:
+            idx = offset + sub.window_attrs.index(agg.attr)
+            column = [e[3][idx] for e in entries]
+        values[agg] = agg.compute(column, len(entries))
+    return values
+
+
+def _leaf_done(sub: CompiledSub, entries: list[Entry] | None, lo: int, hi: int) -> int | None:
+    """Earliest time in ``[lo, hi]`` at which the instance's events since ``lo`` satisfy the constraint."""
+    if entries is None:
+        return None
+    acc: list[Entry] = []
+    for e in entries:
+        if e[0] < lo:
+            continue
+        if e[0] > hi:
+            break
+        acc.append(e)
+        if _holds(sub, acc):
+            return int(e[0])
+    return None
+
+
+def _done(rule: Rule, node: PatternNode, chosen: dict[int, list[Entry] | None], lo: int, hi: int) -> int | None:
+    if isinstance(node, Sub):
+        sub = _sub_named(rule, node.name)
+        return _leaf_done(sub, chosen.get(sub.index), lo, hi)
+    if isinstance(node, AllOf):
+        times = [_done(rule, c, chosen, lo, hi) for c in node.children]
+        return None if any(t is None for t in times) else max(t for t in times if t is not None)
+    if isinstance(node, AnyOf):
+        found = [t for c in node.children if (t := _done(rule, c, chosen, lo, hi)) is not None]
+        return min(found) if found else None
+    if isinstance(node, Then):
+        first = _done(rule, node.left, chosen, lo, hi)
+        return None if first is None else _done(rule, node.right, chosen, first + 1, hi)
+    raise AssertionError("NOT FOLLOWED_BY is evaluated by the absence logic")  # pragma: no cover
+
+
+def _sub_named(rule: Rule, name: str) -> CompiledSub:
+    return next(s for s in rule.subs if s.name == name)
+
+
+def _subs_in(rule: Rule, node: PatternNode) -> list[int]:
+    from .pattern import names
+
+    return list(dict.fromkeys(_sub_named(rule, r.name).index for r in names(node)))
+
+
+def _group_values(rule: Rule, index: int, entries: list[Entry] | None) -> dict[str, Any] | None:
+    if not entries:
+        return None
+    sub = rule.subs[index]
+    return {a.lower(): v for a, v in zip(sub.group_by, entries[0][3], strict=False)}
+
+
+def _cross_ok(rule: Rule, conds: Sequence[CrossCompare], chosen: dict[int, dict[str, Any] | None]) -> bool:
+    """Conditions between the chosen instances; one naming a subpattern that took no part is skipped."""
+    index = {s.name: s.index for s in rule.subs}
+
+    def value(ref: Ref) -> tuple[bool, Any]:
+        vals = chosen.get(index[ref.sub])
+        return (False, None) if vals is None else (True, vals.get(ref.attr.lower()))
+
+    for cond in conds:
+        ok_left, left = value(cond.left)
+        if isinstance(cond.right, Ref):
+            ok_right, right = value(cond.right)
+        else:
+            ok_right, right = True, cond.right
+        if ok_left and ok_right and not cond.holds(left, right):
+            return False
+    return True
+
+
+def _instances(rule: Rule, entries: list[Entry], subs: list[int], lo: int, hi: int) -> dict[int, list[list[Entry]]]:
+    out: dict[int, dict[tuple[str, ...], list[Entry]]] = {i: {} for i in subs}
+    for e in entries:
+        if lo <= e[0] <= hi and e[2] in out:
+            sub = rule.subs[e[2]]
+            gk = tuple(str(v).lower() for v in e[3][: len(sub.group_by)])
+            out[e[2]].setdefault(gk, []).append(e)
+    return {i: list(groups.values()) for i, groups in out.items()}
+
+
+def evaluate(
+    rule: Rule, node: PatternNode, entries: list[Entry], lo: int, hi: int, fixed: dict[int, dict[str, Any] | None] | None = None
+) -> Match | None:
+    """The satisfying instance combination with the earliest completion in ``[lo, hi]``, if any.
+
+    ``fixed`` holds group-by values of instances chosen earlier (the left side of an absence), so
+    that cross-subpattern conditions relate them to this side.
+    """
+    subs = _subs_in(rule, node)
+    inst = _instances(rule, entries, subs, lo, hi)
+    options: list[list[list[Entry] | None]] = []
+    for i in subs:
+        usable: list[list[Entry] | None] = [g for g in inst[i] if _leaf_done(rule.subs[i], g, lo, hi) is not None]
+        options.append(usable or [None])
+    best: Match | None = None
+    for combo in itertools.islice(itertools.product(*options), MAX_COMBINATIONS):
+        chosen = dict(zip(subs, combo, strict=True))
+        values = {**(fixed or {}), **{i: _group_values(rule, i, g) for i, g in chosen.items()}}
+        if rule.cross and not _cross_ok(rule, rule.cross, values):
+            continue
+        done = _done(rule, node, chosen, lo, hi)
+        if done is not None and (best is None or done < best.completion):
+            best = Match(done, {i: g for i, g in chosen.items() if g is not None})
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# Incidents
+# ---------------------------------------------------------------------------------------------
+
+
+def _attributes(rule: Rule, match: Match) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for m in rule.mappings:
+        entries = match.instances.get(m.sub)
+        if not entries:
+            out[m.incident_attr] = None
+            continue
+        sub = rule.subs[m.sub]
+        if m.aggregate is not None:
+            v = _aggregate_values(sub, entries).get(m.aggregate)
+            out[m.incident_attr] = int(v) if isinstance(v, float) and v.is_integer() else v
+        else:
+            vals = _group_values(rule, m.sub, entries) or {}
+            out[m.incident_attr] = vals.get((m.attr or "").lower())
+    return out
+
+
+class _Run:
+    """Mutable bookkeeping for one call: the state, its extra fields and what to emit."""
+
+    def __init__(self, rule: Rule, st: GroupState, stats: Stats) -> None:
+        self.rule = rule
+        self.st = st
+        self.stats = stats
+        self.ext: dict[str, Any] = st.ext if st.ext is not None else {}
+        self.touched: dict[str, tuple[Incident, str, list[NormalizedEvent]]] = {}
+        self.window = rule.window_s * 1000
+
+    def trigger(self, at: int, match: Match | None, attributes: dict[str, Any], evidence: list[NormalizedEvent]) -> None:
+        rule, st = self.rule, self.st
+        first = min((e[0] for g in (match.instances.values() if match else ()) for e in g), default=at)
+        inc = st.incident
+        if inc is not None and at - inc.last_trigger > rule.lifetime_s * 1000:
+            inc = None
+        if inc is None:
+            inc = Incident(incident_id(st.key, at), 1, first, at, at, at, 1, attributes)
+            action = "created"
+        else:
+            inc.revision += 1
+            if at - inc.window_start > self.window:
+                inc.trigger_count += 1
+                inc.window_start = at
+            inc.first_seen = min(inc.first_seen, first)
+            inc.last_seen = max(inc.last_seen, at)
+            inc.last_trigger = max(inc.last_trigger, at)
+            inc.attributes = attributes
+            prior = self.touched.get(inc.incident_id)
+            action = prior[1] if prior else "updated"
+        st.incident = inc
+        prev = self.touched.get(inc.incident_id)
+        kept = ((prev[2] if prev else []) + evidence)[-MAX_TRIGGER_EVENTS:]
+        self.touched[inc.incident_id] = (inc, action, kept)
+        self.stats.add("triggers", rule=rule.id)
+
+    def clear(self, at: int, evidence: list[NormalizedEvent]) -> None:
+        inc = self.st.incident
+        if inc is None:
+            return
+        inc.revision += 1
+        inc.last_seen = max(inc.last_seen, at)
+        self.touched[inc.incident_id] = (inc, "cleared", evidence[-MAX_TRIGGER_EVENTS:])
+        self.st.incident = None
+        self.ext["c"] = at  # events up to the clear belong to the closed incident: they open no new one
+        self.stats.add("cleared", rule=self.rule.id)
+
+    # -- time passing ---------------------------------------------------------------------
+
+    def advance(self, progress: int) -> None:
+        """Fire what is due once event time has reached ``progress``: absences, then quiet clears."""
+        rule = self.rule
+        pending = self.ext.get("p")
+        while pending is not None and progress > pending[1]:
+            a, deadline, fixed_raw, attrs = pending
+            fixed = {int(k): v for k, v in fixed_raw.items()}
+            assert isinstance(rule.pattern, Absent)
+            follower = evaluate(rule, rule.pattern.right, self.st.entries, a + 1, deadline, fixed)
+            self.ext["f"] = a
+            self.ext["p"] = None
+            if follower is None:
+                self.stats.add("absences_fired", rule=rule.id)
+                self.trigger(deadline, None, attrs, [])
+            else:
+                self.stats.add("absences_cancelled", rule=rule.id)
+            self._find_pending(max((e[0] for e in self.st.entries), default=a))
+            pending = self.ext.get("p")
+        inc = self.st.incident
+        after = rule.clear.after_s if rule.clear is not None else None
+        if after is not None and inc is not None and progress > inc.last_trigger + after * 1000:
+            self.clear(inc.last_trigger + after * 1000, [])
+
+    def _find_pending(self, upto: int) -> None:
+        """Start the next absence: the left side's earliest completion after the last resolved one."""
+        rule = self.rule
+        assert isinstance(rule.pattern, Absent)
+        floor = self.ext.get("f")
+        if self.ext.get("c") is not None:
+            floor = max(floor if floor is not None else self.ext["c"], self.ext["c"])
+        ends = sorted({int(e[0]) for e in self.st.entries if e[0] <= upto and (floor is None or e[0] > floor)})
+        for end in ends:
+            lo = end - self.window if floor is None else max(end - self.window, floor + 1)
+            match = evaluate(rule, rule.pattern.left, self.st.entries, lo, end)
+            if match is not None:
+                fixed = {str(i): _group_values(rule, i, g) for i, g in match.instances.items()}
+                attrs = _attributes(rule, match)
+                self.ext["p"] = [match.completion, match.completion + self.window, fixed, attrs]
+                self.stats.add("absences_pending", rule=rule.id)
+                return
+
+    # -- new events -------------------------------------------------------------------------
+
+    def on_event(self, t: int, event: NormalizedEvent) -> None:
+        rule = self.rule
+        if isinstance(rule.pattern, Absent):
+            if self.ext.get("p") is None:
+                self._find_pending(t)
+            return
+        assert rule.pattern is not None
+        triggered: list[int] = self.ext.setdefault("t", [])
+        ends = sorted({t} | {int(e[0]) for e in self.st.entries if t < e[0] <= t + self.window})
+        cleared = self.ext.get("c")
+        for end in ends:
+            if end in triggered or (cleared is not None and end <= cleared):
+                continue
+            lo = end - self.window if cleared is None else max(end - self.window, cleared + 1)
+            match = evaluate(rule, rule.pattern, self.st.entries, lo, end)
+            if match is not None:
+                triggered.append(end)
+                triggered.sort()
+                self.trigger(end, match, _attributes(rule, match), [event])
+
+
+def _migrate(st: GroupState) -> GroupState:
+    """A state written by the single-subpattern path (the rule gained subpatterns): keep the open
+    incident, drop window entries whose layout differs."""
+    if st.ext is None:
+        st.entries = []
+        st.ext = {}
+    return st
+
+
+def _entry_values(sub: CompiledSub, event: NormalizedEvent) -> list[Any]:
+    out: list[Any] = [_value(event, a) for a in sub.group_by]
+    for attr in sub.window_attrs:
+        v = event.attrs.get(attr)
+        out.append(list(v) if type(v) is tuple else v)
+    return out
+
+
+def _insert(entries: list[Entry], entry: Entry) -> None:
+    i = len(entries)
+    while i > 0 and (entries[i - 1][0], entries[i - 1][1]) > (entry[0], entry[1]):
+        i -= 1
+    entries.insert(i, entry)
+
+
+def apply_events(
+    rule: Rule, key: GroupKey, state: GroupState | None, events: Sequence[NormalizedEvent], stats: Stats
+) -> tuple[GroupState, list[dict[str, Any]]]:
+    """Fold ``events`` (all of this rule and correlation group) into ``state``; see the module doc.
+
+    Exactly once as on the classic path (:func:`shared.engine.apply_events`): an event the group
+    already holds changes nothing, and the snapshots an earlier batch emitted for it are re-emitted
+    byte for byte from the group's outbox.
+    """
+    st = _migrate(state) if state is not None else GroupState(key, ext={})
+    if not st.key.tenant and key.tenant:
+        st.key = GroupKey(st.key.rule_id, st.key.values, key.tenant)
+    key = st.key
+    run = _Run(rule, st, stats)
+    window = run.window
+    seen = {(e[1], e[2]) for e in st.entries}
+    outbox = _Outbox(st.outbox)
+    replay: set[int] = set()
+    applied: list[int] = []
+    for event in sorted(events, key=lambda e: (e.event_time, e.identity)):
+        t = to_ms(event.event_time)
+        ident = identity_hash(event.identity)
+        added = False
+        for sub in rule.subs:
+            if not sub.query.matches(event.attrs) or _sub_key(rule, sub, event) != key:
+                continue
+            late = st.newest is not None and t < st.newest - window
+            if (ident, sub.index) in seen or late:
+                pos = outbox.find(ident)
+                if pos is not None:
+                    replay.add(pos)
+                stats.add("late" if late and pos is None else "duplicates", rule=rule.id)
+                continue
+            seen.add((ident, sub.index))
+            _insert(st.entries, [t, ident, sub.index, _entry_values(sub, event)])
+            added = True
+            stats.add("counted", rule=rule.id)
+        clearing = rule.clear is not None and rule.clear.query is not None and rule.clear.query.matches(event.attrs)
+        if clearing:
+            pos = outbox.find(ident)
+            if pos is not None:  # a clearing event already applied: its snapshot is in the outbox
+                replay.add(pos)
+                clearing = False
+        if added or clearing:
+            applied.append(ident)
+        if added and (st.newest is None or t > st.newest):
+            st.newest = t
+        if st.newest is not None:
+            run.advance(st.newest)  # an event of this group at a later time proves that time has passed
+        if added:
+            run.on_event(t, event)
+        if clearing and st.incident is not None and t >= st.incident.first_seen:
+            run.clear(t, [event])
+        _trim(run)
+    again = outbox.snapshots(replay, rule, key)
+    stats.add("reemitted", len(again), rule=rule.id)
+    fresh = _emit(rule, key, list(run.touched.values()), stats)
+    if fresh:
+        record, fresh = _Outbox.record(applied, fresh)
+        st.add_record(record)
+    return st, again + fresh
+
+
+def advance(rule: Rule, state: GroupState, progress_ms: int, stats: Stats) -> tuple[GroupState, list[dict[str, Any]]]:
+    """Let event time reach ``progress_ms`` with no new event: fire due absences and quiet clears."""
+    st = _migrate(state)
+    run = _Run(rule, st, stats)
+    run.advance(progress_ms)
+    _trim(run)
+    return st, _emit(rule, st.key, list(run.touched.values()), stats)
+
+
+def due_at(rule: Rule, state: GroupState) -> int | None:
+    """Event time (epoch ms) after which :func:`advance` has work for this group, if ever."""
+    times = []
+    pending = (state.ext or {}).get("p")
+    if pending is not None:
+        times.append(int(pending[1]))
+    if rule.clear is not None and rule.clear.after_s is not None and state.incident is not None:
+        times.append(state.incident.last_trigger + rule.clear.after_s * 1000)
+    return min(times) if times else None
+
+
+def _emit(
+    rule: Rule, key: GroupKey, touched: list[tuple[Incident, str, list[NormalizedEvent]]], stats: Stats
+) -> list[dict[str, Any]]:
+    out = []
+    tenant = key.tenant or None
+    for inc, action, evidence in touched:
+        if rule.excepted(inc.attributes, tenant):
+            stats.add("excepted", rule=rule.id)
+            continue
+        stats.add("incidents_" + action, rule=rule.id)
+        out.append(snapshot(rule, key, inc, action, evidence))
+    return out
+
+
+def _trim(run: _Run) -> None:
+    """Keep what later windows can still use (two windows back: out-of-order events within one
+    window open windows that reach one further back), the pending absence's span, and a bounded count."""
+    st = run.st
+    if st.newest is None:
+        return
+    horizon = st.newest - 2 * run.window
+    pending = run.ext.get("p")
+    if pending is not None:
+        horizon = min(horizon, int(pending[0]) - run.window)
+    if st.entries and st.entries[0][0] < horizon:
+        st.entries = [e for e in st.entries if e[0] >= horizon]
+    if "t" in run.ext:
+        run.ext["t"] = [t for t in run.ext["t"] if t >= horizon][-MAX_TRIGGER_TIMES:]
+    if len(st.entries) > MAX_SEQUENCE_ENTRIES:
+        drop = len(st.entries) - MAX_SEQUENCE_ENTRIES
+        del st.entries[:drop]
+        st.evicted += drop
+        run.stats.add("evicted", drop, rule=run.rule.id)
+    while len(st.entries) > 50 and len(st.to_bytes()) > MAX_STATE_BYTES:
+        drop = max(1, len(st.entries) // 10)
+        del st.entries[:drop]
+        st.evicted += drop
+        run.stats.add("evicted", drop, rule=run.rule.id)

@@ -1,0 +1,320 @@
+"""The multi-subpattern correlator (shared/sequence.py) through the engine, on the in-memory store."""
+
+from __future__ import annotations
+
+import textwrap
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+import pytest
+
+from shared.engine import Engine
+from shared.normalize import NormalizedEvent, Normalizer
+from shared.rules import Rule, parse_rule_text
+from shared.state import GroupKey, GroupState, Incident, MemoryStateStore
+
+T0 = datetime(2026, 5, 1, tzinfo=timezone.utc)
+PERSIST = "M365Defender-Alert-Persistence"
+CRED = "MS-Defender-Endpoint-Alert-CredentialAccess"
+
+
+def rule(pattern: str = "persist FOLLOWED_BY cred", *, extra: str = "", cred_min: int = 1, window: int = 3600) -> Rule:
+    text = textwrap.dedent(
+        f"""\
+        id: SEQ_TEST
+        name: persistence then credential access
+        severity: 8
+        category: Security
+        timeWindow: {window}
+        subpatterns:
+          - name: persist
+            query: eventType IN (Group@PH_SYS_EVENT_MS_Defender_Alert_Persistence)
+            groupBy: [tenantId, hostName, user]
+            aggregateConstraint: COUNT(*) >= 1
+          - name: cred
+            query: eventType IN (Group@PH_SYS_EVENT_MS_Defender_Alert_CredentialAccess)
+            groupBy: [tenantId, hostName, user]
+            aggregateConstraint: COUNT(*) >= {cred_min}
+        pattern: {pattern}
+        correlation: persist.tenantId = cred.tenantId AND persist.hostName = cred.hostName
+        incidentAttributes:
+          hostName: persist.hostName
+          persistUser: persist.user
+          credUser: cred.user
+          credAlerts: cred.COUNT(*)
+        """
+    )
+    return parse_rule_text(text + textwrap.dedent(extra), "seq.yaml")
+
+
+_n = [0]
+
+
+def ev(
+    event_type: str, at: float, host: str = "host-1", *, user: str = "alice", tenant: str = "t1", **extra: Any
+) -> NormalizedEvent:
+    _n[0] += 1
+    rec = {
+        "eventType": event_type,
+        "hostName": host,
+        "user": user,
+        "tenantId": tenant,
+        "alertIdStr": extra.pop("alertIdStr", f"a{_n[0]}"),
+        "eventTime": (T0 + timedelta(seconds=at)).isoformat(),
+        **extra,
+    }
+    out = Normalizer(fmt="normalized").normalize(rec, "test", T0)
+    assert isinstance(out, NormalizedEvent)
+    return out
+
+
+class Run:
+    def __init__(self, *rules: Rule, store: MemoryStateStore | None = None) -> None:
+        self.store = store if store is not None else MemoryStateStore()
+        self.engine = Engine(list(rules), self.store, lambda: T0)
+        self.snaps: list[dict[str, Any]] = []
+
+    def feed(self, *events: NormalizedEvent) -> list[dict[str, Any]]:
+        out = self.engine.process(list(events)).incidents
+        self.snaps.extend(out)
+        return out
+
+    def each(self, *events: NormalizedEvent) -> Run:
+        for e in events:
+            self.feed(e)
+        return self
+
+    def latest(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for s in self.snaps:
+            if s["revision"] >= out.get(s["incidentId"], {}).get("revision", 0):
+                out[s["incidentId"]] = s
+        return out
+
+
+class TestFollowedBy:
+    def test_persistence_followed_by_credential_access_on_the_same_host_fires_once(self) -> None:
+        run = Run(rule()).each(ev(PERSIST, 0), ev(CRED, 600))
+        [snap] = run.snaps
+        assert snap["action"] == "created"
+        assert snap["attributes"] == {"hostName": "host-1", "persistUser": "alice", "credUser": "alice", "credAlerts": 1}
+        assert snap["groupBy"] == {"tenantId": "t1", "hostName": "host-1"}
+        assert snap["firstSeen"].startswith("2026-05-01T00:00:00")
+
+    def test_the_reverse_order_does_not_fire(self) -> None:
+        assert Run(rule()).each(ev(CRED, 0), ev(PERSIST, 600)).snaps == []
+
+    def test_other_hosts_and_other_tenants_do_not_correlate(self) -> None:
+        run = Run(rule()).each(ev(PERSIST, 0), ev(CRED, 60, host="host-2"), ev(CRED, 120, tenant="t2"))
+        assert run.snaps == []
+
+    def test_the_follower_must_come_within_the_window_of_the_whole_pattern(self) -> None:
+        assert Run(rule()).each(ev(PERSIST, 0), ev(CRED, 3601)).snaps == []
+        assert len(Run(rule()).each(ev(PERSIST, 0), ev(CRED, 3600)).snaps) == 1
+
+    def test_equal_event_times_are_not_an_order(self) -> None:
+        assert Run(rule()).each(ev(PERSIST, 100), ev(CRED, 100)).snaps == []
+
+    def test_out_of_order_arrival_within_the_window_still_fires_at_the_followers_time(self) -> None:
+        run = Run(rule()).each(ev(CRED, 600), ev(PERSIST, 0))
+        [snap] = run.snaps
+        assert snap["lastSeen"].startswith("2026-05-01T00:10:00")
+
+    def test_each_threshold_is_per_subpattern(self) -> None:
+        r = rule(cred_min=2)
+        assert Run(r).each(ev(PERSIST, 0), ev(CRED, 60)).snaps == []
+        run = Run(r).each(ev(PERSIST, 0), ev(CRED, 60), ev(CRED, 120))
+        [snap] = run.snaps
+        assert snap["attributes"]["credAlerts"] == 2
+
+    def test_follower_events_before_the_leader_do_not_count_toward_its_threshold(self) -> None:
+        run = Run(rule(cred_min=2)).each(ev(CRED, 0), ev(PERSIST, 60), ev(CRED, 120))
+        assert run.snaps == []
+
+    def test_a_cross_subpattern_inequality_must_hold_between_the_chosen_instances(self) -> None:
+        strict = parse_rule_text(_with_correlation("persist.hostName = cred.hostName AND persist.user != cred.user"), "seq.yaml")
+        assert Run(strict).each(ev(PERSIST, 0, user="alice"), ev(CRED, 60, user="alice")).snaps == []
+        run = Run(strict).each(ev(PERSIST, 0, user="alice"), ev(CRED, 60, user="alice"), ev(CRED, 90, user="bob"))
+        [snap] = run.snaps
+        assert (snap["attributes"]["persistUser"], snap["attributes"]["credUser"]) == ("alice", "bob")
+
+
+def _with_correlation(text: str) -> str:
+    base = rule()
+    data = base.model.model_dump(by_alias=True, exclude_none=True)
+    data["correlation"] = text
+    return orjson.dumps(data).decode()
+
+
+class TestAndOr:
+    def test_and_fires_in_either_order(self) -> None:
+        assert len(Run(rule("persist AND cred")).each(ev(CRED, 0), ev(PERSIST, 60)).snaps) == 1
+        assert len(Run(rule("persist AND cred")).each(ev(PERSIST, 0), ev(CRED, 60)).snaps) == 1
+
+    def test_and_needs_both_within_the_window(self) -> None:
+        assert Run(rule("persist AND cred")).each(ev(PERSIST, 0), ev(CRED, 4000)).snaps == []
+
+    def test_or_fires_on_either(self) -> None:
+        run = Run(rule("persist OR cred")).each(ev(CRED, 0))
+        [snap] = run.snaps
+        assert snap["attributes"]["persistUser"] is None and snap["attributes"]["credUser"] == "alice"
+
+
+class TestIncidents:
+    def test_incident_ids_and_revisions_do_not_depend_on_batching_for_an_in_order_stream(self) -> None:
+        events = [ev(PERSIST, 0), ev(CRED, 60), ev(CRED, 120), ev(PERSIST, 200), ev(CRED, 300)]
+        one = Run(rule())
+        one.feed(*events)
+        each = Run(rule()).each(*events)
+        pairs = Run(rule())
+        pairs.feed(*events[:2])
+        pairs.feed(*events[2:])
+
+        def final(run: Run) -> list[tuple[str, int, bytes]]:
+            return sorted((s["incidentId"], s["revision"], orjson.dumps(s["attributes"])) for s in run.latest().values())
+
+        assert final(one) == final(each) == final(pairs)
+        assert final(each)[0][1] == 4  # every event whose window holds the pattern: 60, 120, 200, 300
+
+    def test_a_retried_batch_re_emits_the_same_snapshot(self) -> None:
+        events = [ev(PERSIST, 0), ev(CRED, 60)]
+        run = Run(rule())
+        first = run.feed(*events)
+        again = run.feed(*events)
+        assert [(s["incidentId"], s["revision"], s["action"]) for s in again] == [
+            (s["incidentId"], s["revision"], s["action"]) for s in first
+        ]
+
+    def test_an_exception_suppresses_matching_incidents_for_its_tenants_only(self) -> None:
+        r = rule(extra='exceptions:\n  - query: hostName = "build-server"\n    tenants: [t1]\n')
+        run = Run(r).each(
+            ev(PERSIST, 0, host="build-server"),
+            ev(CRED, 60, host="build-server"),
+            ev(PERSIST, 0, host="build-server", tenant="t2"),
+            ev(CRED, 60, host="build-server", tenant="t2"),
+        )
+        assert [s["groupBy"]["tenantId"] for s in run.snaps] == ["t2"]
+
+    def test_clear_after_quiet_period_closes_the_incident_and_a_new_trigger_opens_another(self) -> None:
+        r = rule(extra="clear:\n  after: 600\n")
+        run = Run(r).each(ev(PERSIST, 0), ev(CRED, 60), ev(PERSIST, 2000), ev(CRED, 2100))
+        actions = [(s["incidentId"], s["action"]) for s in run.snaps]
+        assert [a for _, a in actions] == ["created", "cleared", "created"]
+        assert actions[0][0] == actions[1][0] != actions[2][0]
+
+    def test_clear_query_closes_the_incident_on_a_clearing_event(self) -> None:
+        r = rule(extra='clear:\n  query: eventType = "Host-Reimaged"\n')
+        run = Run(r).each(ev(PERSIST, 0), ev(CRED, 60), ev("Host-Reimaged", 100), ev("Host-Reimaged", 200, host="host-2"))
+        assert [s["action"] for s in run.snaps] == ["created", "cleared"]
+        assert run.snaps[1]["revision"] == 2
+
+
+ABSENT = "persist NOT FOLLOWED_BY cred"
+
+
+class TestNotFollowedBy:
+    def test_fires_when_a_later_event_shows_the_window_closed_without_the_follower(self) -> None:
+        run = Run(rule(ABSENT, window=600)).each(ev(PERSIST, 0))
+        assert run.snaps == []
+        run.each(ev(PERSIST, 601))  # event time of this group passed the deadline
+        [snap] = run.snaps
+        assert snap["lastSeen"].startswith("2026-05-01T00:10:00")  # fired at event time 0 + 600 s
+        assert snap["attributes"]["persistUser"] == "alice" and snap["attributes"]["credUser"] is None
+
+    def test_a_follower_inside_the_window_cancels_it_even_at_the_deadline(self) -> None:
+        run = Run(rule(ABSENT, window=600)).each(ev(PERSIST, 0), ev(CRED, 600), ev(PERSIST, 1300))
+        assert run.snaps == []
+
+    def test_a_follower_arriving_out_of_order_before_the_deadline_passed_still_cancels(self) -> None:
+        run = Run(rule(ABSENT, window=600)).each(ev(PERSIST, 0), ev(CRED, 500))
+        run.feed(ev(CRED, 300), ev(PERSIST, 700))
+        assert [s["action"] for s in run.snaps] == []
+
+    def test_a_follower_after_the_window_does_not_cancel(self) -> None:
+        run = Run(rule(ABSENT, window=600)).each(ev(PERSIST, 0), ev(CRED, 601))
+        assert len(run.snaps) == 1
+
+    def test_the_timer_fires_due_absences_from_event_time_progress_alone(self) -> None:
+        run = Run(rule(ABSENT, window=600)).each(ev(PERSIST, 0))
+        assert run.engine.fire_due(T0 + timedelta(seconds=600)).incidents == []  # not past the deadline yet
+        fired = run.engine.fire_due(T0 + timedelta(seconds=601)).incidents
+        assert [s["action"] for s in fired] == ["created"]
+        assert run.engine.fire_due(T0 + timedelta(seconds=5000)).incidents == []  # once only
+
+
+class TestState:
+    def test_a_rule_that_gains_subpatterns_keeps_its_open_incident(self) -> None:
+        r = rule("persist AND cred")
+        key = GroupKey(r.id, ("t1", "host-1"))
+        store = MemoryStateStore()
+        from shared.state import Change
+
+        t0 = int(T0.timestamp() * 1000)
+        old = GroupState(key, [[t0, 5]], t0, Incident("inc-old", 1, t0, t0, t0, t0, 1, {}))
+        store.save([Change(key, old, None, 10**15)])
+        run = Run(r, store=store).each(ev(PERSIST, 10), ev(CRED, 20))
+        assert [(s["incidentId"], s["revision"]) for s in run.snaps] == [("inc-old", 2)]
+
+    def test_an_open_group_stays_small(self) -> None:
+        store = MemoryStateStore()
+        Run(rule(), store=store).each(ev(PERSIST, 0), ev(CRED, 60), ev(CRED, 120))
+        [(data, _, _, _)] = store._data.values()
+        assert len(data) < 2048
+
+
+@pytest.mark.azurite
+def test_on_table_storage_a_sequence_fires_and_a_due_absence_fires_once(azurite: Any, table_name: str) -> None:
+    from shared.table_store import TableStateStore
+
+    seq, absent = rule(), parse_rule_text(_renamed(rule(ABSENT, window=600), "SEQ_ABSENT"), "absent.yaml")
+    store = TableStateStore.from_connection_string(azurite.connection_string, table_name)
+    store.ensure_table()
+    try:
+        engine = Engine([seq, absent], store, lambda: T0)  # type: ignore[arg-type]
+        out = engine.process([ev(PERSIST, 0), ev(CRED, 60, host="host-2"), ev(PERSIST, 30, host="host-2")]).incidents
+        assert [(s["ruleId"], s["groupBy"]["hostName"]) for s in out] == [("SEQ_TEST", "host-2")]
+        assert store.calls["load"] == 1 and store.calls["save"] == 1  # one read and one write per batch
+        assert engine.fire_due(T0 + timedelta(seconds=600)).incidents == []
+        fired = engine.fire_due(T0 + timedelta(seconds=700)).incidents
+        assert sorted(s["groupBy"]["hostName"] for s in fired) == ["host-1"]  # host-2 had its follower
+        assert engine.fire_due(T0 + timedelta(seconds=900)).incidents == []
+    finally:
+        store.table.delete_table()
+
+
+def _renamed(r: Rule, new_id: str) -> str:
+    data = r.model.model_dump(by_alias=True, exclude_none=True)
+    data["id"] = new_id
+    return orjson.dumps(data).decode()
+
+
+def test_replay_fires_absences_from_the_event_time_it_has_replayed(tmp_path: Any) -> None:
+    import io
+
+    from shared.replay import replay
+
+    lines = [
+        {
+            "eventType": PERSIST,
+            "hostName": h,
+            "user": "u",
+            "tenantId": "t1",
+            "alertIdStr": h,
+            "eventTime": (T0 + timedelta(seconds=at)).isoformat(),
+        }
+        for h, at in (("h1", 0), ("h2", 900))
+    ]
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join(orjson.dumps(x) for x in lines))
+    out = io.BytesIO()
+    replay(
+        [str(path)],
+        [rule(ABSENT, window=600)],
+        fmt="normalized",
+        out=out,
+        err=io.StringIO(),
+        clock=lambda: T0 + timedelta(hours=1),
+    )
+    snaps = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert [s["groupBy"]["hostName"] for s in snaps] == ["h1"]  # h2's deadline (1500 s) is past the data

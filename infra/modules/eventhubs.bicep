@@ -4,14 +4,8 @@ param namespaceName string
 @description('Name of the alerts hub (the Defender streaming export target).')
 param hubName string
 
-@description('True to use an existing namespace and hub instead of creating them.')
-param useExisting bool
-
-@description('Partition count of a created hub.')
+@description('Partition count of the hub.')
 param partitionCount int
-
-@description('Dedicated consumer group of the correlator.')
-param consumerGroupName string
 
 @description('Azure region.')
 param location string
@@ -19,7 +13,9 @@ param location string
 @description('Resource tags.')
 param tags object
 
-resource created 'Microsoft.EventHub/namespaces@2024-01-01' = if (!useExisting) {
+// Created only when no existing hub is given; the consumer group and the app's roles on the hub are
+// in hubaccess.bicep, which main.bicep deploys in the hub's own resource group either way.
+resource namespace 'Microsoft.EventHub/namespaces@2024-01-01' = {
   name: namespaceName
   location: location
   tags: tags
@@ -31,8 +27,8 @@ resource created 'Microsoft.EventHub/namespaces@2024-01-01' = if (!useExisting) 
   }
 }
 
-resource createdHub 'Microsoft.EventHub/namespaces/eventhubs@2024-01-01' = if (!useExisting) {
-  parent: created
+resource hub 'Microsoft.EventHub/namespaces/eventhubs@2024-01-01' = {
+  parent: namespace
   name: hubName
   properties: {
     partitionCount: partitionCount
@@ -40,26 +36,5 @@ resource createdHub 'Microsoft.EventHub/namespaces/eventhubs@2024-01-01' = if (!
   }
 }
 
-resource existing 'Microsoft.EventHub/namespaces@2024-01-01' existing = if (useExisting) {
-  name: namespaceName
-}
-
-resource existingHub 'Microsoft.EventHub/namespaces/eventhubs@2024-01-01' existing = if (useExisting) {
-  parent: existing
-  name: hubName
-}
-
-resource consumerGroupOnCreated 'Microsoft.EventHub/namespaces/eventhubs/consumergroups@2024-01-01' = if (!useExisting) {
-  parent: createdHub
-  name: consumerGroupName
-}
-
-resource consumerGroupOnExisting 'Microsoft.EventHub/namespaces/eventhubs/consumergroups@2024-01-01' = if (useExisting) {
-  parent: existingHub
-  name: consumerGroupName
-}
-
-output namespaceName string = namespaceName
-output hubName string = hubName
-output consumerGroupName string = consumerGroupName
-output fullyQualifiedNamespace string = '${namespaceName}.servicebus.windows.net'
+output namespaceName string = namespace.name
+output hubName string = hub.name

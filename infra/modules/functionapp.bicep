@@ -34,7 +34,7 @@ param eventHubName string
 @description('Consumer group of the correlator.')
 param consumerGroupName string
 
-@description('Webhook URL (empty: forward_incident fails fast naming WEBHOOK_URL).')
+@description('Webhook URL (empty: forwarding is off; forward_incident consumes incidents without sending them).')
 param webhookUrl string
 
 @description('Webhook body format.')
@@ -42,6 +42,9 @@ param webhookFormat string
 
 @description('Key Vault secret URI of the webhook secret.')
 param webhookSecretUri string
+
+@description('True when the webhook secret was given (and stored in Key Vault); false: no WEBHOOK_SECRET setting at all.')
+param webhookSecretConfigured bool
 
 @description('Tenants polled through Graph (empty: poller off).')
 param graphTenants string
@@ -55,12 +58,27 @@ param graphClientId string
 @description('Key Vault secret URI of the Graph client secret.')
 param graphClientSecretUri string
 
+@description('True when the Graph client secret was given (and stored in Key Vault); false: no GRAPH_CLIENT_SECRET setting.')
+param graphClientSecretConfigured bool
+
+@description('Python version of the Flex Consumption runtime (infra/flex-facts.json lists what Flex supports).')
+param pythonVersion string
+
 @description('Maximum number of instances.')
 param maximumInstanceCount int
 
 var blobUri = 'https://${storageAccountName}.blob.${environment().suffixes.storage}'
 var queueUri = 'https://${storageAccountName}.queue.${environment().suffixes.storage}'
 var tableUri = 'https://${storageAccountName}.table.${environment().suffixes.storage}'
+
+// Secret references only for secrets that exist: a reference to a missing Key Vault secret would
+// reach the code as its own text and fail every invocation (each incident would end in poison).
+var webhookSecretSettings = webhookSecretConfigured ? [
+  { name: 'WEBHOOK_SECRET', value: '@Microsoft.KeyVault(SecretUri=${webhookSecretUri})' }
+] : []
+var graphSecretSettings = graphClientSecretConfigured ? [
+  { name: 'GRAPH_CLIENT_SECRET', value: '@Microsoft.KeyVault(SecretUri=${graphClientSecretUri})' }
+] : []
 
 resource appInsights 'Microsoft.Insights/components@2020-02-02' existing = {
   name: appInsightsName
@@ -81,6 +99,9 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
   // checkov:skip=CKV_AZURE_17:no HTTP functions: client certificates have nothing to protect
   // checkov:skip=CKV_AZURE_212:Flex Consumption scales to zero by design; Event Hub checkpoints make any instance resume the work
   // checkov:skip=CKV_AZURE_213:no HTTP endpoint to probe; health is the batch_summary telemetry (README operations)
+  // checkov:skip=CKV_AZURE_78:ARM rejects siteConfig.ftpsState on Flex Consumption (error 51021, infra/flex-facts.json); Flex deploys only from the blob container in functionAppConfig.deployment
+  // checkov:skip=CKV_AZURE_67:http20Enabled is not among the siteConfig properties known to be accepted on Flex Consumption (infra/flex-facts.json); the app has no HTTP functions
+  // checkov:skip=CKV_AZURE_18:http20Enabled is not among the siteConfig properties known to be accepted on Flex Consumption (infra/flex-facts.json); the app has no HTTP functions
   name: appName
   location: location
   tags: union(tags, { 'azd-service-name': 'api' })
@@ -103,13 +124,13 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
         }
       }
       scaleAndConcurrency: { maximumInstanceCount: maximumInstanceCount, instanceMemoryMB: 2048 }
-      runtime: { name: 'python', version: '3.11' }
+      runtime: { name: 'python', version: pythonVersion }
     }
+    // siteConfig holds only what Flex Consumption accepts (infra/flex-facts.json, checked by
+    // tests/test_infra.py): ARM rejects ftpsState and others there (error 51021).
     siteConfig: {
       minTlsVersion: '1.2'
-      ftpsState: 'Disabled'
-      http20Enabled: true
-      appSettings: [
+      appSettings: concat([
         // Host storage, identity-based (no keys)
         { name: 'AzureWebJobsStorage__credential', value: 'managedidentity' }
         { name: 'AzureWebJobsStorage__clientId', value: identityClientId }
@@ -138,7 +159,6 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
         { name: 'PURGE_SCHEDULE', value: '0 */15 * * * *' }
         // Webhook delivery
         { name: 'WEBHOOK_URL', value: webhookUrl }
-        { name: 'WEBHOOK_SECRET', value: '@Microsoft.KeyVault(SecretUri=${webhookSecretUri})' }
         { name: 'WEBHOOK_FORMAT', value: webhookFormat }
         { name: 'WEBHOOK_ACTIONS', value: 'created,updated' }
         { name: 'WEBHOOK_MIN_SEVERITY', value: '1' }
@@ -149,10 +169,9 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
         { name: 'GRAPH_TENANTS', value: graphTenants }
         { name: 'GRAPH_AUTH', value: graphAuth }
         { name: 'GRAPH_CLIENT_ID', value: graphClientId }
-        { name: 'GRAPH_CLIENT_SECRET', value: graphAuth == 'client_secret' ? '@Microsoft.KeyVault(SecretUri=${graphClientSecretUri})' : '' }
         { name: 'GRAPH_POLL_SCHEDULE', value: '0 */5 * * * *' }
         { name: 'GRAPH_CURSOR_TABLE', value: 'graphcursors' }
-      ]
+      ], webhookSecretSettings, graphSecretSettings)
     }
   }
 }

@@ -7,6 +7,9 @@ param location string
 @description('Resource tags.')
 param tags object
 
+@description('Purge protection (recommended for production). Once on, it cannot be turned off, and after `azd down` the soft-deleted vault keeps its name for 90 days (README: redeploying).')
+param purgeProtection bool
+
 @secure()
 @description('Webhook signing secret; stored as secret webhook-secret when given.')
 param webhookSecret string
@@ -18,6 +21,8 @@ param graphClientSecret string
 resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
   // checkov:skip=CKV_AZURE_109:this template has no VNet; Flex Consumption without VNet integration reaches it over public endpoints, access is Entra-ID-only (no keys) - private endpoints are a documented follow-up
   // checkov:skip=CKV_AZURE_189:this template has no VNet; Flex Consumption without VNet integration reaches it over public endpoints, access is Entra-ID-only (no keys) - private endpoints are a documented follow-up
+  // checkov:skip=CKV_AZURE_110:purge protection is the parameter keyVaultPurgeProtection (default true), which checkov cannot resolve; false only for test environments redeployed after `azd down --purge`
+  // checkov:skip=CKV_AZURE_42:soft delete is always on (90 days); purge protection is the parameter keyVaultPurgeProtection (default true), which checkov cannot resolve
   name: name
   location: location
   tags: tags
@@ -27,7 +32,8 @@ resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
     enableRbacAuthorization: true
     enableSoftDelete: true
     softDeleteRetentionInDays: 90
-    enablePurgeProtection: true
+    // ARM refuses an explicit false here: off means leaving the property out (null).
+    enablePurgeProtection: purgeProtection ? true : null
     publicNetworkAccess: 'Enabled'
     networkAcls: {
       bypass: 'AzureServices'

@@ -7,40 +7,25 @@ param developerPrincipalId string
 @description('Storage account name.')
 param storageAccountName string
 
-@description('Event Hubs namespace name.')
-param eventHubNamespaceName string
-
-@description('Alerts hub name.')
-param eventHubName string
-
 @description('Application Insights component name.')
 param appInsightsName string
 
 @description('Key Vault name.')
 param keyVaultName string
 
-// Built-in role definition ids (least privilege for what the code does).
+// Built-in role definition ids (least privilege for what the code does). The Event Hubs roles are in
+// hubaccess.bicep, deployed in the hub's own resource group.
 var roles = {
-  storageBlobDataOwner: 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b' // host storage, Event Hubs checkpoints, Flex deployment package
+  storageBlobDataOwner: 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b' // host storage, Event Hubs checkpoints, Flex deployment package, deadletters container (claim checks)
+  storageBlobDataContributor: 'ba92f5b4-2d11-453d-a403-e96b0029c9fe' // developer: read dead-letter claim checks
   storageTableDataContributor: '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3' // window state, delivery records, Graph cursors
   storageQueueDataContributor: '974c5e8b-45b9-4653-ba55-5f855dd0fb88' // incidents queue trigger/output, dead letters, poison
-  eventHubsDataReceiver: 'a638d3c7-ab3a-418d-83e6-5f17a39d4fde' // correlate_alerts trigger
-  eventHubsDataSender: '2b629674-e913-4c01-ae53-ef4638d8f975' // poll_graph_alerts publishes to the alerts hub
   monitoringMetricsPublisher: '3913510d-42f4-4e42-8a64-420c390055eb' // Application Insights with local auth disabled
   keyVaultSecretsUser: '4633458b-17de-408a-b874-0445c86b69e6' // Key Vault references in app settings
 }
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
-}
-
-resource namespace 'Microsoft.EventHub/namespaces@2024-01-01' existing = {
-  name: eventHubNamespaceName
-}
-
-resource hub 'Microsoft.EventHub/namespaces/eventhubs@2024-01-01' existing = {
-  parent: namespace
-  name: eventHubName
 }
 
 resource appInsights 'Microsoft.Insights/components@2020-02-02' existing = {
@@ -81,26 +66,6 @@ resource queueContributor 'Microsoft.Authorization/roleAssignments@2022-04-01' =
   }
 }
 
-resource hubReceiver 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(hub.id, principalId, roles.eventHubsDataReceiver)
-  scope: hub
-  properties: {
-    principalId: principalId
-    principalType: 'ServicePrincipal'
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.eventHubsDataReceiver)
-  }
-}
-
-resource hubSender 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(hub.id, principalId, roles.eventHubsDataSender)
-  scope: hub
-  properties: {
-    principalId: principalId
-    principalType: 'ServicePrincipal'
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.eventHubsDataSender)
-  }
-}
-
 resource metricsPublisher 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   name: guid(appInsights.id, principalId, roles.monitoringMetricsPublisher)
   scope: appInsights
@@ -136,5 +101,14 @@ resource devQueues 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!e
   properties: {
     principalId: developerPrincipalId
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageQueueDataContributor)
+  }
+}
+
+resource devBlobs 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(developerPrincipalId)) {
+  name: guid(storage.id, developerPrincipalId, roles.storageBlobDataContributor)
+  scope: storage
+  properties: {
+    principalId: developerPrincipalId
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageBlobDataContributor)
   }
 }

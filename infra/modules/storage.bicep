@@ -7,18 +7,19 @@ param location string
 @description('Resource tags.')
 param tags object
 
-@description('Replication of the account.')
-@allowed(['Standard_ZRS', 'Standard_GRS', 'Standard_GZRS'])
-param skuName string = 'Standard_ZRS'
+@description('Replication of the account. LRS and GRS exist in every Flex Consumption region; ZRS/GZRS only where the region has availability zones (infra/flex-facts.json).')
+@allowed(['Standard_LRS', 'Standard_GRS', 'Standard_ZRS', 'Standard_GZRS'])
+param skuName string
 
 var tables = ['correlatorstate', 'webhookdeliveries', 'graphcursors']
 var queues = ['incidents', 'incidents-poison', 'rejected-alerts']
 var deploymentContainerName = 'deploymentpackage'
+var deadLetterContainerName = 'deadletters' // claim checks of rejected records and poison messages (rejected/..., poison/...)
 
 resource account 'Microsoft.Storage/storageAccounts@2023-05-01' = {
   // checkov:skip=CKV_AZURE_35:this template has no VNet; Flex Consumption without VNet integration reaches it over public endpoints, access is Entra-ID-only (no keys) - private endpoints are a documented follow-up
   // checkov:skip=CKV_AZURE_59:this template has no VNet; Flex Consumption without VNet integration reaches it over public endpoints, access is Entra-ID-only (no keys) - private endpoints are a documented follow-up
-  // checkov:skip=CKV_AZURE_206:skuName is a parameter (default Standard_ZRS, GRS allowed); checkov cannot resolve parameters
+  // checkov:skip=CKV_AZURE_206:skuName is a parameter (storageSku in main.bicep); the LRS default is the one SKU every Flex Consumption region offers, choose ZRS/GRS/GZRS where available - the state is rebuilt from the hub within the window
   name: name
   location: location
   tags: tags
@@ -62,6 +63,12 @@ resource deploymentContainer 'Microsoft.Storage/storageAccounts/blobServices/con
   properties: { publicAccess: 'None' }
 }
 
+resource deadLetterContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = {
+  parent: blobService
+  name: deadLetterContainerName
+  properties: { publicAccess: 'None' }
+}
+
 resource tableService 'Microsoft.Storage/storageAccounts/tableServices@2023-05-01' = {
   parent: account
   name: 'default'
@@ -84,3 +91,4 @@ resource queueResources 'Microsoft.Storage/storageAccounts/queueServices/queues@
 
 output name string = account.name
 output deploymentContainerName string = deploymentContainerName
+output deadLetterContainerName string = deadLetterContainerName

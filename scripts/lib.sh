@@ -76,3 +76,38 @@ setup_chromium() {  # the HTML report test renders in Debian's chromium (a test 
     echo "warning: chromium is missing and apt-get (as root) is not available; the HTML report test will be skipped" >&2
   fi
 }
+
+find_python() {  # usage: find_python 3.10 -> path of an interpreter of that version, or nothing
+  local want="$1" candidate
+  for candidate in "python$want" "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$want".*/bin/python /root/.pyenv/versions/"$want".*/bin/python; do
+    if command -v "$candidate" >/dev/null 2>&1 \
+      && [ "$("$candidate" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)" = "$want" ]; then
+      command -v "$candidate"
+      return
+    fi
+  done
+}
+
+# The other Python versions Flex Consumption runs (README "Python versions"); the main .venv is 3.11.
+EXTRA_PYTHONS="${EXTRA_PYTHONS-3.10 3.13}"
+
+setup_extra_pythons() {  # a .venv-<version> per extra version, with the runtime pins + test tools only
+  local version py
+  for version in $EXTRA_PYTHONS; do
+    py=$(find_python "$version")
+    if [ -z "$py" ]; then
+      if [ "${REQUIRE_PYTHON_MATRIX:-0}" = 1 ]; then
+        echo "Python $version not found (pyenv or python$version on PATH)" >&2
+        return 1
+      fi
+      echo "warning: Python $version not found; its tests are skipped here (CI requires it)" >&2
+      continue
+    fi
+    step "python $version environment (.venv-$version)"
+    [ -x ".venv-$version/bin/python" ] || "$py" -m venv ".venv-$version"
+    grep -v -E '^(ruff|mypy|types-)' requirements-dev.txt | sed "s|^-r requirements.txt|-r $PWD/requirements.txt|" \
+      > ".venv-$version/requirements-test.txt"
+    ".venv-$version/bin/python" -m pip install --quiet --disable-pip-version-check -r ".venv-$version/requirements-test.txt" \
+      2> >(grep -v '^WARNING: Location' >&2)
+  done
+}

@@ -102,9 +102,16 @@ def parse_time(value: Any) -> datetime | None:
         text = value.strip()
         if text.endswith(("Z", "z")):
             text = text[:-1] + "+00:00"
-        frac = re.match(r"^(.*\.\d{6})\d+(.*)$", text)  # fromisoformat takes at most 6 digits
+        # fromisoformat before 3.11 takes exactly 3 or 6 fraction digits and only +HH:MM offsets:
+        # pad/cut the fraction to 6 digits and add the colon, so every version parses the same text.
+        frac = re.match(r"^([^.]*)\.(\d*)(.*)$", text)
         if frac:
-            text = frac.group(1) + frac.group(2)
+            if not frac.group(2):
+                return None  # "08." (3.11+ would accept it, 3.10 not)
+            text = f"{frac.group(1)}.{(frac.group(2) + '000000')[:6]}{frac.group(3)}"
+        offset = re.match(r"^(.*T.*[+-])(\d\d)(\d\d)$", text)
+        if offset:
+            text = f"{offset.group(1)}{offset.group(2)}:{offset.group(3)}"
         try:
             parsed = datetime.fromisoformat(text)
         except ValueError:

@@ -29,11 +29,6 @@ LOCAL_ONLY = {
     "GRAPH_CERTIFICATE_PATH": "certificate auth is configured by hand (the certificate is not a template input)",
     "GRAPH_BASE_URL": "national clouds only",
 }
-# Settings the Bicep provisions for code another change is adding (blob claim checks); allowed either way.
-AHEAD_OF_CODE = {
-    "STATE_STORAGE__blobServiceUri": "dead-letter claim checks in the deadletters container",
-    "DEADLETTER_CONTAINER": "dead-letter claim checks in the deadletters container",
-}
 # Settings the Bicep sets for the Functions host and bindings rather than for our code.
 PLATFORM = re.compile(r"^(AzureWebJobsStorage__\w+|APPLICATIONINSIGHTS_\w+|ALERTS_EVENTHUB__(credential|clientId))$")
 # Roles the code needs, by built-in role definition id.
@@ -134,7 +129,7 @@ def settings_problems(parsed_app: dict[str, Any]) -> list[str]:
         if prefix != "AzureWebJobsStorage" and not any(s == prefix or s.startswith(prefix + "__") for s in in_bicep):
             problems.append(f"binding connection {prefix} has no {prefix}__* setting in the Bicep")
     problems += [
-        f"the Bicep sets {n} but no code reads it" for n in sorted(in_bicep - names - set(AHEAD_OF_CODE)) if not PLATFORM.match(n)
+        f"the Bicep sets {n} but no code reads it" for n in sorted(in_bicep - names) if not PLATFORM.match(n)
     ]
     return problems
 

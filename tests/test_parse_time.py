@@ -1,0 +1,52 @@
+"""parse_time gives the same answer on every supported Python (3.10's fromisoformat is stricter)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from shared.normalize import iso, parse_time
+
+BASE = datetime(2019, 9, 1, 13, 31, 8, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize("digits", range(10))
+@pytest.mark.parametrize("suffix", ["Z", "+00:00", "+0000", "z"])
+def test_any_number_of_fraction_digits_parses_to_the_truncated_microsecond(digits: int, suffix: str) -> None:
+    fraction = "987654321"[:digits]
+    text = f"2019-09-01T13:31:08{'.' + fraction if digits else ''}{suffix}"
+    micro = int((fraction + "000000")[:6]) if digits else 0
+    assert parse_time(text) == BASE + timedelta(microseconds=micro)
+
+
+def test_defender_time_with_two_fraction_digits_parses() -> None:
+    assert parse_time("2019-09-01T13:31:08.57Z") == BASE + timedelta(microseconds=570000)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected_hour"),
+    [("2019-09-01T15:31:08.5+0200", 13), ("2019-09-01T08:31:08.5-0500", 13), ("2019-09-01T15:31:08+02:00", 13)],
+)
+def test_offsets_with_and_without_colon_convert_to_utc(text: str, expected_hour: int) -> None:
+    parsed = parse_time(text)
+    assert parsed is not None and parsed.hour == expected_hour and parsed.tzinfo == timezone.utc
+
+
+@pytest.mark.parametrize("text", ["2019-09-01T13:31:08.+00:00", "not a time", "2019-13-01T00:00:00Z", "2019-09-01T13:31:08.5+2"])
+def test_malformed_times_give_none_not_an_error(text: str) -> None:
+    assert parse_time(text) is None
+
+
+@given(
+    moment=st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(2200, 1, 1), timezones=st.just(timezone.utc)),
+    extra=st.text(alphabet="0123456789", max_size=3),
+)
+@example(moment=datetime(2019, 9, 1, 13, 31, 8, 570000, tzinfo=timezone.utc), extra="")
+def test_iso_text_round_trips_with_extra_fraction_digits(moment: datetime, extra: str) -> None:
+    text = iso(moment)
+    if "." not in text:
+        text = text.replace("Z", ".000000Z")
+    assert parse_time(text.replace("Z", extra + "Z")) == moment

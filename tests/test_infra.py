@@ -128,9 +128,7 @@ def settings_problems(parsed_app: dict[str, Any]) -> list[str]:
     for prefix in sorted(prefixes):
         if prefix != "AzureWebJobsStorage" and not any(s == prefix or s.startswith(prefix + "__") for s in in_bicep):
             problems.append(f"binding connection {prefix} has no {prefix}__* setting in the Bicep")
-    problems += [
-        f"the Bicep sets {n} but no code reads it" for n in sorted(in_bicep - names) if not PLATFORM.match(n)
-    ]
+    problems += [f"the Bicep sets {n} but no code reads it" for n in sorted(in_bicep - names) if not PLATFORM.match(n)]
     return problems
 
 

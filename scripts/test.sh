@@ -31,16 +31,26 @@ step "pytest"
 .venv/bin/python -m pytest "$@"
 
 # The oldest and newest Python that Flex Consumption runs: the same tests except the Azurite-backed
-# ones (storage behaviour does not depend on the Python version; the main run covers it).
-# The rule importers are an authoring tool, not part of the app: pySigma needs Python >= 3.11.
+# ones (storage behaviour does not depend on the Python version; the main run covers it), the
+# versions side by side. The rule importers are an authoring tool, not part of the app: pySigma
+# needs Python >= 3.11, so their tests are left out where it is missing.
+pids=() logs=()
 for version in $EXTRA_PYTHONS; do
-  if [ -x ".venv-$version/bin/python" ]; then
-    step "pytest on Python $version (without Azurite tests)"
-    skip=()
-    if ! ".venv-$version/bin/python" -c "import sigma" 2>/dev/null; then
-      echo "pySigma is not available on Python $version: tests/test_importers.py left out (authoring tool)" >&2
-      skip=(--ignore=tests/test_importers.py)
-    fi
-    ".venv-$version/bin/python" -m pytest -q -p no:cacheprovider -m "not azurite" "${skip[@]}" "$@"
+  [ -x ".venv-$version/bin/python" ] || continue
+  skip=()
+  if ! ".venv-$version/bin/python" -c "import sigma" 2>/dev/null; then
+    skip=(--ignore=tests/test_importers.py)
   fi
+  log=$(mktemp)
+  ".venv-$version/bin/python" -m pytest -q -p no:cacheprovider -m "not azurite" "${skip[@]}" "$@" >"$log" 2>&1 &
+  pids+=($!) logs+=("$version:$log:${skip[*]}")
 done
+status=0
+for i in "${!pids[@]}"; do
+  wait "${pids[$i]}" || status=1
+  IFS=: read -r version log skipped <<<"${logs[$i]}"
+  step "pytest on Python $version (without Azurite tests${skipped:+; without tests/test_importers.py: no pySigma})"
+  cat "$log"
+  rm -f "$log"
+done
+exit "$status"

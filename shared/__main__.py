@@ -1,4 +1,4 @@
-"""Command line: ``python -m shared {validate,test-rules,replay,send,receiver} ...``.
+"""Command line: ``python -m shared {validate,test-rules,replay,send,receiver,redrive} ...``.
 
 Exit codes (documented in the README): 0 success; 1 some records rejected (the rest processed), an
 invalid rule file or a failed rule test; 2 usage or input error (arguments, files, rules, settings);

@@ -23,6 +23,7 @@ class StorageClients:
     queue_uri: str | None = None
     blob_uri: str | None = None
     client_id: str | None = None
+    retry_total: int | None = None  # None: the SDK's default (10 retries with backoff); commands use fewer
     _credential: Any = field(default=None, repr=False)
 
     @classmethod
@@ -47,6 +48,14 @@ class StorageClients:
             self._credential = ManagedIdentityCredential(client_id=self.client_id) if self.client_id else DefaultAzureCredential()
         return self._credential
 
+    def _options(self, storage_retry: Any = None) -> dict[str, Any]:
+        """Client options; ``storage_retry`` is the blob or queue SDK's ``ExponentialRetry`` class."""
+        if self.retry_total is None:
+            return {}
+        if storage_retry is not None:  # those SDKs back off from 15 s by default: too slow for a waiting operator
+            return {"retry_policy": storage_retry(initial_backoff=1, increment_base=2, retry_total=self.retry_total)}
+        return {"retry_total": self.retry_total}
+
     def _uri(self, uri: str | None, setting: str) -> str:
         if not uri:
             raise SettingsError(f"app setting {setting} is missing (or set STATE_STORAGE_CONNECTION)")
@@ -57,19 +66,20 @@ class StorageClients:
         from azure.data.tables import TableClient
 
         if self.connection:
-            return TableClient.from_connection_string(self.connection, name)
-        return TableClient(self._uri(self.table_uri, "STATE_STORAGE__tableServiceUri"), name, credential=self.credential())
+            return TableClient.from_connection_string(self.connection, name, **self._options())
+        uri = self._uri(self.table_uri, "STATE_STORAGE__tableServiceUri")
+        return TableClient(uri, name, credential=self.credential(), **self._options())
 
     def queue(self, name: str, *, base64: bool = False) -> Any:
         """A ``QueueClient`` for queue ``name``; ``base64=True`` encodes messages the way a queue
         trigger with ``messageEncoding: base64`` (our ``host.json``) expects them."""
-        from azure.storage.queue import BinaryBase64DecodePolicy, QueueClient, TextBase64EncodePolicy
+        from azure.storage.queue import BinaryBase64DecodePolicy, ExponentialRetry, QueueClient, TextBase64EncodePolicy
 
         policies: dict[str, Any] = (
             {"message_encode_policy": TextBase64EncodePolicy(), "message_decode_policy": BinaryBase64DecodePolicy()}
             if base64
             else {}
-        )
+        ) | self._options(ExponentialRetry)
         if self.connection:
             return QueueClient.from_connection_string(self.connection, name, **policies)
         uri = self._uri(self.queue_uri, "STATE_STORAGE__queueServiceUri")
@@ -77,9 +87,9 @@ class StorageClients:
 
     def container(self, name: str) -> Any:
         """A blob ``ContainerClient`` for container ``name``."""
-        from azure.storage.blob import ContainerClient
+        from azure.storage.blob import ContainerClient, ExponentialRetry
 
         if self.connection:
-            return ContainerClient.from_connection_string(self.connection, name)
+            return ContainerClient.from_connection_string(self.connection, name, **self._options(ExponentialRetry))
         uri = self._uri(self.blob_uri, "STATE_STORAGE__blobServiceUri")
-        return ContainerClient(uri, name, credential=self.credential())
+        return ContainerClient(uri, name, credential=self.credential(), **self._options(ExponentialRetry))

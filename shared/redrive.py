@@ -28,6 +28,7 @@ from .deadletters import decode_letters, raw_of
 from .errors import CorrelatorError
 
 POISON_BATCH = 32  # messages received per call (the queue service maximum)
+COMMAND_RETRIES = 2  # an operator waits for the answer: fail in seconds when storage is unreachable
 POISON_VISIBILITY_S = 300  # a received poison message stays hidden this long while it is re-queued
 
 
@@ -246,6 +247,7 @@ def storage_from_env() -> Any:
         queue_uri=source.get("STATE_STORAGE__queueServiceUri"),
         blob_uri=source.get("STATE_STORAGE__blobServiceUri"),
         client_id=source.get("AZURE_CLIENT_ID"),
+        retry_total=COMMAND_RETRIES,
     )
 
 
@@ -282,9 +284,12 @@ def main(args: Any) -> int:
         clients = storage_from_env()
         claims = BlobClaims(clients.container(_env("DEADLETTER_CONTAINER", "deadletters")))
         return _run(args, clients, claims)
-    except (RedriveError, ClaimMissing, SettingsError, StoreError, AzureError) as exc:
+    except (RedriveError, ClaimMissing, SettingsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (StoreError, AzureError) as exc:  # storage unreachable or refusing our credentials
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 3
 
 
 def _poison_queue_name() -> str:

@@ -162,3 +162,13 @@ def test_poison_incidents_are_requeued_base64_whole_and_only_once(env: Env) -> N
     again = requeue_poison(poison_q, env.clients.queue(env.names["incidents"], base64=True), env.claims, err=io.StringIO())
     assert again.requeued == 0  # only the non-snapshot is left, and it stays (hidden for now)
     assert len(incidents.peek_messages(max_messages=32)) == 2
+
+
+def test_unreachable_storage_exits_3_with_one_line(tmp_path: Path) -> None:
+    key = base64.b64encode(b"k" * 64).decode()
+    conn = f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={key};BlobEndpoint=http://127.0.0.1:9/devstoreaccount1;"
+    env = {"STATE_STORAGE_CONNECTION": conn, "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-m", "shared", "redrive", "list"], capture_output=True, cwd=REPO, env=env, timeout=60
+    )
+    assert result.returncode == 3 and result.stderr.startswith(b"error: ") and b"Traceback" not in result.stderr

@@ -7,9 +7,9 @@ Checks (each a :class:`Warning` naming the file, the field and the reason):
 * ``evidence-only-attribute``: a query reads a column only AlertEvidence rows carry but never
   names ``AlertEvidence``, so it never sees those rows;
 * ``unused-subpattern``: a subpattern that neither the ``pattern`` nor an incident attribute uses;
-* ``group-by-tenant``: a subpattern of a multi-subpattern rule that can match multi-tenant events
-  does not group by ``tenantId``; the correlation key then lacks the tenant (single-subpattern rules
-  need not: the engine appends the tenant to every group key).
+
+There is no group-by-tenant check: the engine appends the tenant to every group and correlation key
+(``shared.engine.group_key``), so no rule can mix tenants whatever it groups by.
 
 Works on the rule's data (``model_dump``), so fields added to the model later are seen as they come.
 """
@@ -32,7 +32,6 @@ PRODUCED_PATTERNS = (
     re.compile(r"^Microsoft-WinDefATP-Alert(-[A-Za-z0-9]+)?$"),
     re.compile(r"^MS-Defender-[A-Za-z]+$"),
 )
-TENANTLESS_PREFIX = "Microsoft-WinDefATP-Alert"  # the legacy SIEM API carries no tenant id
 ALERT_CATEGORIES = (
     "InitialAccess",
     "Execution",
@@ -81,7 +80,6 @@ SAMPLE_EVENT_TYPES = tuple(
     + [f"MS-Defender-{t}" for t in STREAMING_TABLES]
 )  # fmt: skip
 EVIDENCE_ONLY_ATTRS = ("EntityType", "EvidenceRole", "EvidenceDirection")
-TENANT_KEYS = ("tenantid",)
 
 
 @dataclass(frozen=True)
@@ -149,7 +147,6 @@ def lint_rule(rule: Rule) -> list[Warning]:
 def lint_data(data: dict[str, Any], path: str) -> list[Warning]:
     """Lint a rule's data (the model dumped with its aliases, or a rule file's mapping)."""
     warnings: list[Warning] = []
-    reachable: list[str] = []
     subs = _subpatterns(data)
     for index, sub in enumerate(subs):
         where = f"subpatterns[{index}].query"
@@ -158,7 +155,6 @@ def lint_data(data: dict[str, Any], path: str) -> list[Warning]:
         except RuleError:
             continue  # a load error already
         types = matching_event_types(tree)
-        reachable += types
         if not types:
             named = sorted(set(_event_type_literals(tree)))
             hint = f" (it names {', '.join(repr(n) for n in named)})" if named else ""
@@ -182,19 +178,6 @@ def lint_data(data: dict[str, Any], path: str) -> list[Warning]:
                     "evidence-only-attribute",
                     f"{', '.join(evidence_attrs)} exist only on AlertEvidence rows, which reach only rules whose "
                     'query names AlertEvidence (add eventType = "MS-Defender-Endpoint-AlertEvidence")',
-                )
-            )
-        group_by = [str(g).lower() for g in sub.get("groupBy") or []]
-        multi_tenant = any(not t.startswith(TENANTLESS_PREFIX) for t in types)
-        if len(subs) > 1 and multi_tenant and not any(g in group_by for g in TENANT_KEYS):
-            warnings.append(
-                Warning(
-                    path,
-                    f"subpatterns[{index}].groupBy",
-                    "group-by-tenant",
-                    f"groups by {sub.get('groupBy') or 'nothing'} without tenantId: the correlation key holds the "
-                    "tenant only when every subpattern groups by tenantId, so events of different tenants could be "
-                    "correlated (add tenantId)",
                 )
             )
     if len(subs) > 1:

@@ -12,15 +12,16 @@ import hashlib
 import logging
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 import orjson
 
+from . import entities
 from .errors import StoreError
-from .normalize import EVIDENCE, EVIDENCE_EVENT_TYPE, NormalizedEvent, iso, raw_evidence
+from .normalize import ALERT, EVIDENCE, EVIDENCE_EVENT_TYPE, NormalizedEvent, iso, raw_evidence
 from .query import mentions
 from .rules import Rule
 from .state import (
@@ -213,6 +214,7 @@ def snapshot(rule: Rule, key: GroupKey, incident: Incident, action: str, trigger
         "firstSeen": from_ms(incident.first_seen),
         "lastSeen": from_ms(incident.last_seen),
         "triggerEvents": [_event_summary(e) for e in trigger_events[-MAX_TRIGGER_EVENTS:]],
+        "entities": incident.entities or entities.empty(),
     }
     return assemble(rule_fields(rule, key), own)
 
@@ -286,7 +288,13 @@ _RULE_FIELDS = frozenset(
 
 
 def apply_events(
-    rule: Rule, key: GroupKey, state: GroupState | None, events: Sequence[NormalizedEvent], stats: Stats
+    rule: Rule,
+    key: GroupKey,
+    state: GroupState | None,
+    events: Sequence[NormalizedEvent],
+    stats: Stats,
+    alert_evidence: Mapping[str, Mapping[str, Any]] | None = None,
+    joined: Sequence[NormalizedEvent] = (),
 ) -> tuple[GroupState, list[dict[str, Any]]]:
     """Pure core: fold ``events`` (all of this rule and group) into ``state``.
 
@@ -295,6 +303,12 @@ def apply_events(
     that earlier batches emitted for any event redelivered here (the outbox), then one per incident
     changed by the new events (its final revision in this batch), which the new state records.
     An event the group already holds, or one at or below its eviction mark, changes nothing.
+
+    Entities: each counted event's entities (plus ``alert_evidence[alert id]``, from the AlertEvidence rows
+    known for its alert) gather in ``pending`` until a trigger folds them into the incident.
+    ``joined`` are AlertEvidence rows of alerts this group counted in earlier batches: what they add
+    to the open incident's entities makes a new revision (``updated``), recorded in the outbox like
+    any other, so a redelivered row re-emits it byte for byte.
     """
     st = state if state is not None else GroupState(key)
     if not st.key.tenant and key.tenant:  # a version 1 state did not record its tenant
@@ -308,6 +322,8 @@ def apply_events(
     applied: list[int] = []  # identities this batch applies (its outbox record)
     evicted = 0
     touched: dict[str, tuple[Incident, str, list[NormalizedEvent]]] = {}
+    bag = entities.EntityBag()
+    bag.add(st.pending)
     for event in sorted(events, key=lambda e: e.event_time):
         t = to_ms(event.event_time)
         ident = identity_hash(event.identity)
@@ -334,6 +350,9 @@ def apply_events(
         if len(st.entries) > MAX_WINDOW_ENTRIES:
             evicted += _evict(st, len(st.entries) - MAX_WINDOW_ENTRIES)
         stats.add("counted", rule=rule.id)
+        entities.collect(bag, event)
+        if alert_evidence:
+            bag.add(alert_evidence.get(str(event.attrs.get("alertIdStr", "")).casefold()))
         values = _aggregate_values(rule, st.entries)
         if not rule.constraint.holds(values):
             continue
@@ -351,6 +370,7 @@ def apply_events(
                 window_start=t,
                 trigger_count=1,
                 attributes=attributes,
+                entities=bag.to_dict(),
             )
             action = "created"
         else:
@@ -361,12 +381,16 @@ def apply_events(
             inc.last_seen = max(inc.last_seen, t)
             inc.last_trigger = max(inc.last_trigger, t)
             inc.attributes = attributes
+            inc.entities = entities.merge(inc.entities, bag.to_dict())
             prior = touched.get(inc.incident_id)
             action = prior[1] if prior else "updated"
         st.incident = inc
         prev = touched.get(inc.incident_id)
         evidence = (prev[2] if prev else []) + [event]
         touched[inc.incident_id] = (inc, action, evidence[-MAX_TRIGGER_EVENTS:])
+        bag = entities.EntityBag()  # the trigger took what was pending
+    st.pending = bag.to_dict() if any(bag.values.values()) else None
+    _join(st, joined, outbox, replay, applied, touched, lifetime_ms, stats, rule.id)
     evicted += _fit(st)
     if evicted:
         stats.add("evicted", evicted, rule=rule.id)
@@ -381,6 +405,45 @@ def apply_events(
         record, fresh = _Outbox.record(applied, fresh)
         st.add_record(record)
     return st, snapshots + fresh
+
+
+def _join(
+    st: GroupState,
+    rows: Sequence[NormalizedEvent],
+    outbox: _Outbox,
+    replay: set[int],
+    applied: list[int],
+    touched: dict[str, tuple[Incident, str, list[NormalizedEvent]]],
+    lifetime_ms: int,
+    stats: Stats,
+    rule_id: str,
+) -> None:
+    """Fold AlertEvidence rows that arrived after their alert into the group's open incident."""
+    inc = st.incident
+    bag = entities.EntityBag()
+    new_ids = []
+    for row in rows:
+        ident = identity_hash(row.identity)
+        pos = outbox.find(ident)
+        if pos is not None:  # this row already enriched the incident: re-emit that snapshot
+            replay.add(pos)
+            continue
+        if inc is None or to_ms(row.event_time) - inc.last_trigger > lifetime_ms:
+            continue  # no open incident to enrich
+        entities.collect(bag, row)
+        new_ids.append(ident)
+    if inc is None or not new_ids:
+        return
+    merged = entities.merge(inc.entities, bag.to_dict())
+    if merged == (inc.entities or entities.empty()):
+        return  # nothing new: no revision
+    inc.entities = merged
+    applied.extend(new_ids)
+    stats.add("enriched", rule=rule_id)
+    prior = touched.get(inc.incident_id)
+    if prior is None:
+        inc.revision += 1
+    touched[inc.incident_id] = (inc, prior[1] if prior else "updated", prior[2] if prior else [])
 
 
 def _evict(st: GroupState, n: int) -> int:
@@ -438,6 +501,55 @@ def expires_at(rule: Rule, now_ms: int) -> int:
     return now_ms + max(rule.window_s, rule.lifetime_s) * 1000
 
 
+JOIN_RULE_ID = "~evidence"  # state of one alert's AlertEvidence rows; rule ids are [A-Za-z0-9_], so no rule has it
+JOIN_HOLD_S = 3600  # evidence and its alert are joined if they arrive within this (processing time) of each other
+MAX_JOIN_ROWS = 1000  # evidence row identities kept per alert (a real alert has a few dozen rows)
+MAX_JOIN_LINKS = 16  # groups one alert is linked to (one per rule that counted it)
+
+
+def evidence_key(event: NormalizedEvent) -> GroupKey | None:
+    """The key of the alert an AlertInfo or AlertEvidence row belongs to: its alert id and tenant."""
+    alert_id = event.attrs.get("alertIdStr")
+    if not isinstance(alert_id, str) or not alert_id:
+        return None
+    tenant = _group_value(event.attrs.get(TENANT_ATTR))
+    return GroupKey(JOIN_RULE_ID, (_bounded(alert_id), tenant), tenant)
+
+
+def link_keys(st: GroupState) -> list[GroupKey]:
+    return [GroupKey(str(rule_id), tuple(values), str(tenant)) for rule_id, values, tenant in st.links]
+
+
+def apply_evidence(
+    key: GroupKey, state: GroupState | None, rows: Sequence[NormalizedEvent], links: Sequence[GroupKey]
+) -> tuple[GroupState, bool]:
+    """Pure: fold one alert's new AlertEvidence rows (entities, identities) and the groups that
+    counted the alert into its evidence state. Returns the state and whether it changed."""
+    st = state if state is not None else GroupState(key)
+    changed = state is None
+    known = {e[1] for e in st.entries}
+    bag = entities.EntityBag()
+    bag.add(st.pending)
+    for row in sorted(rows, key=lambda r: r.event_time):
+        ident = identity_hash(row.identity)
+        if ident in known:
+            continue
+        known.add(ident)
+        _insert_sorted(st.entries, [to_ms(row.event_time), ident])
+        entities.collect(bag, row)
+        changed = True
+    if len(st.entries) > MAX_JOIN_ROWS:
+        del st.entries[: len(st.entries) - MAX_JOIN_ROWS]
+    if changed:
+        st.pending = bag.to_dict()
+    stored = {(r, tuple(v), t) for r, v, t in st.links}
+    for link in links:
+        if (link.rule_id, link.values, link.tenant) not in stored and len(st.links) < MAX_JOIN_LINKS:
+            st.links.append([link.rule_id, list(link.values), link.tenant])
+            changed = True
+    return st, changed
+
+
 @dataclass
 class BatchResult:
     incidents: list[dict[str, Any]]
@@ -452,6 +564,7 @@ class Engine:
 
         self._sequence = sequence
         self.rules = [r for r in rules if r.model.enabled]
+        self.rules_by_id = {r.id: r for r in self.rules}
         # Alert evidence rows are not alerts: only rules that name the evidence type see them.
         self.evidence_rules = [r for r in self.rules if mentions(r.query.tree, "eventType", "AlertEvidence")]
         self.store = store
@@ -460,6 +573,8 @@ class Engine:
 
     def could_match(self, event_type: str) -> bool:
         """Prefilter for the normalizer: can any rule match an event of this type?"""
+        if event_type == EVIDENCE_EVENT_TYPE and self.rules:
+            return True  # AlertEvidence rows enrich the incidents of their alerts (the join)
         hit = self._wanted.get(event_type)
         if hit is None:
             rules = self.evidence_rules if event_type == EVIDENCE_EVENT_TYPE else self.rules
@@ -478,7 +593,13 @@ class Engine:
         """
         stats = Stats()
         groups: dict[GroupKey, tuple[Rule, list[NormalizedEvent]]] = {}
+        rows: dict[GroupKey, list[NormalizedEvent]] = {}  # AlertEvidence rows per alert
+        links: dict[GroupKey, dict[GroupKey, None]] = {}  # alert -> the groups that counted it
         for event in events:
+            if event.kind == EVIDENCE:
+                ekey = evidence_key(event)
+                if ekey is not None:
+                    rows.setdefault(ekey, []).append(event)
             for rule in self.evidence_rules if event.kind == EVIDENCE else self.rules:
                 if rule.query.matches(event.attrs):
                     stats.add("matched", rule=rule.id)
@@ -488,10 +609,17 @@ class Engine:
                         continue
                     key = group_key(rule, event)
                     groups.setdefault(key, (rule, []))[1].append(event)
+                    if event.kind == ALERT and event.format == "streaming":  # AlertInfo: its entities come apart
+                        ekey = evidence_key(event)
+                        if ekey is not None:
+                            links.setdefault(ekey, {})[key] = None
         stats.add("groups", len(groups))
-        if not groups:
+        if not groups and not rows:
             return BatchResult([], stats)
-        pending = list(groups)
+        pending = [*groups, *{**rows, **links}]
+        joined: dict[GroupKey, dict[str, NormalizedEvent]] = {}  # evidence rows for the groups of their alert
+        done: set[GroupKey] = set()  # saved in an earlier attempt
+        alert_evidence: dict[str, dict[str, Any]] = {}
         incidents: list[dict[str, Any]] = []
         for attempt in range(1, MAX_SAVE_ATTEMPTS + 1):
             now_ms = to_ms(self.clock())
@@ -499,22 +627,49 @@ class Engine:
             stats.add("storage_calls")
             changes: list[Change] = []
             produced: dict[GroupKey, tuple[list[dict[str, Any]], Stats]] = {}
-            for key in pending:
-                rule, group_events = groups[key]
+            for ekey in [k for k in pending if k.rule_id == JOIN_RULE_ID]:
+                current = loaded.get(ekey, Loaded(None, None))
+                new_state, changed = apply_evidence(ekey, current.state, rows.get(ekey, ()), list(links.get(ekey, {})))
+                if new_state.pending:
+                    alert_evidence[str(ekey.values[0]).casefold()] = new_state.pending
+                for target in link_keys(new_state) if ekey in rows else ():
+                    joined.setdefault(target, {}).update((r.identity, r) for r in rows[ekey])
+                if changed:
+                    changes.append(Change(ekey, new_state, current.token, now_ms + JOIN_HOLD_S * 1000))
+                produced[ekey] = ([], Stats())
+            late_only = [k for k in joined if k not in groups and k not in done and k.rule_id in self.rules_by_id]
+            if late_only:  # evidence for alerts counted in earlier batches: read their groups too
+                loaded.update(self.store.load(late_only, now_ms))
+                stats.add("storage_calls")
+            targets = [k for k in pending if k.rule_id != JOIN_RULE_ID] + late_only
+            for key in targets:
+                rule, group_events = groups.get(key) or (self.rules_by_id[key.rule_id], [])
                 current = loaded.get(key, Loaded(None, None))
+                if current.state is None and not group_events:
+                    continue  # the alert's group has expired: nothing to enrich
                 group_stats = Stats()
-                apply = self._sequence.apply_events if rule.sequence else apply_events
-                new_state, snaps = apply(rule, key, current.state, group_events, group_stats)
+                if rule.sequence:
+                    new_state, snaps = self._sequence.apply_events(rule, key, current.state, group_events, group_stats)
+                elif alert_evidence or key in joined:
+                    rows_here = list(joined.get(key, {}).values())
+                    new_state, snaps = apply_events(
+                        rule, key, current.state, group_events, group_stats, alert_evidence=alert_evidence, joined=rows_here
+                    )
+                else:  # no AlertEvidence in play: the plain core
+                    new_state, snaps = apply_events(rule, key, current.state, group_events, group_stats)
+                changed = bool(group_events or snaps)  # a group read only for late evidence may have nothing new
                 if rule.exceptions and not rule.sequence:
                     snaps = [s for s in snaps if not _excepted(rule, s, group_stats)]
-                due = self._sequence.due_at(rule, new_state) if rule.sequence else None
-                changes.append(Change(key, new_state, current.token, expires_at(rule, now_ms), due))
+                if changed:
+                    due = self._sequence.due_at(rule, new_state) if rule.sequence else None
+                    changes.append(Change(key, new_state, current.token, expires_at(rule, now_ms), due))
                 produced[key] = (snaps, group_stats)
             saved, lost = _save(self.store, changes, produced, stats)
             incidents.extend(saved)
+            done.update(k for k in produced if k not in lost)
             if not lost:
                 return BatchResult(incidents, stats)
-            pending = [k for k in pending if k in lost]
+            pending = [k for k in [*pending, *late_only] if k in lost]
             log.info("state conflict on %d group(s), attempt %d: re-reading", len(pending), attempt)
         raise StoreError(f"state of {len(pending)} group(s) kept changing under us after {MAX_SAVE_ATTEMPTS} attempts")
 

@@ -38,7 +38,7 @@ MAX_PER_KIND = 10  # values per kind: an incident card stays readable and the st
 MAX_TECHNIQUES = 20  # technique ids are short; alerts list up to a dozen
 MAX_TEXT = 256  # host, user, path, mailbox text
 MAX_LONG_TEXT = 1024  # command lines and URLs
-MAX_ENTITIES_BYTES = 12 * 1024  # encoded entities of one incident (kept in group state and every snapshot)
+MAX_ENTITIES_BYTES = 8 * 1024  # encoded entities of one incident (kept in its group state and in every snapshot)
 PORTAL = "https://security.microsoft.com"
 
 _TECHNIQUE = re.compile(r"^T\d{4}(?:\.\d{3})?$")

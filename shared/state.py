@@ -78,6 +78,7 @@ class Incident:
     window_start: int  # epoch ms where the current trigger window began
     trigger_count: int
     attributes: dict[str, Any]
+    entities: dict[str, Any] | None = None  # stored beside the list (state key "ie"): older readers ignore it
 
     def to_list(self) -> list[Any]:
         return [
@@ -157,24 +158,32 @@ class GroupState:
     mark: list[int] | None = None
     outbox: list[bytes] = field(default_factory=list)
     ext: dict[str, Any] | None = None  # the multi-subpattern correlator's own fields (shared/sequence.py)
+    pending: dict[str, Any] | None = None  # entities of counted events that no trigger has taken yet
+    links: list[list[Any]] = field(default_factory=list)  # alert evidence groups: [rule id, values, tenant] of its groups
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps(
-            {
-                "v": STATE_VERSION,
-                "r": self.key.rule_id,
-                "k": list(self.key.values),
-                "e": self.entries,
-                "n": self.newest,
-                "i": self.incident.to_list() if self.incident else None,
-                "x": self.evicted,
-                **({"m": self.mark} if self.mark is not None else {}),
-                # the tenant, unless it is the last group value (so for every shipped rule: saves its repetition)
-                **({"t": self.key.tenant} if self.key.values[-1:] != (self.key.tenant,) else {}),
-                # written only by multi-subpattern rules, so other states keep their bytes
-                **({"s": self.ext} if self.ext is not None else {}),
-            }
-        )
+        doc: dict[str, Any] = {
+            "v": STATE_VERSION,
+            "r": self.key.rule_id,
+            "k": list(self.key.values),
+            "e": self.entries,
+            "n": self.newest,
+            "i": self.incident.to_list() if self.incident else None,
+            "x": self.evicted,
+            **({"m": self.mark} if self.mark is not None else {}),
+            # the tenant, unless it is the last group value (so for every shipped rule: saves its repetition)
+            **({"t": self.key.tenant} if self.key.values[-1:] != (self.key.tenant,) else {}),
+            # written only by multi-subpattern rules, so other states keep their bytes
+            **({"s": self.ext} if self.ext is not None else {}),
+        }
+        # Entities and join links are optional keys: a state without them encodes as before.
+        if self.incident is not None and self.incident.entities:
+            doc["ie"] = self.incident.entities
+        if self.pending:
+            doc["p"] = self.pending
+        if self.links:
+            doc["l"] = self.links
+        return orjson.dumps(doc)
 
     def outbox_bytes(self) -> bytes:
         return b"".join(_LEN.pack(len(r)) + r for r in self.outbox)
@@ -202,10 +211,14 @@ class GroupState:
         if version > STATE_VERSION:
             raise ValueError(f"group state version {version} is newer than this code ({STATE_VERSION})")
         incident = Incident.from_list(d["i"]) if d.get("i") else None
+        if incident is not None:
+            incident.entities = d.get("ie")
         values = tuple(d["k"])
         tenant = d.get("t", values[-1] if version > 1 and values else "")
         key = GroupKey(d["r"], values, tenant)
-        return cls(key, d["e"], d["n"], incident, d.get("x", 0), d.get("m"), split_outbox(outbox), d.get("s"))
+        state = cls(key, d["e"], d["n"], incident, d.get("x", 0), d.get("m"), split_outbox(outbox), d.get("s"))
+        state.pending, state.links = d.get("p"), d.get("l") or []
+        return state
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,7 @@ from .tables import TableBacked
 
 log = logging.getLogger("defender_correlator.webhook")
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # minor versions only add fields (1.1: tenantId, entities)
 MAX_PAYLOAD_BYTES = 256 * 1024  # receivers (Teams workflows, Slack) reject bodies far smaller than 1 MiB
 TEAMS_MAX_BYTES = 28 * 1024  # Teams cards are limited to about 28 KB
 SIGNATURE_HEADER = "X-Signature-256"

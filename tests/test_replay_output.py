@@ -64,7 +64,7 @@ def test_explain_lists_each_skipped_record_and_unmatched_alert_with_position_and
     result = replay("--explain", *DEMO, str(odd))
     assert result.returncode == 1  # the broken line is rejected; everything else is processed
     err = result.stderr
-    assert "skipped: no enabled rule can match the event type: 2" in err
+    assert "skipped: no enabled rule can match the event type: 1" in err
     assert "samples/demo/streaming-eventhub-message.json#2: MS-Defender-DeviceProcessEvents: no enabled rule's query" in err
     assert "alerts no rule matched: 1" in err and f"{odd}:1: M365Defender-Incident-Test zz 'Odd'" in err
     assert f"rejected: 1\n  {odd}:2: not JSON" in err
@@ -85,3 +85,4 @@ def test_html_report_is_written_beside_any_output_mode(tmp_path: Path) -> None:
     text = page.read_text(encoding="utf-8")
     assert text.count('class="incident-row"') == 6 and 'id="timeline-svg"' in text
     assert text.count('class="alert-dot"') == 7  # every alert record the rules looked at, matched or not
+    assert "srv-db-02" in text  # the streaming AlertInfo alert placed on its evidence row's host

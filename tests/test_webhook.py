@@ -141,7 +141,7 @@ def test_signature_verifies_with_the_documented_snippet(server: Script) -> None:
     assert verify(SECRET.encode(), headers[TIMESTAMP_HEADER], body, headers[SIGNATURE_HEADER]) is True
     assert verify_signature(SECRET, headers, body)
     assert headers[IDEMPOTENCY_HEADER] == "inc-abc:1"
-    assert json.loads(body)["schemaVersion"] == "1.0"
+    assert json.loads(body)["schemaVersion"] == "1.1"
 
 
 def test_tampered_body_or_stale_timestamp_fails_verification(server: Script) -> None:
@@ -562,7 +562,7 @@ def test_end_to_end_event_hub_batch_to_signed_webhook(host: Host, server: Script
     [(_, headers, body)] = server.requests
     assert verify_signature(SECRET, headers, body)
     delivered = json.loads(body)
-    assert delivered["attributes"]["alertIdStr"] == "da-e2e" and delivered["schemaVersion"] == "1.0"
+    assert delivered["attributes"]["alertIdStr"] == "da-e2e" and delivered["schemaVersion"] == "1.1"
 
 
 def test_an_unresolved_key_vault_reference_is_never_used_as_a_secret() -> None:

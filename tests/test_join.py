@@ -1,0 +1,216 @@
+"""Entities on every snapshot, and the AlertInfo + AlertEvidence join of Defender's streaming export,
+built on the real streaming records in ../shared/samples/real (same state, exactly-once and size
+guarantees as the windows)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from shared import entities
+from shared.engine import JOIN_HOLD_S, JOIN_RULE_ID, Engine
+from shared.normalize import NormalizedEvent, Normalizer, iter_paths
+from shared.rules import default_rules_dir, load_rules
+from shared.state import MAX_STATE_BYTES, MemoryStateStore, StateStore
+
+from .test_table_store import store  # noqa: F401  (the Azurite table store fixture)
+
+T0 = datetime(2026, 7, 18, 14, 5, tzinfo=timezone.utc)
+GENERIC = "PH_RULE_MS_DefEndpoint_Alert_Generic"
+ALERT_ID = "ad6450625369250ba3fc4b5752f34f474ec80b20ae"
+RULES = load_rules([default_rules_dir()])
+
+
+def read(samples: Path, name: str) -> NormalizedEvent:
+    (event,) = [i for i in iter_paths(Normalizer(), [str(samples / name)], lambda: T0) if isinstance(i, NormalizedEvent)]
+    return event
+
+
+@pytest.fixture
+def real(samples: Path) -> dict[str, NormalizedEvent]:
+    """The live AlertInfo row of an Entra ID Protection alert and its two AlertEvidence rows (IP, user)."""
+    return {
+        "info": read(samples, "streaming-api__rknightion-graph2otel__alertinfo_test.go__liveRecord.json"),
+        "ip": read(samples, "streaming-api__rknightion-graph2otel__alertevidence_test.go__liveRecord.json"),
+        "user": read(samples, "streaming-api__rknightion-graph2otel__alertevidence_test.go__userRecord.json"),
+    }
+
+
+class Run:
+    def __init__(self, state_store: StateStore | None = None) -> None:
+        self.now = T0
+        self.store = state_store if state_store is not None else MemoryStateStore()  # an empty store is falsy (len 0)
+        self.engine = Engine(RULES, self.store, lambda: self.now)
+
+    def batch(self, *events: NormalizedEvent) -> list[dict[str, Any]]:
+        return [s for s in self.engine.process(list(events)).incidents if s["ruleId"] == GENERIC]
+
+
+USER = "risk-synth-delete-me@m7kni.io"
+IP = "2001:67c:e60:c0c:192:42:116:55"
+
+
+def test_evidence_in_the_same_batch_gives_the_first_snapshot_its_user_and_ip(real: dict[str, NormalizedEvent]) -> None:
+    [snap] = Run().batch(real["info"], real["ip"], real["user"])
+    assert (snap["revision"], snap["action"]) == (1, "created")
+    assert snap["entities"]["users"] == [USER] and snap["entities"]["ips"] == [IP]
+    assert snap["entities"]["links"] == [
+        f"https://security.microsoft.com/alerts/{ALERT_ID}?tid=4b8c18bd-2f9f-4227-af55-9f1061cf9c32"
+    ]
+
+
+def test_evidence_in_later_batches_makes_new_revisions_and_a_redelivery_re_emits_byte_for_byte(
+    real: dict[str, NormalizedEvent],
+) -> None:
+    run = Run()
+    [first] = run.batch(real["info"])
+    assert first["entities"]["users"] == [] and first["revision"] == 1
+    [second] = run.batch(real["ip"])
+    assert (second["incidentId"], second["revision"], second["action"]) == (first["incidentId"], 2, "updated")
+    assert second["entities"]["ips"] == [IP]
+    [third] = run.batch(real["user"])
+    assert third["revision"] == 3 and third["entities"]["users"] == [USER] and third["entities"]["ips"] == [IP]
+    again = run.batch(real["user"])  # the batch redelivered (output lost after the save)
+    assert [orjson.dumps(s) for s in again] == [orjson.dumps(third)]
+    both = run.batch(real["ip"], real["user"])  # an overlapping re-cut: both records, nothing new
+    assert sorted(s["revision"] for s in both) == [2, 3]
+    assert run.batch(real["info"], real["ip"], real["user"])[-1]["revision"] == 3  # no new revision, ever
+
+
+def test_evidence_before_its_alert_is_held_and_joined_when_the_alert_comes(real: dict[str, NormalizedEvent]) -> None:
+    run = Run()
+    assert run.batch(real["user"], real["ip"]) == []
+    run.now = T0 + timedelta(minutes=20)
+    [snap] = run.batch(real["info"])
+    assert (snap["revision"], snap["action"]) == (1, "created")
+    assert snap["entities"]["users"] == [USER] and snap["entities"]["ips"] == [IP]
+
+
+def test_evidence_later_than_the_hold_does_not_join(real: dict[str, NormalizedEvent]) -> None:
+    run = Run()
+    assert len(run.batch(real["info"])) == 1
+    run.now = T0 + timedelta(seconds=JOIN_HOLD_S + 1)
+    assert run.batch(real["user"]) == []  # documented bound: the alert's evidence state has expired
+    run2 = Run()
+    run2.batch(real["info"])
+    run2.now = T0 + timedelta(seconds=JOIN_HOLD_S - 60)
+    assert run2.batch(real["user"])[0]["entities"]["users"] == [USER]  # inside the hold it joins
+
+
+class Failing(MemoryStateStore):
+    """Fails once at a chosen point: before the load, before the save, or after the save (output lost)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.point: str | None = None
+
+    def load(self, keys: Any, now_ms: int) -> Any:
+        if self.point == "load":
+            self.point = None
+            raise RuntimeError("store unreachable")
+        return super().load(keys, now_ms)
+
+    def save(self, changes: Any) -> None:
+        if self.point == "before-save":
+            self.point = None
+            raise RuntimeError("store unreachable")
+        super().save(changes)
+        if self.point == "after-save":
+            self.point = None
+            raise RuntimeError("output binding failed")
+
+
+@pytest.mark.parametrize("point", ["load", "before-save", "after-save"])
+def test_a_batch_retried_after_a_failure_at_any_point_delivers_the_clean_pass(
+    real: dict[str, NormalizedEvent], point: str
+) -> None:
+    clean = Run()
+    expected = [orjson.dumps(s) for batch in ([real["info"]], [real["ip"], real["user"]]) for s in clean.batch(*batch)]
+    failing = Failing()
+    run = Run(failing)
+    delivered = [orjson.dumps(s) for s in run.batch(real["info"])]
+    failing.point = point
+    with pytest.raises(RuntimeError):
+        run.batch(real["ip"], real["user"])
+    delivered += [orjson.dumps(s) for s in run.batch(real["ip"], real["user"])]
+    assert delivered == expected
+
+
+def test_alert_evidence_of_another_alert_never_enriches_an_incident(samples: Path) -> None:
+    """Elastic's capture: its AlertEvidence row belongs to another AlertId than its AlertInfo rows."""
+    events = [
+        i
+        for i in iter_paths(
+            Normalizer(), [str(samples / "streaming-api__elastic-integrations__m365_defender-event-test-alert.log")], lambda: T0
+        )
+        if isinstance(i, NormalizedEvent)
+    ]
+    snaps = Run().engine.process(events).incidents
+    assert snaps and all(s["entities"]["hosts"] == [] for s in snaps)
+    assert all(s["entities"]["techniques"][:1] == [{"id": "T1078", "name": "Valid Accounts"}] for s in snaps)
+
+
+def test_every_snapshot_carries_entities_of_the_documented_shape(samples: Path) -> None:
+    files = sorted(str(p) for p in samples.iterdir() if p.suffix != ".md")
+    events = [i for i in iter_paths(Normalizer(), files, lambda: T0) if isinstance(i, NormalizedEvent)]
+    snaps = Run().engine.process(events).incidents
+    assert snaps
+    for snap in snaps:
+        assert list(snap["entities"]) == [*entities.KINDS, "truncated"]
+    by_alert = {s["attributes"].get("alertIdStr"): s for s in snaps}
+    graph = by_alert["da7d9031bd-68b8-4a8b-9a0a-e3789eba907d_1"]["entities"]
+    assert graph["hosts"] == ["alex-2"] and graph["users"][0] == "rob@m7kni.io"
+
+
+def test_an_alert_with_a_flood_of_evidence_keeps_its_state_and_snapshot_small() -> None:
+    rows = [
+        {
+            "category": "AdvancedHunting-AlertEvidence",
+            "tenantId": "t",
+            "properties": {
+                "Timestamp": "2026-07-18T14:00:00Z",
+                "AlertId": "flood",
+                "EntityType": "Process",
+                "DeviceName": f"host-{i}",
+                "AccountName": f"user-{i}",
+                "ProcessCommandLine": f"cmd /c {i} " + "x" * 3000,
+                "SHA256": f"{i:064x}",
+                "FileName": f"f{i}.exe",
+                "RemoteIP": f"10.1.{i // 256}.{i % 256}",
+            },
+        }
+        for i in range(3000)
+    ]
+    info = {
+        "category": "AdvancedHunting-AlertInfo",
+        "tenantId": "t",
+        "properties": {"Timestamp": "2026-07-18T14:00:00Z", "AlertId": "flood", "Title": "X", "Category": "Execution"},
+    }
+    normalizer = Normalizer()
+    events = [e for rec in [info, *rows] if isinstance(e := normalizer.normalize(rec, "p", T0), NormalizedEvent)]
+    memory = MemoryStateStore()
+    engine = Engine(RULES, memory, lambda: T0)
+    [created] = engine.process(events[:1]).incidents
+    assert created["entities"]["hosts"] == []
+    snaps = engine.process(events[1:]).incidents
+    assert snaps[-1]["revision"] == 2
+    ent = snaps[-1]["entities"]
+    assert len(orjson.dumps(ent)) <= entities.MAX_ENTITIES_BYTES
+    assert {"hosts", "users", "processes", "files", "ips"} <= set(ent["truncated"])
+    for key in memory._data:  # the group and the alert's evidence state stay within one Table property
+        assert len(memory._data[key][0]) <= MAX_STATE_BYTES
+
+
+@pytest.mark.azurite
+def test_the_join_works_the_same_on_table_storage(real: dict[str, NormalizedEvent], store: StateStore) -> None:  # noqa: F811
+    run, clean = Run(store), Run()
+    for batch in ([real["info"]], [real["ip"]], [real["user"]], [real["user"]]):
+        assert [orjson.dumps(s) for s in run.batch(*batch)] == [orjson.dumps(s) for s in clean.batch(*batch)]
+    keys = [k for k in clean.store._data if k.rule_id == JOIN_RULE_ID]  # type: ignore[attr-defined]
+    loaded = store.load(keys, int(T0.timestamp() * 1000))
+    [state] = [v.state for v in loaded.values()]
+    assert state is not None and state.links and state.pending and state.pending["users"] == [USER]

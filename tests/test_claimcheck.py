@@ -19,7 +19,7 @@ from shared.settings import load_settings
 WHEN = datetime(2026, 11, 28, 23, 59, tzinfo=timezone.utc)
 
 
-@pytest.fixture(params=["memory", "azurite"])
+@pytest.fixture(params=["memory", pytest.param("azurite", marks=pytest.mark.azurite)])
 def claims(request: pytest.FixtureRequest) -> Iterator[ClaimStore]:
     if request.param == "memory":
         yield MemoryClaims("deadletters")
@@ -74,6 +74,7 @@ def test_listing_a_container_never_written_is_empty() -> None:
     assert list(MemoryClaims().list()) == []
 
 
+@pytest.mark.azurite
 def test_listing_an_absent_azure_container_is_empty(azurite: object) -> None:
     container = StorageClients.from_connection_string(azurite.connection_string).container("neverwritten")  # type: ignore[attr-defined]
     assert list(BlobClaims(container).list("rejected/")) == []
@@ -108,6 +109,7 @@ def test_claim_ref_names_container_and_blob() -> None:
 # -- the client factory ------------------------------------------------------------------------
 
 
+@pytest.mark.azurite
 def test_one_connection_string_builds_table_queue_and_blob_clients_on_azurite(azurite: object) -> None:
     clients = StorageClients.from_connection_string(azurite.connection_string)  # type: ignore[attr-defined]
     table = clients.table("factorytable")

@@ -71,6 +71,8 @@ class ReplaySummary:
     alerts: list[dict[str, Any]] = field(default_factory=list)  # timeline points
     alerts_omitted: int = 0
     alert_hosts: dict[str, str] = field(default_factory=dict)  # alert id -> host, from evidence rows
+    alert_ids: set[str] = field(default_factory=set)  # alerts seen (only when explaining evidence rows)
+    evidence_rows: dict[str, list[str]] = field(default_factory=dict)  # alert id -> positions of its evidence rows
     explained: dict[str, list[str]] = field(default_factory=dict)
     explained_omitted: Counter[str] = field(default_factory=Counter)
     skipped_types: Counter[str] = field(default_factory=Counter)
@@ -233,6 +235,13 @@ def replay(
         flush()
     if progress and summary.records >= 50000:
         err.write("\n")
+    for alert_id, positions in summary.evidence_rows.items():
+        if alert_id not in summary.alert_ids:
+            for where in positions:
+                summary.explain(
+                    "AlertEvidence rows whose alert was not in the input (held 1 hour for it in Azure)",
+                    f"{where}: alert {alert_id}",
+                )
     for alert in summary.alerts:  # AlertInfo rows have no host: their evidence rows do
         if not alert.get("host"):
             alert["host"] = summary.alert_hosts.get(str(alert.get("alertId")), "")
@@ -248,6 +257,11 @@ def _look_at_batch(engine: Engine, batch: list[NormalizedEvent], summary: Replay
         host = attrs.get("hostName")
         if event.kind == EVIDENCE and alert_id and isinstance(host, str) and len(summary.alert_hosts) < 10 * MAX_TIMELINE_ALERTS:
             summary.alert_hosts.setdefault(alert_id, host)
+        if explain and alert_id and len(summary.evidence_rows) < MAX_EXPLAINED:
+            if event.kind == EVIDENCE:
+                summary.evidence_rows.setdefault(alert_id.casefold(), []).append(event.position)
+            elif event.kind == ALERT:
+                summary.alert_ids.add(alert_id.casefold())
         if event.kind != ALERT:
             continue
         matched = any(r.query.matches(attrs) for r in engine.rules)

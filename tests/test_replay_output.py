@@ -86,3 +86,11 @@ def test_html_report_is_written_beside_any_output_mode(tmp_path: Path) -> None:
     assert text.count('class="incident-row"') == 6 and 'id="timeline-svg"' in text
     assert text.count('class="alert-dot"') == 7  # every alert record the rules looked at, matched or not
     assert "srv-db-02" in text  # the streaming AlertInfo alert placed on its evidence row's host
+
+
+def test_explain_lists_alert_evidence_rows_whose_alert_never_came(samples: Path) -> None:
+    """Elastic's capture: its AlertEvidence row names an AlertId that none of its AlertInfo rows has."""
+    path = samples / "streaming-api__elastic-integrations__m365_defender-event-test-alert.log"
+    err = replay("--explain", str(path)).stderr
+    heading = "AlertEvidence rows whose alert was not in the input (held 1 hour for it in Azure): 1"
+    assert f"{heading}\n  {path}:1: alert da638034938542195558_2006612345" in err

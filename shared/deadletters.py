@@ -16,6 +16,7 @@ import gzip
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import cached_property
 from typing import Any, Protocol
 
 import orjson
@@ -43,7 +44,7 @@ def cap(text: str, limit: int = MAX_REASON_CHARS) -> str:
     return text[: limit - 24] + f"... [{len(text) - limit + 24} more chars]"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Origin:
     """Where a record came from: Event Hub coordinates, or a file name for replay."""
 
@@ -51,19 +52,23 @@ class Origin:
     sequence: int | None = None
     enqueued: datetime | None = None
 
+    @cached_property
+    def fields(self) -> dict[str, Any]:
+        """The letter fields of this origin, computed once for all the records of an event."""
+        return {"partition": self.partition, "sequenceNumber": self.sequence, "enqueuedTime": _iso(self.enqueued)}
+
 
 def letter(rejection: Rejection, origin: Origin) -> dict[str, Any]:
     """The complete dead-letter record (one line of the blob)."""
     raw = rejection.raw if rejection.raw is not None else b""
     kept = raw[:MAX_RAW_KEPT]
+    reason, position, fld = rejection.reason, rejection.position, rejection.field
     return {
-        "reason": cap(rejection.reason),
-        "position": cap(rejection.position, 300),
+        "reason": reason if len(reason) <= MAX_REASON_CHARS else cap(reason),
+        "position": position if len(position) <= 300 else cap(position, 300),
         "format": rejection.format,
-        "field": cap(rejection.field, 300) if rejection.field else None,
-        "partition": origin.partition,
-        "sequenceNumber": origin.sequence,
-        "enqueuedTime": _iso(origin.enqueued),
+        "field": cap(fld, 300) if fld else None,
+        **origin.fields,
         "rawBytes": len(raw),
         "rawTruncated": len(kept) < len(raw),
         "raw": base64.b64encode(kept).decode(),

@@ -165,3 +165,25 @@ def test_the_entity_names_its_state_version_and_holds_the_outbox_beside_the_stat
     entity = store.table.get_entity(*store.keys_of(key))
     assert entity["version"] == STATE_VERSION == 2
     assert bytes(entity["outbox"]) == st.outbox_bytes() and bytes(entity["state"]) == st.encode()
+
+
+def test_point_reads_of_a_batch_are_in_flight_together() -> None:
+    """Each read waits for a second one to arrive: one-at-a-time reads would break the barrier."""
+    import threading
+
+    from azure.core.exceptions import ResourceNotFoundError
+
+    class PairedTable:
+        def __init__(self, timeout: float) -> None:
+            self.barrier = threading.Barrier(2, timeout=timeout)
+
+        def get_entity(self, pk: str, rk: str) -> None:
+            self.barrier.wait()
+            raise ResourceNotFoundError("absent")
+
+    keys = [GroupKey("R", (f"k{i}",), "t") for i in range(8)]
+    store = TableStateStore(PairedTable(timeout=10))  # type: ignore[arg-type]
+    assert all(v.state is None and v.token is None for v in store.load(keys, NOW).values())
+    sequential = TableStateStore(PairedTable(timeout=0.2), concurrency=1)  # type: ignore[arg-type]
+    with pytest.raises(threading.BrokenBarrierError):
+        sequential.load(keys, NOW)

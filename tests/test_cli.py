@@ -151,3 +151,28 @@ def test_send_to_an_unreachable_hub_exits_3_with_one_line_from_the_real_entry_po
     assert done.returncode == 3, done.stderr
     assert "Traceback" not in done.stderr
     assert one_error_line(done.stderr).startswith("error: could not send to the Event Hub")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["schema", "--write", "/etc/hostname/x.json"],
+        ["coverage", "--layer", "/etc/hostname/x.json"],
+        ["test-rules", "--junit", "/etc/hostname/x.xml"],
+        ["replay", "--html", "/etc/hostname/x.html", DEMO[0]],
+    ],
+    ids=["schema", "coverage", "test-rules", "replay"],
+)
+def test_an_unwritable_output_file_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    code, err = run(argv, capsys)
+    assert code == 2 and "/etc/hostname" in one_error_line(err)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["import", "fortisiem", "/absent.xml"], ["import", "sigma", "/absent.yml"], ["coverage", "/absent"]],
+    ids=["import-fortisiem", "import-sigma", "coverage"],
+)
+def test_a_missing_input_is_exit_2_without_a_traceback(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    code, err = run(argv, capsys)
+    assert code == 2 and "/absent" in err

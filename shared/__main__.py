@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import CorrelatorError, EndpointError, RuleSetError
+from .errors import CorrelatorError, EndpointError, RuleSetError, StoreError
 from .normalize import FORMATS
 from .rules import default_rules_dir, load_rules, rule_files
 
@@ -386,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
-    except EndpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (EndpointError, StoreError) as exc:  # an endpoint or the storage account unreachable
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_CONNECT
     except CorrelatorError as exc:  # settings, rules, records: the user's input
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
@@ -399,7 +399,21 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"error: {exc.strerror or type(exc).__name__}{where}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as exc:
+        if not _is_remote_failure(exc):
+            raise  # a bug: the traceback is what its report needs
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        print(f"error: could not connect ({type(exc).__name__}: {first})", file=sys.stderr)
+        return EXIT_CONNECT
     return code
+
+
+def _is_remote_failure(exc: Exception) -> bool:
+    """An Azure SDK failure (storage, Event Hubs, identity) that no command caught itself."""
+    from azure.core.exceptions import AzureError
+    from azure.eventhub.exceptions import EventHubError
+
+    return isinstance(exc, (AzureError, EventHubError))
 
 
 if __name__ == "__main__":

@@ -174,9 +174,18 @@ class RequeueResult:
 
 
 def requeue_poison(
-    poison: Any, incidents: Any, claims: ClaimStore, *, limit: int | None = None, err: IO[str] = sys.stderr
+    poison: Any,
+    incidents: Any,
+    claims: ClaimStore,
+    *,
+    limit: int | None = None,
+    err: IO[str] = sys.stderr,
+    deliveries: Any = None,
 ) -> RequeueResult:
     """Move poison messages back onto the incidents queue (``incidents`` must encode base64).
+
+    With ``deliveries`` (the forwarder's delivery log), the poison records of the message's
+    ``targets`` are cleared first, so the forwarder delivers the re-queued revision to them again.
 
     A message is deleted from the poison queue only after its body was queued: a crash in
     between re-queues it again later, which the forwarder's delivery records make harmless.
@@ -203,6 +212,10 @@ def requeue_poison(
                 err.write(f"poison message {message.id}: not an incident snapshot, left on the poison queue\n")
                 result.left += 1
                 continue
+            if deliveries is not None and isinstance(parsed, dict):
+                from .webhook import forget_poisoned
+
+                forget_poisoned(deliveries, parsed, body)
             incidents.send_message(body.decode("utf-8"))
             poison.delete_message(message)
             result.requeued += 1
@@ -340,6 +353,9 @@ def _run(args: Any, clients: Any, claims: ClaimStore) -> int:
         )
         return 1 if result.refused else 0
     incidents = clients.queue(_env("INCIDENTS_QUEUE", "incidents"), base64=True)
-    moved = requeue_poison(clients.queue(_poison_queue_name()), incidents, claims, limit=args.max)
+    from .webhook import TableDeliveryLog
+
+    deliveries = TableDeliveryLog(clients.table(_env("DELIVERY_TABLE", "webhookdeliveries")))
+    moved = requeue_poison(clients.queue(_poison_queue_name()), incidents, claims, limit=args.max, deliveries=deliveries)
     print(f"re-queued {moved.requeued} poison incident(s); left {moved.left} that are not incident snapshots", file=sys.stderr)
     return 0

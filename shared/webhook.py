@@ -537,6 +537,22 @@ class TableDeliveryLog(TableBacked):
         raise StoreError(f"delivery log write: {target}/{incident_id} kept changing under 5 conditional writes")
 
 
+def forget_poisoned(deliveries: DeliveryLog, poison_message: Mapping[str, Any], body: bytes) -> list[str]:
+    """Before a poison message's body is re-driven: clear the poison records of the targets it names,
+    so that the re-driven message is delivered to them again. Returns the targets cleared.
+
+    Raises: StoreError.
+    """
+    try:
+        incident_id = str(orjson.loads(body)["incidentId"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return []
+    targets = [str(t) for t in poison_message.get("targets") or () if t != "*"]
+    for name in targets:
+        deliveries.clear_poisoned(name, incident_id)
+    return targets
+
+
 # -- the forwarder -------------------------------------------------------------------------------
 
 

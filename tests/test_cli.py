@@ -176,3 +176,38 @@ def test_an_unwritable_output_file_is_one_line_and_exit_2(capsys: pytest.Capture
 def test_a_missing_input_is_exit_2_without_a_traceback(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
     code, err = run(argv, capsys)
     assert code == 2 and "/absent" in err
+
+
+def _failing(exc: BaseException) -> object:
+    def command(args: object) -> int:
+        raise exc
+
+    return command
+
+
+def _remote_failures() -> list[BaseException]:
+    from azure.core.exceptions import ServiceRequestError
+    from azure.eventhub.exceptions import EventHubError
+
+    from shared.errors import StoreError
+
+    return [
+        StoreError("state table unreachable: ServiceRequestError"),
+        ServiceRequestError("connection refused"),
+        EventHubError("amqp connection refused"),
+    ]
+
+
+@pytest.mark.parametrize("exc", _remote_failures(), ids=lambda e: type(e).__name__)
+def test_an_unreachable_service_in_any_command_is_exit_3(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, exc: BaseException
+) -> None:
+    monkeypatch.setattr("shared.__main__.cmd_validate", _failing(exc))
+    code, err = run(["validate"], capsys)
+    assert code == 3 and one_error_line(err).startswith("error: ")
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("shared.__main__.cmd_validate", _failing(KeyError("bug")))
+    with pytest.raises(KeyError):
+        main(["validate"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -715,3 +716,28 @@ def test_every_table_backed_store_maps_azure_failures_to_store_error() -> None:
         instance = store(TableClient.from_connection_string(conn, "unreachable", retry_total=0))
         with pytest.raises(StoreError, match=r"\(table unreachable\): ServiceRequestError"):
             call(instance)
+
+
+@pytest.mark.azurite
+def test_a_requeued_poison_incident_is_delivered_again_and_parked_at_most_once(host: Host, azurite: Azurite) -> None:
+    from shared.claimcheck import MemoryClaims
+    from shared.clients import StorageClients
+    from shared.redrive import requeue_poison
+
+    refusing = Script([(400, {}, 0)] * 3)
+    try:
+        set_forwarder(forwarder(target(refusing.url), deliveries=host.deliveries, poison=QueuePoison(host.poison)))
+        host.enqueue(snapshot())
+        host.enqueue(snapshot())  # a duplicate of the same revision
+        host.run()
+        assert len(refusing.requests) == 1 and len(host.poisoned()) == 1  # parked once, the duplicate skipped
+        assert host.poisoned()[0]["targets"] == ["default"]
+        refusing.responses = []  # the receiver is fixed: it now answers 204
+        incidents = StorageClients.from_connection_string(azurite.connection_string).queue(host.incidents.queue_name, base64=True)
+        moved = requeue_poison(host.poison, incidents, MemoryClaims(), err=io.StringIO(), deliveries=host.deliveries)
+        assert moved.requeued == 1
+        host.run()
+        assert len(refusing.requests) == 2 and host.deliveries.delivered_revision("default", "inc-abc") == 1
+        assert host.poisoned() == []
+    finally:
+        refusing.close()

@@ -200,6 +200,8 @@ def assemble(fixed: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
     own fields, such as ``triggerEventsTrimmed``), so a rebuilt snapshot encodes byte for byte alike."""
     out = {k: fixed[k] if k in fixed else own[k] for k in SNAPSHOT_ORDER}
     out.update((k, v) for k, v in own.items() if k not in out)
+    if "entities" in out:  # recorded compact (see _own)
+        out["entities"] = entities.expand(out["entities"])
     return out
 
 
@@ -279,7 +281,10 @@ class _Outbox:
 
 
 def _own(snapshot: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in snapshot.items() if k not in _RULE_FIELDS}
+    own = {k: v for k, v in snapshot.items() if k not in _RULE_FIELDS}
+    if "entities" in own:  # empty kinds are not recorded; assemble() puts them back
+        own["entities"] = entities.compact(own["entities"])
+    return own
 
 
 _RULE_FIELDS = frozenset(

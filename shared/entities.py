@@ -53,6 +53,21 @@ def empty() -> dict[str, Any]:
     return out
 
 
+def compact(ents: Mapping[str, Any]) -> dict[str, Any]:
+    """Only the kinds that hold values: what state and outbox store (an alert often has two kinds)."""
+    return {k: v for k, v in ents.items() if v}
+
+
+def expand(ents: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The full shape back from :func:`compact` (every kind, in order): ``expand(compact(e)) == e``."""
+    out = empty()
+    for key in out:
+        value = (ents or {}).get(key)
+        if isinstance(value, list):
+            out[key] = value
+    return out
+
+
 def _cut(value: Any, limit: int = MAX_TEXT) -> str | None:
     if isinstance(value, bool) or value is None:
         return None

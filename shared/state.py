@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from .entities import expand
 from .errors import ConcurrencyConflict
 
 STATE_VERSION = 2
@@ -177,10 +178,10 @@ class GroupState:
             **({"s": self.ext} if self.ext is not None else {}),
         }
         # Entities and join links are optional keys: a state without them encodes as before.
-        if self.incident is not None and self.incident.entities:
-            doc["ie"] = self.incident.entities
+        if self.incident is not None and self.incident.entities:  # only the kinds that hold values
+            doc["ie"] = {k: v for k, v in self.incident.entities.items() if v}
         if self.pending:
-            doc["p"] = self.pending
+            doc["p"] = {k: v for k, v in self.pending.items() if v}
         if self.links:
             doc["l"] = self.links
         return orjson.dumps(doc)
@@ -211,13 +212,13 @@ class GroupState:
         if version > STATE_VERSION:
             raise ValueError(f"group state version {version} is newer than this code ({STATE_VERSION})")
         incident = Incident.from_list(d["i"]) if d.get("i") else None
-        if incident is not None:
-            incident.entities = d.get("ie")
+        if incident is not None and d.get("ie"):
+            incident.entities = expand(d["ie"])  # every kind, in order, as the snapshot shows it
         values = tuple(d["k"])
         tenant = d.get("t", values[-1] if version > 1 and values else "")
         key = GroupKey(d["r"], values, tenant)
         state = cls(key, d["e"], d["n"], incident, d.get("x", 0), d.get("m"), split_outbox(outbox), d.get("s"))
-        state.pending, state.links = d.get("p"), d.get("l") or []
+        state.pending, state.links = (expand(d["p"]) if d.get("p") else None), d.get("l") or []
         return state
 
 

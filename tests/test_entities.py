@@ -209,3 +209,4 @@ def test_extraction_never_raises_and_stays_within_its_caps_on_any_shape(fmt: str
     assert list(ent) == [*entities.KINDS, "truncated"]
     assert len(orjson.dumps(ent)) <= MAX_ENTITIES_BYTES
     assert merge(ent, ent) == merge(ent)  # folding the same entities twice changes nothing
+    assert entities.expand(entities.compact(ent)) == ent  # what state and outbox store gives the snapshot back

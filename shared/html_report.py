@@ -131,7 +131,8 @@ def _timeline(incidents: Sequence[Mapping[str, Any]], alerts: Sequence[Mapping[s
         t = lo + (hi - lo) * (i / 5)
         xi = x(t)
         parts.append(f'<line x1="{xi:.1f}" y1="{top - 6}" x2="{xi:.1f}" y2="{height - 8}" stroke="#e5e7eb"/>')
-        parts.append(f'<text x="{xi:.1f}" y="{top - 10}" text-anchor="middle">{_e(t.strftime("%m-%d %H:%M"))}</text>')
+        anchor = "start" if i == 0 else "end" if i == 5 else "middle"  # the outer labels stay inside the picture
+        parts.append(f'<text x="{xi:.1f}" y="{top - 10}" text-anchor="{anchor}">{_e(t.strftime("%m-%d %H:%M"))}</text>')
     for index, h in enumerate(shown):
         y = top + index * row_h
         if index % 2 == 0:

@@ -242,7 +242,7 @@ def replay(
                     "AlertEvidence rows whose alert was not in the input (held 1 hour for it in Azure)",
                     f"{where}: alert {alert_id}",
                 )
-    for alert in summary.alerts:  # AlertInfo rows have no host: their evidence rows do
+    for alert in summary.alerts:  # AlertInfo rows have no host: their evidence rows (or other versions) do
         if not alert.get("host"):
             alert["host"] = summary.alert_hosts.get(str(alert.get("alertId")), "")
     out.flush()
@@ -255,8 +255,8 @@ def _look_at_batch(engine: Engine, batch: list[NormalizedEvent], summary: Replay
         attrs = event.attrs
         alert_id = str(attrs.get("alertIdStr") or "")
         host = attrs.get("hostName")
-        if event.kind == EVIDENCE and alert_id and isinstance(host, str) and len(summary.alert_hosts) < 10 * MAX_TIMELINE_ALERTS:
-            summary.alert_hosts.setdefault(alert_id, host)
+        if alert_id and isinstance(host, str) and len(summary.alert_hosts) < 10 * MAX_TIMELINE_ALERTS:
+            summary.alert_hosts.setdefault(alert_id, host)  # evidence rows, and other versions of the alert
         if explain and alert_id and len(summary.evidence_rows) < MAX_EXPLAINED:
             if event.kind == EVIDENCE:
                 summary.evidence_rows.setdefault(alert_id.casefold(), []).append(event.position)

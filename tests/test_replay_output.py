@@ -86,6 +86,7 @@ def test_html_report_is_written_beside_any_output_mode(tmp_path: Path) -> None:
     assert text.count('class="incident-row"') == 6 and 'id="timeline-svg"' in text
     assert text.count('class="alert-dot"') == 7  # every alert record the rules looked at, matched or not
     assert "srv-db-02" in text  # the streaming AlertInfo alert placed on its evidence row's host
+    assert text.count("(no host)") == 1 + 1  # the row label and its tooltip: only the PowerShell alert has no host
 
 
 def test_explain_lists_alert_evidence_rows_whose_alert_never_came(samples: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,10 @@ def test_layer_follows_the_navigator_layer_format(tmp_path: Path, capsys: pytest
     [
         ["coverage", "--layer", "{tmp}/missing/dir/layer.json"],
         ["test-rules", "--junit", "{tmp}/missing/dir/junit.xml", "--test", "two tenants"],
-        ["import", "sigma", "tests/data/sigma/proc_creation_win_certutil_download.yml", "--out", "{tmp}/file"],
+        pytest.param(
+            ["import", "sigma", "tests/data/sigma/proc_creation_win_certutil_download.yml", "--out", "{tmp}/file"],
+            marks=pytest.mark.skipif(find_spec("sigma") is None, reason="pySigma needs Python >= 3.11"),
+        ),
     ],
 )
 def test_an_unwritable_output_is_one_error_line_and_exit_2(

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import entities
 from .engine import MAX_TRIGGER_EVENTS, TENANT_ATTR, Stats, _group_value, _Outbox, incident_id, snapshot, to_ms
 from .normalize import NormalizedEvent
 from .pattern import Absent, AllOf, AnyOf, PatternNode, Sub, Then
@@ -265,6 +266,7 @@ class _Run:
             inc.attributes = attributes
             prior = self.touched.get(inc.incident_id)
             action = prior[1] if prior else "updated"
+        inc.entities = entities.merge(inc.entities, events=evidence)  # the state keeps no payloads: triggering events only
         st.incident = inc
         prev = self.touched.get(inc.incident_id)
         kept = ((prev[2] if prev else []) + evidence)[-MAX_TRIGGER_EVENTS:]

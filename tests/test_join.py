@@ -214,3 +214,12 @@ def test_the_join_works_the_same_on_table_storage(real: dict[str, NormalizedEven
     loaded = store.load(keys, int(T0.timestamp() * 1000))
     [state] = [v.state for v in loaded.values()]
     assert state is not None and state.links and state.pending and state.pending["users"] == [USER]
+
+
+def test_a_multi_subpattern_incident_names_the_host_and_user_of_its_triggering_alert() -> None:
+    from .test_sequence import CRED, PERSIST, ev, rule
+
+    engine = Engine([rule()], MemoryStateStore(), lambda: T0)
+    engine.process([ev(PERSIST, 0, "fin-ws-017", user="j.doe")])
+    [snap] = engine.process([ev(CRED, 60, "fin-ws-017", user="j.doe")]).incidents
+    assert snap["entities"]["hosts"] == ["fin-ws-017"] and snap["entities"]["users"] == ["j.doe"]

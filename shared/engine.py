@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from . import entities
+from .chaining import CHAIN_FORMAT, MAX_CHAIN_DEPTH, as_events
 from .errors import StoreError
 from .normalize import ALERT, EVIDENCE, EVIDENCE_EVENT_TYPE, NormalizedEvent, iso, raw_evidence
 from .query import mentions
@@ -570,6 +571,10 @@ class Engine:
         self._sequence = sequence
         self.rules = [r for r in rules if r.model.enabled]
         self.rules_by_id = {r.id: r for r in self.rules}
+        # Rules whose incidents some other rule consumes (eventType = rule id): fed back, see shared/chaining.py.
+        self._chained = frozenset(
+            r.id for r in self.rules if any(o.id != r.id and o.query.could_match({"eventType": r.id}) for o in self.rules)
+        )
         # Alert evidence rows are not alerts: only rules that name the evidence type see them.
         self.evidence_rules = [r for r in self.rules if mentions(r.query.tree, "eventType", "AlertEvidence")]
         self.store = store
@@ -590,6 +595,27 @@ class Engine:
         return hit
 
     def process(self, events: Sequence[NormalizedEvent]) -> BatchResult:
+        """Process one batch, then feed the incidents that other rules consume back as events, up to
+        ``MAX_CHAIN_DEPTH`` levels (rule chaining, :mod:`shared.chaining`).
+
+        Raises:
+            StoreError: as :meth:`_process_batch`; a retry of the whole batch is safe.
+        """
+        return self._chain(self._process_batch(events))
+
+    def _chain(self, result: BatchResult) -> BatchResult:
+        level = result.incidents
+        for depth in range(1, MAX_CHAIN_DEPTH + 1):
+            fed = as_events(level, self._chained, depth) if self._chained else []
+            if not fed:
+                break
+            more = self._process_batch(fed)
+            result.incidents.extend(more.incidents)
+            result.stats += more.stats
+            level = more.incidents
+        return result
+
+    def _process_batch(self, events: Sequence[NormalizedEvent]) -> BatchResult:
         """Process one batch.
 
         Raises:
@@ -607,6 +633,8 @@ class Engine:
                     rows.setdefault(ekey, []).append(event)
             for rule in self.evidence_rules if event.kind == EVIDENCE else self.rules:
                 if rule.query.matches(event.attrs):
+                    if event.format == CHAIN_FORMAT and event.attrs.get("ruleId") == rule.id:
+                        continue  # loop protection: a rule never consumes its own incidents
                     stats.add("matched", rule=rule.id)
                     if rule.sequence:
                         for key in self._sequence.keys_for(rule, event):
@@ -709,7 +737,7 @@ class Engine:
         if not changes:
             return BatchResult([], stats)
         incidents, _ = _save(self.store, changes, produced, stats)
-        return BatchResult(incidents, stats)
+        return self._chain(BatchResult(incidents, stats))
 
 
 def _save(

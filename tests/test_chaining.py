@@ -1,0 +1,86 @@
+"""Rule chaining: incidents fed back as events (eventType = rule id), with loop protection."""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Any
+
+from shared.chaining import MAX_CHAIN_DEPTH
+from shared.engine import Engine
+from shared.rules import Rule, parse_rule_text
+from shared.state import MemoryStateStore
+
+from .test_sequence import CRED, PERSIST, T0, ev, rule
+
+
+def simple(rule_id: str, query: str, group_by: str = "[tenantId, hostName]") -> Rule:
+    text = textwrap.dedent(
+        f"""\
+        id: {rule_id}
+        name: {rule_id}
+        severity: 5
+        category: Security
+        timeWindow: 3600
+        subpatterns:
+          - name: sp
+            query: '{query}'
+            groupBy: {group_by}
+            aggregateConstraint: COUNT(*) >= 1
+        incidentAttributes:
+          hostName: sp.hostName
+          n: sp.COUNT(*)
+        """
+    )
+    return parse_rule_text(text, f"{rule_id}.yaml")
+
+
+def run(rules: list[Rule], *batches: list[Any]) -> list[list[dict[str, Any]]]:
+    engine = Engine(rules, MemoryStateStore(), lambda: T0)
+    return [engine.process(batch).incidents for batch in batches]
+
+
+def test_a_rule_over_another_rules_incidents_fires_in_the_same_batch() -> None:
+    over = simple("ON_SEQ_INCIDENTS", 'eventType = "SEQ_TEST" AND eventSeverity >= 8')
+    [out] = run([rule(), over], [ev(PERSIST, 0), ev(CRED, 60)])
+    assert [(s["ruleId"], s["groupBy"]["hostName"]) for s in out] == [("SEQ_TEST", "host-1"), ("ON_SEQ_INCIDENTS", "host-1")]
+    [chained] = out[1]["triggerEvents"]
+    assert chained["attributes"]["incidentId"] == out[0]["incidentId"] and chained["attributes"]["chainDepth"] == 1
+
+
+def test_incidents_nobody_consumes_are_not_fed_back() -> None:
+    engine = Engine([rule(), simple("OTHER", 'eventType = "x"')], MemoryStateStore(), lambda: T0)
+    assert engine._chained == frozenset()
+    assert len(engine.process([ev(PERSIST, 0), ev(CRED, 60)]).incidents) == 1
+
+
+def test_a_rule_never_consumes_its_own_incidents() -> None:
+    selfish = simple("SELFISH", 'eventType = "SELFISH" OR eventType = "x"')
+    [out] = run([selfish], [ev("x", 0)])
+    assert [(s["ruleId"], s["revision"]) for s in out] == [("SELFISH", 1)]
+
+
+def test_a_cycle_between_two_rules_stops_at_the_depth_limit() -> None:
+    a = simple("LOOP_A", 'eventType = "LOOP_B" OR eventType = "x"')
+    b = simple("LOOP_B", 'eventType = "LOOP_A"')
+    [out] = run([a, b], [ev("x", 0)])
+    assert [s["ruleId"] for s in out] == ["LOOP_A", "LOOP_B", "LOOP_A", "LOOP_B"][: MAX_CHAIN_DEPTH + 1]
+    assert max(s["revision"] for s in out if s["ruleId"] == "LOOP_A") == 2
+
+
+def test_a_redelivered_batch_re_emits_the_chained_incidents_unchanged() -> None:
+    over = simple("ON_SEQ_INCIDENTS", 'eventType = "SEQ_TEST"')
+    batch = [ev(PERSIST, 0), ev(CRED, 60)]
+    first, again = run([rule(), over], batch, batch)
+    assert [(s["incidentId"], s["revision"], s["attributes"]) for s in again] == [
+        (s["incidentId"], s["revision"], s["attributes"]) for s in first
+    ]
+
+
+def test_absences_fired_by_the_timer_are_chained_too() -> None:
+    from datetime import timedelta
+
+    over = simple("ON_UNATTENDED", 'eventType = "SEQ_TEST"')
+    engine = Engine([rule("persist NOT FOLLOWED_BY cred", window=600), over], MemoryStateStore(), lambda: T0)
+    engine.process([ev(PERSIST, 0)])
+    fired = engine.fire_due(T0 + timedelta(seconds=601)).incidents
+    assert [s["ruleId"] for s in fired] == ["SEQ_TEST", "ON_UNATTENDED"]

@@ -318,3 +318,70 @@ def test_replay_fires_absences_from_the_event_time_it_has_replayed(tmp_path: Any
     )
     snaps = [orjson.loads(line) for line in out.getvalue().splitlines()]
     assert [s["groupBy"]["hostName"] for s in snaps] == ["h1"]  # h2's deadline (1500 s) is past the data
+
+
+# -- properties --------------------------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+# (gap in seconds since the previous event, subpattern 0=persist 1=cred, host 0/1); in event-time order
+seq_streams = st.lists(st.tuples(st.integers(0, 1500), st.integers(0, 1), st.integers(0, 1)), min_size=1, max_size=14)
+
+
+def _events(stream: list[tuple[int, int, int]]) -> list[NormalizedEvent]:
+    at, out = 0, []
+    for i, (gap, kind, host) in enumerate(stream):
+        at += gap
+        out.append(ev(PERSIST if kind == 0 else CRED, at, f"h{host}", alertIdStr=f"e{i}"))
+    return out
+
+
+def _final(snaps: list[dict[str, Any]]) -> dict[str, tuple[int, bytes]]:
+    out: dict[str, tuple[int, bytes]] = {}
+    for s in snaps:
+        if s["revision"] >= out.get(s["incidentId"], (0, b""))[0]:
+            out[s["incidentId"]] = (s["revision"], orjson.dumps(s["attributes"]))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(seq_streams, st.integers(1, 5), st.sampled_from(["persist FOLLOWED_BY cred", "persist AND cred", ABSENT]))
+def test_in_order_streams_give_the_same_incidents_however_they_are_batched(
+    stream: list[tuple[int, int, int]], size: int, pattern: str
+) -> None:
+    events = _events(stream)
+    r = rule(pattern, window=1200)
+    whole = Run(r)
+    whole.feed(*events)
+    split = Run(r)
+    for i in range(0, len(events), size):
+        split.feed(*events[i : i + size])
+    assert _final(whole.snaps) == _final(split.snaps)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seq_streams, st.randoms(use_true_random=False))
+def test_followed_by_fires_exactly_when_a_cred_follows_a_persist_on_the_host_within_the_window(
+    stream: list[tuple[int, int, int]], rnd: Any
+) -> None:
+    """Against a brute-force oracle, whatever the arrival order within the window."""
+    events = _events(stream)
+    shuffled = list(events)
+    rnd.shuffle(shuffled)
+    run = Run(rule(window=1200))
+    for e in shuffled:
+        run.feed(e)
+    times = [(e.event_time, e.attrs["eventType"], e.attrs["hostName"]) for e in events]
+    newest = max(t for t, _, _ in times)
+    late = {(t, h) for t, _, h in times if (newest - t).total_seconds() > 1200}  # may be dropped as late
+    expected = {
+        h
+        for tp, kp, h in times
+        for tc, kc, hc in times
+        if kp == PERSIST and kc == CRED and hc == h and 0 < (tc - tp).total_seconds() <= 1200
+    }
+    fired = {s["groupBy"]["hostName"] for s in run.snaps}
+    assert fired <= expected
+    if not late:
+        assert fired == expected

@@ -71,6 +71,9 @@ class CountingStore:
     def purge_expired(self, now_ms: int) -> int:
         return int(self.inner.purge_expired(now_ms))
 
+    def __getattr__(self, name: str) -> Any:  # the rest of the StateStore interface
+        return getattr(self.inner, name)
+
 
 def record(i: int, matching: bool, alert_id: str | None = None) -> bytes:
     ts = (T0 + timedelta(milliseconds=i)).isoformat().replace("+00:00", "Z")

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timezone
 from typing import Any, Protocol
 
 import orjson
@@ -44,7 +44,8 @@ from .state import StateStore
 log = logging.getLogger("defender_correlator")
 
 MAX_MESSAGE_BYTES = MAX_RECORD_BYTES  # Event Hub caps an event at 1 MiB; a bigger body is one record too many
-ABSENCE_GRACE_S = 300  # event-time progress = wall clock minus this (Defender's delivery delay)
+ABSENCE_GRACE_S = 300  # event-time progress is held this far back (Defender's delivery delay)
+PARTITION_IDLE_S = 300  # a hub partition silent this long no longer holds event-time progress back
 MAX_QUEUE_MESSAGE_BYTES = 45 * 1024  # base64 of a queue message (64 KiB max) leaves 48 KiB of payload
 # Failures a retry of the batch may fix. Everything else raised while handling a record is about
 # that record (a bug in a parser or in per-event engine code) and becomes its rejection.
@@ -151,6 +152,9 @@ class AlertBatchHandler:
                     good.append((item, origin))  # type: ignore[arg-type]
         parser_rejected = len(letters)
         result = self._process(good, letters)
+        if good:  # this partition's event-time progress, for the absence timer
+            newest = max(to_ms(e.event_time) for e, _ in good)
+            self.engine.store.save_progress(partition, newest, to_ms(arrival))
         self.writer.write(letters, when=arrival)  # after the engine: a failure re-runs an idempotent batch
         counts = result.stats.counts
         summary = {
@@ -241,17 +245,31 @@ class Runtime:
         log.info("purge_summary %s", orjson.dumps({"deleted": deleted}).decode())
         return deleted
 
-    def fire_due(self, now: datetime | None = None) -> list[str]:
-        """Fire NOT FOLLOWED_BY absences and quiet-period clears whose event-time deadline has passed.
+    def event_time_progress(self, now: datetime | None = None) -> datetime:
+        """How far event time has surely got: the newest event time of every hub partition that
+        delivered within ``PARTITION_IDLE_S`` (an idle partition holds nothing back), and never more
+        than the wall clock, each minus ``ABSENCE_GRACE_S`` (Defender's delivery delay and the disorder
+        within a partition). A partition working through a backlog holds absences back until its
+        event time gets there."""
+        wall = to_ms(now or utc_now())
+        progress = wall
+        for event_ms, wall_ms in self.store.load_progress().values():
+            if wall - wall_ms <= PARTITION_IDLE_S * 1000:
+                progress = min(progress, event_ms)
+        return datetime.fromtimestamp((progress - ABSENCE_GRACE_S * 1000) / 1000, tz=timezone.utc)
 
-        Event-time progress is taken as the wall clock minus ``ABSENCE_GRACE_S``: Defender alerts
-        reach the hub minutes after they happen, and a follower that arrives within the grace still
-        cancels its absence. An absence incident is emitted at most grace + timer period after its
-        deadline. Raises: StoreError (the timer runs again at its next tick).
-        """
-        progress = (now or utc_now()) - timedelta(seconds=ABSENCE_GRACE_S)
+    def fire_due(self, now: datetime | None = None) -> list[str]:
+        """Fire NOT FOLLOWED_BY absences and quiet-period clears whose event-time deadline has passed
+        (:meth:`event_time_progress`). An absence incident is emitted at most grace + timer period
+        after its deadline once the partitions have caught up. Raises: StoreError (the timer runs
+        again at its next tick)."""
+        progress = self.event_time_progress(now)
         result = self.handler.engine.fire_due(progress)
-        summary = {"fired": len(result.incidents), "etagConflicts": result.stats.counts["etag_conflicts"]}
+        summary = {
+            "fired": len(result.incidents),
+            "progress": progress.isoformat(),
+            "etagConflicts": result.stats.counts["etag_conflicts"],
+        }
         log.info("absence_summary %s", orjson.dumps(summary).decode(), extra={"custom_dimensions": summary})
         return [fit_snapshot(s, MAX_QUEUE_MESSAGE_BYTES).decode() for s in result.incidents]
 

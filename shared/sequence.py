@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -177,26 +178,58 @@ def _cross_ok(rule: Rule, conds: Sequence[CrossCompare], chosen: dict[int, dict[
     return True
 
 
-def _instances(rule: Rule, entries: list[Entry], subs: list[int], lo: int, hi: int) -> dict[int, list[list[Entry]]]:
+def _window(entries: list[Entry], lo: int, hi: int) -> list[Entry]:
+    """The entries with ``lo <= time <= hi`` (entries are sorted by time)."""
+    return entries[bisect_left(entries, lo, key=_time) : bisect_right(entries, hi, key=_time)]
+
+
+def _time(e: Entry) -> int:
+    return int(e[0])
+
+
+def _possible(rule: Rule, node: PatternNode, present: set[int]) -> bool:
+    """Whether the pattern could hold with only the subpatterns in ``present`` having events."""
+    if isinstance(node, Sub):
+        return _sub_named(rule, node.name).index in present
+    if isinstance(node, AnyOf):
+        return any(_possible(rule, c, present) for c in node.children)
+    if isinstance(node, AllOf):
+        return all(_possible(rule, c, present) for c in node.children)
+    assert isinstance(node, Then)
+    return _possible(rule, node.left, present) and _possible(rule, node.right, present)
+
+
+def _instances(rule: Rule, window: list[Entry], subs: list[int], keys: dict[Any, Any]) -> dict[int, list[list[Entry]]]:
     out: dict[int, dict[tuple[str, ...], list[Entry]]] = {i: {} for i in subs}
-    for e in entries:
-        if lo <= e[0] <= hi and e[2] in out:
-            sub = rule.subs[e[2]]
-            gk = tuple(str(v).lower() for v in e[3][: len(sub.group_by)])
+    for e in window:
+        if e[2] in out:
+            gk = keys.get((e[1], e[2]))
+            if gk is None:  # case-folded instance key, computed once per entry and call
+                gk = keys[(e[1], e[2])] = tuple(str(v).lower() for v in e[3][: len(rule.subs[e[2]].group_by)])
             out[e[2]].setdefault(gk, []).append(e)
     return {i: list(groups.values()) for i, groups in out.items()}
 
 
 def evaluate(
-    rule: Rule, node: PatternNode, entries: list[Entry], lo: int, hi: int, fixed: dict[int, dict[str, Any] | None] | None = None
+    rule: Rule,
+    node: PatternNode,
+    entries: list[Entry],
+    lo: int,
+    hi: int,
+    fixed: dict[int, dict[str, Any] | None] | None = None,
+    keys: dict[Any, Any] | None = None,
 ) -> Match | None:
     """The satisfying instance combination with the earliest completion in ``[lo, hi]``, if any.
 
     ``fixed`` holds group-by values of instances chosen earlier (the left side of an absence), so
-    that cross-subpattern conditions relate them to this side.
+    that cross-subpattern conditions relate them to this side. ``keys`` caches instance keys
+    across calls on the same entries.
     """
+    window = _window(entries, lo, hi)
+    if not _possible(rule, node, {e[2] for e in window}):
+        return None  # a subpattern the pattern needs has no event in the window
     subs = _subs_in(rule, node)
-    inst = _instances(rule, entries, subs, lo, hi)
+    inst = _instances(rule, window, subs, keys if keys is not None else {})
     options: list[list[list[Entry] | None]] = []
     for i in subs:
         usable: list[list[Entry] | None] = [g for g in inst[i] if _leaf_done(rule.subs[i], g, lo, hi) is not None]
@@ -245,6 +278,7 @@ class _Run:
         self.ext: dict[str, Any] = st.ext if st.ext is not None else {}
         self.touched: dict[str, tuple[Incident, str, list[NormalizedEvent]]] = {}
         self.window = rule.window_s * 1000
+        self.keys: dict[Any, Any] = {}  # instance keys of entries, by (identity, subpattern), for this call
 
     def trigger(self, at: int, match: Match | None, attributes: dict[str, Any], evidence: list[NormalizedEvent]) -> None:
         rule, st = self.rule, self.st
@@ -294,7 +328,7 @@ class _Run:
             a, deadline, fixed_raw, attrs = pending
             fixed = {int(k): v for k, v in fixed_raw.items()}
             assert isinstance(rule.pattern, Absent)
-            follower = evaluate(rule, rule.pattern.right, self.st.entries, a + 1, deadline, fixed)
+            follower = evaluate(rule, rule.pattern.right, self.st.entries, a + 1, deadline, fixed, self.keys)
             self.ext["f"] = a
             self.ext["p"] = None
             if follower is None:
@@ -319,7 +353,7 @@ class _Run:
         ends = sorted({int(e[0]) for e in self.st.entries if e[0] <= upto and (floor is None or e[0] > floor)})
         for end in ends:
             lo = end - self.window if floor is None else max(end - self.window, floor + 1)
-            match = evaluate(rule, rule.pattern.left, self.st.entries, lo, end)
+            match = evaluate(rule, rule.pattern.left, self.st.entries, lo, end, None, self.keys)
             if match is not None:
                 fixed = {str(i): _group_values(rule, i, g) for i, g in match.instances.items()}
                 attrs = _attributes(rule, match)
@@ -343,7 +377,7 @@ class _Run:
             if end in triggered or (cleared is not None and end <= cleared):
                 continue
             lo = end - self.window if cleared is None else max(end - self.window, cleared + 1)
-            match = evaluate(rule, rule.pattern, self.st.entries, lo, end)
+            match = evaluate(rule, rule.pattern, self.st.entries, lo, end, None, self.keys)
             if match is not None:
                 triggered.append(end)
                 triggered.sort()
@@ -428,6 +462,7 @@ def apply_events(
         if clearing and st.incident is not None and t >= st.incident.first_seen:
             run.clear(t, [event])
         _trim(run)
+    _fit_bytes(run)
     again = outbox.snapshots(replay, rule, key)
     stats.add("reemitted", len(again), rule=rule.id)
     fresh = _emit(rule, key, list(run.touched.values()), stats)
@@ -443,6 +478,7 @@ def advance(rule: Rule, state: GroupState, progress_ms: int, stats: Stats) -> tu
     run = _Run(rule, st, stats)
     run.advance(progress_ms)
     _trim(run)
+    _fit_bytes(run)
     return st, _emit(rule, st.key, list(run.touched.values()), stats)
 
 
@@ -490,7 +526,12 @@ def _trim(run: _Run) -> None:
         del st.entries[:drop]
         st.evicted += drop
         run.stats.add("evicted", drop, rule=run.rule.id)
-    while len(st.entries) > 50 and len(st.to_bytes()) > MAX_STATE_BYTES:
+
+
+def _fit_bytes(run: _Run) -> None:
+    """Once per call: evict the oldest entries until the encoded state fits one Table property."""
+    st = run.st
+    while st.entries and len(st.to_bytes()) > MAX_STATE_BYTES:
         drop = max(1, len(st.entries) // 10)
         del st.entries[:drop]
         st.evicted += drop

@@ -272,6 +272,22 @@ class StateStore(Protocol):
         """
         ...
 
+    def save_progress(self, partition: str, event_ms: int, wall_ms: int) -> None:
+        """Record that ``partition`` has delivered events up to event time ``event_ms`` (at ``wall_ms``).
+
+        Raises:
+            StoreError: the store is unreachable.
+        """
+        ...
+
+    def load_progress(self) -> dict[str, tuple[int, int]]:
+        """Every partition's recorded (event time, wall time) progress, epoch ms.
+
+        Raises:
+            StoreError: the store is unreachable.
+        """
+        ...
+
 
 class KeysConflict(ConcurrencyConflict):
     def __init__(self, keys: Iterable[GroupKey]) -> None:
@@ -288,6 +304,7 @@ class MemoryStateStore:
     def __init__(self) -> None:
         self._data: dict[GroupKey, tuple[bytes, bytes, int, int]] = {}  # key -> (state, outbox, version, expires_at)
         self._due: dict[GroupKey, int] = {}  # key -> due_at (event time), for groups that have one
+        self._progress: dict[str, tuple[int, int]] = {}  # partition -> (event ms, wall ms)
         self._lock = threading.Lock()
         self.calls = {"load": 0, "save": 0, "purge": 0}
 
@@ -346,6 +363,14 @@ class MemoryStateStore:
                     if len(out) >= limit:
                         break
         return out
+
+    def save_progress(self, partition: str, event_ms: int, wall_ms: int) -> None:
+        with self._lock:
+            self._progress[partition] = (event_ms, wall_ms)
+
+    def load_progress(self) -> dict[str, tuple[int, int]]:
+        with self._lock:
+            return dict(self._progress)
 
     def __len__(self) -> int:
         return len(self._data)

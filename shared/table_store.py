@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 SHARDS = 16  # partitions per (rule, tenant): spreads load over Table's per-partition limit
+PROGRESS_PARTITION = "~progress"  # hub partitions' event-time progress (rule ids never start with "~")
 MAX_KEY_PART = 200  # chars of a readable key part before it is hashed (keys are capped at 1 KiB)
 MAX_READABLE_PROPERTY = 4000  # chars of the readable group values kept beside the state
 TRANSACTION_LIMIT = 100  # entities per entity-group transaction
@@ -252,6 +253,29 @@ class TableStateStore:
         except AzureError as exc:
             raise StoreError(f"loading due state: {type(exc).__name__}: {exc}") from exc
         return out
+
+
+    def save_progress(self, partition: str, event_ms: int, wall_ms: int) -> None:
+        """One small entity per hub partition (``PartitionKey`` ``~progress``), outside every rule's
+        partitions; it has no ``expiresAt`` or ``dueAt``, so purge and the due query never see it."""
+        entity = {
+            "PartitionKey": PROGRESS_PARTITION,
+            "RowKey": _escape(partition),
+            "partition": partition,
+            "eventMs": EntityProperty(event_ms, EdmType.INT64),
+            "wallMs": EntityProperty(wall_ms, EdmType.INT64),
+        }
+        try:
+            self.table.upsert_entity(entity, mode=UpdateMode.REPLACE)
+        except AzureError as exc:
+            raise StoreError(f"saving partition progress: {type(exc).__name__}: {exc}") from exc
+
+    def load_progress(self) -> dict[str, tuple[int, int]]:
+        try:
+            entities = self.table.query_entities("PartitionKey eq @pk", parameters={"pk": PROGRESS_PARTITION})
+            return {str(e["partition"]): (_int(e.get("eventMs")), _int(e.get("wallMs"))) for e in entities}
+        except AzureError as exc:
+            raise StoreError(f"loading partition progress: {type(exc).__name__}: {exc}") from exc
 
 
 def _outbox(entity: Any) -> bytes:

@@ -129,3 +129,11 @@ class StoreContract:
         store.save([Change(k, state_for(k), None, NOW + (10 if i == 0 else 60_000), NOW) for i, k in enumerate(keys)])
         assert keys[0] not in store.load_due(NOW, NOW + 10, 100)
         assert len(store.load_due(NOW, NOW + 10, 1)) == 1
+
+    def test_partition_progress_round_trips_and_stays_out_of_group_state(self, store: StateStore) -> None:
+        assert store.load_progress() == {}
+        store.save_progress("0", NOW, NOW + 7)
+        store.save_progress("1/x", NOW - 5, NOW + 8)
+        store.save_progress("0", NOW + 1, NOW + 9)  # the newest report replaces the older one
+        assert store.load_progress() == {"0": (NOW + 1, NOW + 9), "1/x": (NOW - 5, NOW + 8)}
+        assert store.purge_expired(NOW + 10**12) == 0 and store.load_due(NOW + 10**12, NOW, 100) == {}

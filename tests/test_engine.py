@@ -602,6 +602,9 @@ class Flaky:
     def purge_expired(self, now_ms: int) -> int:
         return self.inner.purge_expired(now_ms)
 
+    def __getattr__(self, name: str) -> Any:  # the rest of the StateStore interface
+        return getattr(self.inner, name)
+
 
 tenant_streams = st.lists(
     st.tuples(st.integers(0, 2), st.integers(0, 1), st.integers(0, 400)),  # (alert, tenant, seconds since previous)

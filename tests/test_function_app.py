@@ -311,6 +311,9 @@ class FailingStore:
     def purge_expired(self, now_ms: int) -> int:
         return self.inner.purge_expired(now_ms)
 
+    def __getattr__(self, name: str) -> Any:  # the rest of the StateStore interface, unfailing
+        return getattr(self.inner, name)
+
 
 @pytest.mark.azurite
 @pytest.mark.parametrize("step", ["before_load", "after_load", "after_save", "output"])
@@ -351,6 +354,9 @@ def test_two_workers_on_the_same_groups_end_with_the_serial_counts(storage: Stor
 
         def purge_expired(self, now_ms: int) -> int:
             return 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
 
     workers = [storage.runtime(storage.store(Racing)) for _ in range(2)]
     batches = [
@@ -434,5 +440,33 @@ def test_absence_timer_emits_due_absences_to_the_incidents_queue(storage: Storag
         again = Out()
         function_app.fire_due_absences.build().get_user_function()(None, again)
         assert again.value is None  # fired once
+    finally:
+        set_runtime(None)
+
+
+@pytest.mark.azurite
+def test_a_partition_working_through_a_backlog_holds_absences_back(storage: Storage) -> None:
+    from shared.functions import ABSENCE_GRACE_S, PARTITION_IDLE_S
+
+    runtime = storage.runtime()
+    now = datetime.now(timezone.utc)
+    wall = int(now.timestamp() * 1000)
+    assert runtime.event_time_progress(now) == now - timedelta(seconds=ABSENCE_GRACE_S)  # no partition reported yet
+    runtime.store.save_progress("0", wall - 3_600_000, wall - 1000)  # active, one hour behind
+    runtime.store.save_progress("1", wall - 60_000, wall - 1000)
+    runtime.store.save_progress("2", wall - 86_400_000, wall - (PARTITION_IDLE_S + 1) * 1000)  # idle: ignored
+    behind = now - timedelta(hours=1, seconds=ABSENCE_GRACE_S)
+    assert abs((runtime.event_time_progress(now) - behind).total_seconds()) < 0.002
+
+
+@pytest.mark.azurite
+def test_each_batch_records_its_partitions_event_time_progress(storage: Storage) -> None:
+    runtime = storage.runtime()
+    set_runtime(runtime)
+    try:
+        call(hub_events([orjson.dumps(graph_alert("da-p", 5))], partition="3"))
+        [(event_ms, _)] = runtime.store.load_progress().values()
+        assert event_ms == int((T0 + timedelta(seconds=5)).timestamp() * 1000)
+        assert list(runtime.store.load_progress()) == ["3"]
     finally:
         set_runtime(None)

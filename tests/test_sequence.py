@@ -256,6 +256,17 @@ class TestState:
         run = Run(r, store=store).each(ev(PERSIST, 10), ev(CRED, 20))
         assert [(s["incidentId"], s["revision"]) for s in run.snaps] == [("inc-old", 2)]
 
+    def test_huge_group_values_never_make_the_state_unstorable(self) -> None:
+        from shared.state import MAX_STATE_BYTES
+
+        store = MemoryStateStore()
+        run = Run(rule(), store=store)
+        run.feed(*[ev(PERSIST, i, user=f"{i:04d}" + "x" * 2000) for i in range(150)])
+        [(data, outbox, _, _)] = store._data.values()
+        state = GroupState.decode(data, outbox)
+        assert len(state.to_bytes()) <= MAX_STATE_BYTES
+        assert 0 < len(state.entries) < 150 and state.evicted == 150 - len(state.entries)
+
     def test_an_open_group_stays_small(self) -> None:
         store = MemoryStateStore()
         Run(rule(), store=store).each(ev(PERSIST, 0), ev(CRED, 60), ev(CRED, 120))

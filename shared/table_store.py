@@ -254,7 +254,6 @@ class TableStateStore:
             raise StoreError(f"loading due state: {type(exc).__name__}: {exc}") from exc
         return out
 
-
     def save_progress(self, partition: str, event_ms: int, wall_ms: int) -> None:
         """One small entity per hub partition (``PartitionKey`` ``~progress``), outside every rule's
         partitions; it has no ``expiresAt`` or ``dueAt``, so purge and the due query never see it."""

@@ -71,6 +71,7 @@ class ReplaySummary:
     alerts: list[dict[str, Any]] = field(default_factory=list)  # timeline points
     alerts_omitted: int = 0
     alert_hosts: dict[str, str] = field(default_factory=dict)  # alert id -> host, from evidence rows
+    explaining: bool = False
     alert_ids: set[str] = field(default_factory=set)  # alerts seen (only when explaining evidence rows)
     evidence_rows: dict[str, list[str]] = field(default_factory=dict)  # alert id -> positions of its evidence rows
     explained: dict[str, list[str]] = field(default_factory=dict)
@@ -80,7 +81,7 @@ class ReplaySummary:
 
     def lines(self) -> list[str]:
         c = self.stats.counts
-        hint = " (--explain lists them)" if self.skipped or self.unmatched or self.rejected else ""
+        hint = " (--explain lists them)" if (self.skipped or self.unmatched or self.rejected) and not self.explaining else ""
         skipped = ", ".join(f"{t} {n}" for t, n in self.skipped_types.most_common(5))
         out = [
             f"records read: {self.records}, rejected: {self.rejected}, skipped (no rule can match): {self.skipped}"
@@ -177,7 +178,7 @@ def replay(
     engine = Engine(rules, store or MemoryStateStore(), clock)
     normalizer_cls = _PositionedNormalizer if explain else Normalizer
     normalizer = normalizer_cls(fmt=fmt, prefilter=engine.could_match, max_skew_s=DEFAULT_MAX_SKEW_S, max_age_s=DEFAULT_MAX_AGE_S)
-    summary = ReplaySummary(rule_names={r.id: r.model.name for r in rules})
+    summary = ReplaySummary(rule_names={r.id: r.model.name for r in rules}, explaining=explain)
     keep = keep or output == "table"
     batch: list[NormalizedEvent] = []
     started = last_report = time.monotonic()

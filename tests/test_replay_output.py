@@ -68,6 +68,7 @@ def test_explain_lists_each_skipped_record_and_unmatched_alert_with_position_and
     assert "samples/demo/streaming-eventhub-message.json#2: MS-Defender-DeviceProcessEvents: no enabled rule's query" in err
     assert "alerts no rule matched: 1" in err and f"{odd}:1: M365Defender-Incident-Test zz 'Odd'" in err
     assert f"rejected: 1\n  {odd}:2: not JSON" in err
+    assert "(--explain lists them)" not in err and "(--explain lists them)" in replay(*DEMO).stderr
 
 
 def test_summary_says_which_rules_matched_which_alerts_on_which_hosts() -> None:

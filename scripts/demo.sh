@@ -22,7 +22,7 @@ trap 'kill $receiver 2>/dev/null || true; rm -f "$log"' EXIT
 for _ in $(seq 1 50); do grep -q listening "$log" && break; sleep 0.1; done
 
 report="${DEMO_REPORT:-demo-report.html}"
-step "replaying $# file(s) through rules/: one line per incident (JSON lines: --output json)"
+step "replaying $# file(s) through rules/: one line per incident (full JSON snapshots: replay --output json)"
 status=0
 .venv/bin/python -m shared replay --output table --html "$report" --forward "http://127.0.0.1:$port/incidents" "$@" || status=$?
 

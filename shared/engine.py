@@ -400,7 +400,8 @@ def apply_events(
     evicted += _fit(st)
     if evicted:
         stats.add("evicted", evicted, rule=rule.id)
-        log.warning("group %s over its window cap: evicted %d oldest entries in this batch", key.text[:200], evicted)
+        group = "|".join(key.values)[:200]
+        log.warning("rule %s group %s over its window cap: evicted %d oldest entries in this batch", rule.id, group, evicted)
     snapshots = outbox.snapshots(replay, rule, key)
     stats.add("reemitted", len(snapshots), rule=rule.id)
     fresh = []

@@ -559,6 +559,7 @@ def test_the_outbox_fits_its_table_property_and_re_emits_exactly_what_was_emitte
 
 import uuid  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
+from unittest import mock  # noqa: E402
 
 from shared.errors import StoreError  # noqa: E402
 from shared.state import Change, Loaded, StateStore  # noqa: E402
@@ -568,15 +569,16 @@ THRESHOLD = parse_rule_text(  # groups without tenantId: the tenant is implicit
     "  - {name: s, query: 'eventType CONTAIN \"Persistence\"', groupBy: [alertName], aggregateConstraint: 'COUNT(*) >= 2'}\n"
     "incidentAttributes: {alertName: s.alertName, n: s.COUNT(*)}\n"
 )
-FAILURE_POINTS = ["before load", "after load", "mid save", "after save", "in output"]
+FAILURE_POINTS = ["before load", "after load", "mid save", "after save", "in output", "raced"]
 
 
 class Flaky:
     """A store that fails once at the given point of the next batch (the failure is infrastructure)."""
 
-    def __init__(self, inner: StateStore) -> None:
+    def __init__(self, inner: StateStore, race: Any = None) -> None:
         self.inner = inner
         self.fail: str | None = None
+        self.race = race  # "raced": another instance processes the same batch between our load and save
 
     def _take(self, point: str) -> bool:
         hit = self.fail == point
@@ -590,6 +592,8 @@ class Flaky:
         return self.inner.load(keys, now_ms)
 
     def save(self, changes: Sequence[Change]) -> None:
+        if self._take("raced"):
+            self.race()
         if self._take("after load"):
             raise StoreError("injected: after load")
         if self._take("mid save"):
@@ -644,14 +648,19 @@ def _outcome(snaps: list[dict[str, Any]]) -> dict[str, tuple[int, bytes, str]]:
     return out
 
 
-def _run_exactly_once(store: StateStore, stream: list[tuple[int, int, int]], plan: list[Any]) -> None:
+def _run_exactly_once(store: StateStore, stream: list[tuple[int, int, int]], plan: list[Any], cap: int | None = None) -> None:
+    if cap is not None:  # a tiny window cap, so that eviction and its mark are exercised
+        with mock.patch("shared.engine.MAX_WINDOW_ENTRIES", cap):
+            return _run_exactly_once(store, stream, plan)
     events = _tenant_events(stream)
     clean = Timeline([SEED, THRESHOLD])
     for ev in events:
         clean.feed(ev)
-    flaky = Flaky(store)
-    engine = Engine([SEED, THRESHOLD], flaky, lambda: T0)
     delivered: list[dict[str, Any]] = []
+    batch: list[NormalizedEvent] = []
+    other = Engine([SEED, THRESHOLD], store, lambda: T0)  # a second instance on the same partition (lease handover)
+    flaky = Flaky(store, race=lambda: delivered.extend(other.process(batch).incidents))
+    engine = Engine([SEED, THRESHOLD], flaky, lambda: T0)
     sent = 0
     steps = iter(plan)
     while sent < len(events):
@@ -678,11 +687,11 @@ def _run_exactly_once(store: StateStore, stream: list[tuple[int, int, int]], pla
             assert latest[loaded.state.incident.incident_id] == loaded.state.incident.revision
 
 
-@given(tenant_streams, deliveries)
+@given(tenant_streams, deliveries, st.sampled_from([None, 1, 2, 3]))
 def test_redeliveries_and_failures_deliver_what_one_clean_pass_delivers_memory(
-    stream: list[tuple[int, int, int]], plan: list[Any]
+    stream: list[tuple[int, int, int]], plan: list[Any], cap: int | None
 ) -> None:
-    _run_exactly_once(MemoryStateStore(), stream, plan)
+    _run_exactly_once(MemoryStateStore(), stream, plan, cap)
 
 
 @pytest.mark.azurite

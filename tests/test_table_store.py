@@ -187,3 +187,25 @@ def test_point_reads_of_a_batch_are_in_flight_together() -> None:
     sequential = TableStateStore(PairedTable(timeout=0.2), concurrency=1)  # type: ignore[arg-type]
     with pytest.raises(threading.BrokenBarrierError):
         sequential.load(keys, NOW)
+
+
+def test_a_group_at_both_size_limits_is_one_storable_entity(store: TableStateStore) -> None:
+    import random
+
+    from shared.state import MAX_OUTBOX_BYTES, MAX_STATE_BYTES, OutboxRecord
+
+    rnd = random.Random(5)
+    key = GroupKey("R", ("a", "t"), "t")
+    st = state_for(key)
+    st.entries = []
+    while len(st.to_bytes()) < MAX_STATE_BYTES - 100:  # incompressible: random hashes and values
+        st.entries.append([NOW + len(st.entries), rnd.getrandbits(63), rnd.randbytes(8).hex()])
+    while True:
+        record = OutboxRecord([rnd.getrandbits(63)], [{"blob": rnd.randbytes(2000).hex()}]).encode()
+        if len(st.outbox_bytes()) + 4 + len(record) > MAX_OUTBOX_BYTES:
+            break
+        st.add_record(record)
+    assert len(st.outbox_bytes()) > MAX_OUTBOX_BYTES - 5000
+    store.save([Change(key, st, None, NOW + 60_000)])
+    got = store.load([key], NOW)[key].state
+    assert got is not None and got.to_bytes() == st.to_bytes() and got.outbox_bytes() == st.outbox_bytes()

@@ -10,7 +10,7 @@ from hypothesis import Phase, settings
 # ci:       chosen when the environment has CI set (.ci/run exports CI=true): derandomized, no example
 #           database, no deadline, fixed example counts, so a red CI means a regression, never luck.
 # dev:      the default for local runs: random exploration, saved counterexamples.
-# thorough: for a local hunt, `HYPOTHESIS_PROFILE=thorough pytest ...`: ten times the examples.
+# thorough: for a local hunt, `HYPOTHESIS_PROFILE=thorough pytest ...`: 2,000 examples, every phase.
 # A test's own @settings(max_examples=...) wins over the profile's count; it stays a fixed number.
 # Every counterexample ever found is pinned on its test with @example.
 settings.register_profile("ci", derandomize=True, max_examples=200, deadline=None, database=None, print_blob=True)

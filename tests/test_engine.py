@@ -361,6 +361,7 @@ def test_incident_count_is_the_number_of_distinct_events_in_the_window(stream: l
 # -- exactly once: every failure of issue #12 ----------------------------------------------------
 
 import logging  # noqa: E402
+import os  # noqa: E402
 
 import orjson  # noqa: E402
 
@@ -708,3 +709,10 @@ def test_redeliveries_and_failures_deliver_what_one_clean_pass_delivers_table(
         _run_exactly_once(store, stream, plan)
     finally:
         store.table.delete_table()
+
+
+def test_hypothesis_runs_derandomized_without_a_database_when_ci_is_set() -> None:
+    ci = settings.get_profile("ci")
+    assert ci.derandomize and ci.database is None and ci.deadline is None and ci.print_blob
+    if os.environ.get("CI") and not os.environ.get("HYPOTHESIS_PROFILE"):
+        assert settings.default.derandomize and settings.default.database is None

@@ -45,6 +45,7 @@ def test_layer_follows_the_navigator_layer_format(tmp_path: Path, capsys: pytest
     [
         ["coverage", "--layer", "{tmp}/missing/dir/layer.json"],
         ["test-rules", "--junit", "{tmp}/missing/dir/junit.xml", "--test", "two tenants"],
+        ["import", "fortisiem", "tests/data/fortisiem/expectRule.xml", "--out", "{tmp}/file"],
         pytest.param(
             ["import", "sigma", "tests/data/sigma/proc_creation_win_certutil_download.yml", "--out", "{tmp}/file"],
             marks=pytest.mark.skipif(find_spec("sigma") is None, reason="pySigma needs Python >= 3.11"),

@@ -113,7 +113,7 @@ def _sigma() -> Any:
     try:
         import sigma.collection
     except ImportError as exc:  # pragma: no cover - dev requirement
-        raise RuleImportError("the Sigma importer needs pySigma: pip install -r requirements-dev.txt") from exc
+        raise RuleImportError("the Sigma importer needs pySigma (Python >= 3.11): pip install -r requirements-dev.txt") from exc
     import sigma
 
     return sigma

@@ -17,6 +17,7 @@ Works on the rule's data (``model_dump``), so fields added to the model later ar
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,10 +112,14 @@ def _event_type_literals(node: Node) -> list[str]:
     return [v for v in values if isinstance(v, str)]
 
 
-def matching_event_types(tree: Node) -> list[str]:
-    """Produced event types (samples plus the query's own literals) the query may accept."""
+def matching_event_types(tree: Node, rule_ids: Iterable[str] = ()) -> list[str]:
+    """Produced event types (samples, the query's own literals, other rules' ids) the query may accept.
+
+    ``rule_ids``: the ids of the other loaded rules, whose incidents are fed back as events of that
+    type (rule chaining, :mod:`shared.chaining`).
+    """
     names_evidence = mentions(tree, "eventType", "AlertEvidence")
-    candidates = list(SAMPLE_EVENT_TYPES) + [v for v in _event_type_literals(tree) if produced(v)]
+    candidates = list(SAMPLE_EVENT_TYPES) + [v for v in _event_type_literals(tree) if produced(v)] + list(rule_ids)
     if names_evidence:
         candidates.append(EVIDENCE_EVENT_TYPE)
     seen = dict.fromkeys(c for c in candidates if c != EVIDENCE_EVENT_TYPE or names_evidence)
@@ -140,12 +145,16 @@ def _names_in(text: str) -> set[str]:
     return set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text or ""))
 
 
-def lint_rule(rule: Rule) -> list[Warning]:
-    return lint_data(rule.model.model_dump(by_alias=True), rule.path)
+def lint_rule(rule: Rule, rule_ids: Iterable[str] = ()) -> list[Warning]:
+    return lint_data(rule.model.model_dump(by_alias=True), rule.path, rule_ids)
 
 
-def lint_data(data: dict[str, Any], path: str) -> list[Warning]:
-    """Lint a rule's data (the model dumped with its aliases, or a rule file's mapping)."""
+def lint_data(data: dict[str, Any], path: str, rule_ids: Iterable[str] = ()) -> list[Warning]:
+    """Lint a rule's data (the model dumped with its aliases, or a rule file's mapping).
+
+    ``rule_ids``: ids of the other loaded rules (their incidents are events a query may consume).
+    """
+    others = [i for i in rule_ids if i != data.get("id")]
     warnings: list[Warning] = []
     subs = _subpatterns(data)
     for index, sub in enumerate(subs):
@@ -154,7 +163,7 @@ def lint_data(data: dict[str, Any], path: str) -> list[Warning]:
             tree = parse_query(str(sub.get("query", "")), default_groups())
         except RuleError:
             continue  # a load error already
-        types = matching_event_types(tree)
+        types = matching_event_types(tree, others)
         if not types:
             named = sorted(set(_event_type_literals(tree)))
             hint = f" (it names {', '.join(repr(n) for n in named)})" if named else ""
@@ -166,7 +175,7 @@ def lint_data(data: dict[str, Any], path: str) -> list[Warning]:
                     f"no event type the normalizer produces can match this query{hint}; produced types are "
                     "M365Defender-Alert-<Category>, MS-Defender-Endpoint-Alert-<Category>, "
                     "Microsoft-WinDefATP-Alert-<Category>, MS-Defender-Endpoint-AlertEvidence (only for queries "
-                    "naming AlertEvidence) and MS-Defender-<Table>",
+                    "naming AlertEvidence), MS-Defender-<Table> and the ids of the other loaded rules (chained incidents)",
                 )
             )
         evidence_attrs = sorted(a for a in _attrs(tree) if a in EVIDENCE_ONLY_ATTRS)
@@ -197,4 +206,6 @@ def lint_data(data: dict[str, Any], path: str) -> list[Warning]:
 
 
 def lint_rules(rules: list[Rule]) -> list[Warning]:
-    return [w for rule in rules for w in lint_rule(rule)]
+    """Lint every rule; a query may consume the incidents of any other enabled rule (rule chaining)."""
+    ids = [r.id for r in rules if r.model.enabled]
+    return [w for rule in rules for w in lint_rule(rule, ids)]

@@ -10,7 +10,7 @@ import pytest
 
 from shared.__main__ import main
 from shared.errors import RuleError
-from shared.lint import lint_data, lint_rule, matching_event_types
+from shared.lint import lint_data, lint_rule, lint_rules, matching_event_types
 from shared.query import parse_query
 from shared.rules import default_groups, parse_rule_text
 
@@ -163,3 +163,14 @@ def test_a_subpattern_neither_the_pattern_nor_an_attribute_uses_is_warned() -> N
     ]
     data["incidentAttributes"] = {"host": "persist.hostName", "n": "spare.COUNT(*)"}
     assert not [w for w in lint_data(data, "m.yaml") if w.code == "unused-subpattern"]
+
+
+def test_a_query_consuming_another_rules_incidents_is_not_warned() -> None:
+    """Rule chaining: an incident is an event whose eventType is its rule's id."""
+    chained = rule_text('eventType = "PH_RULE_SEED"').replace("LINT_RULE", "CHAINED")
+    seed = rule_text('eventType CONTAIN "M365Defender-Alert"').replace("LINT_RULE", "PH_RULE_SEED")
+    rules = [parse_rule_text(chained, "c.yaml"), parse_rule_text(seed, "s.yaml")]
+    assert [w.code for w in lint_rules(rules)] == []
+    assert [w.code for w in lint_rules(rules[:1])] == ["never-matches"]  # the consumed rule is not loaded
+    self_only = rule_text('eventType = "LINT_RULE"')  # a rule never consumes its own incidents
+    assert [w.code for w in lint_rules([parse_rule_text(self_only, "x.yaml")])] == ["never-matches"]

@@ -572,6 +572,7 @@ class Engine:
         self._sequence = sequence
         self.rules = [r for r in rules if r.model.enabled]
         self.rules_by_id = {r.id: r for r in self.rules}
+        self.timed = any(r.sequence and sequence.timed(r) for r in self.rules)  # needs event-time progress
         # Rules whose incidents some other rule consumes (eventType = rule id): fed back, see shared/chaining.py.
         self._chained = frozenset(
             r.id for r in self.rules if any(o.id != r.id and o.query.could_match({"eventType": r.id}) for o in self.rules)

@@ -152,7 +152,7 @@ class AlertBatchHandler:
                     good.append((item, origin))  # type: ignore[arg-type]
         parser_rejected = len(letters)
         result = self._process(good, letters)
-        if good:  # this partition's event-time progress, for the absence timer
+        if good and self.engine.timed:  # this partition's event-time progress, for the absence timer
             newest = max(to_ms(e.event_time) for e, _ in good)
             self.engine.store.save_progress(partition, newest, to_ms(arrival))
         self.writer.write(letters, when=arrival)  # after the engine: a failure re-runs an idempotent batch

@@ -482,6 +482,12 @@ def advance(rule: Rule, state: GroupState, progress_ms: int, stats: Stats) -> tu
     return st, _emit(rule, st.key, list(run.touched.values()), stats)
 
 
+def timed(rule: Rule) -> bool:
+    """Whether time passing alone can fire something for this rule (an absence, a quiet clear)."""
+    after = rule.clear.after_s if rule.clear is not None else None
+    return isinstance(rule.pattern, Absent) or after is not None
+
+
 def due_at(rule: Rule, state: GroupState) -> int | None:
     """Event time (epoch ms) after which :func:`advance` has work for this group, if ever."""
     times = []

@@ -466,6 +466,18 @@ def test_a_partition_working_through_a_backlog_holds_absences_back(storage: Stor
 
 
 @pytest.mark.azurite
+def test_without_rules_that_wait_on_time_no_progress_is_written(storage: Storage) -> None:
+    runtime = storage.runtime()
+    runtime.handler.engine = Engine([r for r in RULES if not r.sequence], runtime.store)
+    set_runtime(runtime)
+    try:
+        call(hub_events([orjson.dumps(graph_alert("da-q", 5))], partition="4"))
+        assert runtime.store.load_progress() == {}
+    finally:
+        set_runtime(None)
+
+
+@pytest.mark.azurite
 def test_each_batch_records_its_partitions_event_time_progress(storage: Storage) -> None:
     runtime = storage.runtime()
     set_runtime(runtime)

@@ -265,6 +265,9 @@ def load_webhook_settings(
             target.check_url()
         except SettingsError as exc:
             raise SettingsError(f"app setting {setting_of('url')}: {str(exc).split(': ', 1)[-1]}") from None
+        if target.format == "json" and target.secret is None:
+            # a receiver can only trust a signed delivery; Teams and Slack URLs are their own credential
+            raise SettingsError(f"app setting {setting_of('secret')}: is missing (json deliveries are always signed)")
         targets.append(target)
     if len({t.name for t in targets}) != len(targets):
         raise SettingsError("app setting WEBHOOK_TARGETS: target names repeat")

@@ -14,7 +14,7 @@ from shared.settings import load_graph_settings, load_settings, load_webhook_set
 
 from .conftest import Azurite
 
-HOOK = {"WEBHOOK_URL": "https://hooks.example/a"}
+HOOK = {"WEBHOOK_URL": "https://hooks.example/a", "WEBHOOK_SECRET": "s3cret-for-tests"}
 BASE = {"ALERTS_EVENTHUB_NAME": "alerts", "STATE_STORAGE_CONNECTION": "UseDevelopmentStorage=true"}
 GRAPH = {
     "GRAPH_TENANTS": "t1",
@@ -67,7 +67,7 @@ def test_a_bad_listed_target_names_its_index_and_key(key: str, value: object, wh
 
 @pytest.mark.parametrize("value", ["true", "TRUE", "1", "yes"])
 def test_booleans_accept_only_the_documented_spellings(value: str) -> None:
-    hooks = load_webhook_settings({"WEBHOOK_URL": "http://127.0.0.1:8787/", "WEBHOOK_ALLOW_HTTP": value})
+    hooks = load_webhook_settings({**HOOK, "WEBHOOK_URL": "http://127.0.0.1:8787/", "WEBHOOK_ALLOW_HTTP": value})
     assert hooks.targets[0].allow_http is True
     assert load_webhook_settings({**HOOK, "WEBHOOK_ALLOW_HTTP": "False"}).targets[0].allow_http is False
 
@@ -158,3 +158,15 @@ def test_forwarder_and_graph_runtime_get_their_tables_from_the_one_client_factor
         assert graph.poller.cursors.load("t1") == ("2026-11-20T09:00:00Z", ["graph:a:1"])
     finally:
         graph.close()
+
+
+def test_a_json_target_without_a_secret_is_refused_by_the_name_of_its_secret_setting() -> None:
+    # an unsigned delivery could be forged by anyone who can reach the receiver
+    with pytest.raises(SettingsError, match=r"^app setting WEBHOOK_SECRET: is missing"):
+        load_webhook_settings({"WEBHOOK_URL": "https://hooks.example/a"})
+    listed = [{"name": "soar", "url": "https://soar.example/x"}]
+    with pytest.raises(SettingsError, match=re.escape("app setting WEBHOOK_TARGETS[0].secretSetting: is missing")):
+        load_webhook_settings({"WEBHOOK_TARGETS": json.dumps(listed)})
+    # Teams and Slack webhook URLs are their own credential: no HMAC secret needed
+    teams = load_webhook_settings({"WEBHOOK_URL": "https://x.example/hook", "WEBHOOK_FORMAT": "teams"})
+    assert teams.targets[0].secret is None

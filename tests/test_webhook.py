@@ -456,7 +456,7 @@ def test_forward_incident_binding_metadata() -> None:
     host = json.loads((REPO / "host.json").read_text())
     assert (
         host["extensions"]["queues"]["maxDequeueCount"]
-        == load_webhook_settings({"WEBHOOK_URL": "https://x.example/"}).max_dequeue_count
+        == load_webhook_settings({"WEBHOOK_URL": "https://x.example/", "WEBHOOK_SECRET": SECRET}).max_dequeue_count
     )
 
 

@@ -23,7 +23,7 @@ def test_forwarder_without_targets_needs_no_storage_settings() -> None:
     assert build_forwarder({}).targets == []
     # With a target, forwarding is on and its storage settings are required as before.
     with pytest.raises(SettingsError, match="STATE_STORAGE_CONNECTION"):
-        build_forwarder({"WEBHOOK_URL": "https://hooks.example/x", "ALERTS_EVENTHUB_NAME": "alerts"})
+        build_forwarder({"WEBHOOK_URL": "https://hooks.example/x", "WEBHOOK_SECRET": "s", "ALERTS_EVENTHUB_NAME": "alerts"})
 
 
 @pytest.mark.azurite

@@ -38,12 +38,10 @@ def purge_expired_state(timer: func.TimerRequest) -> None:
 
 @app.function_name("fire_due_absences")
 @app.timer_trigger(arg_name="timer", schedule="0 * * * * *", run_on_startup=False, use_monitor=True)
-@app.queue_output(arg_name="incidents", queue_name="%INCIDENTS_QUEUE%", connection="AzureWebJobsStorage")
-def fire_due_absences(timer: func.TimerRequest, incidents: func.Out[typing.List[str]]) -> None:  # noqa: UP006
-    """Every minute: fire NOT FOLLOWED_BY absences and quiet-period clears whose time has passed."""
-    fired = get_runtime().fire_due()
-    if fired:
-        incidents.set(fired)
+def fire_due_absences(timer: func.TimerRequest) -> None:
+    """Every minute: fire NOT FOLLOWED_BY absences and quiet-period clears whose time has passed.
+    No output binding: the snapshots are queued before their state is saved (see Runtime.fire_due)."""
+    get_runtime().fire_due()
 
 
 @app.function_name("forward_incident")

@@ -708,13 +708,20 @@ class Engine:
             log.info("state conflict on %d group(s), attempt %d: re-reading", len(pending), attempt)
         raise StoreError(f"state of {len(pending)} group(s) kept changing under us after {MAX_SAVE_ATTEMPTS} attempts")
 
-    def fire_due(self, progress: datetime, limit: int = 1000) -> BatchResult:
+    def fire_due(
+        self, progress: datetime, limit: int = 1000, emit: Callable[[list[dict[str, Any]]], None] | None = None
+    ) -> BatchResult:
         """Let event time reach ``progress`` for groups that wait on time alone (NOT FOLLOWED_BY
         absences, quiet-period clears): fire what is due, one load of the due groups and one
         conditional save. A group another writer changed meanwhile is left for the next call.
 
+        ``emit``, if given, receives the due snapshots *before* the save: a timer has no retry and an
+        output binding can fail after the state moved on, so the caller delivers first, and a failed
+        save only means the same snapshots (same ids and revisions) are produced again next time.
+        The returned result holds the saved groups' snapshots and what rule chaining made of them.
+
         Raises:
-            StoreError: the store failed; nothing was emitted and a later call retries.
+            StoreError: the store failed; nothing was saved and a later call retries.
         """
         stats = Stats()
         by_id = {r.id: r for r in self.rules if r.sequence}
@@ -738,6 +745,8 @@ class Engine:
             produced[key] = (snaps, group_stats)
         if not changes:
             return BatchResult([], stats)
+        if emit is not None:
+            emit([s for snaps, _ in produced.values() for s in snaps])
         incidents, _ = _save(self.store, changes, produced, stats)
         return self._chain(BatchResult(incidents, stats))
 

@@ -239,6 +239,7 @@ class Runtime:
     rules: list[Rule]
     store: StateStore
     handler: AlertBatchHandler
+    incidents: DeadLetters | None = None  # the incidents queue, written directly by the absence timer
 
     def purge(self) -> int:
         deleted = self.store.purge_expired(to_ms(utc_now()))
@@ -261,16 +262,32 @@ class Runtime:
     def fire_due(self, now: datetime | None = None) -> list[str]:
         """Fire NOT FOLLOWED_BY absences and quiet-period clears whose event-time deadline has passed
         (:meth:`event_time_progress`). An absence incident is emitted at most grace + timer period
-        after its deadline once the partitions have caught up. Raises: StoreError (the timer runs
-        again at its next tick)."""
+        after its deadline once the partitions have caught up.
+
+        The due snapshots go onto the incidents queue *before* their groups are saved (a timer is not
+        retried and an output-binding failure cannot be caught, so saving first could lose them); a
+        failed save makes the next tick send the same snapshots again, which consumers drop by
+        ``(incidentId, revision)``. Incidents that rule chaining derives from them are sent after the
+        save and returned. Raises: StoreError (the timer runs again at its next tick)."""
         progress = self.event_time_progress(now)
-        result = self.handler.engine.fire_due(progress)
+        if self.incidents is None:
+            raise StoreError("the absence timer needs the incidents queue (Runtime.incidents)")
+        queue = self.incidents
+        sent: list[dict[str, Any]] = []
+
+        def deliver(snapshots: list[dict[str, Any]]) -> None:
+            queue.send([fit_snapshot(s, MAX_QUEUE_MESSAGE_BYTES).decode() for s in snapshots])
+            sent.extend(snapshots)
+
+        result = self.handler.engine.fire_due(progress, emit=deliver)
         summary = {
             "fired": len(result.incidents),
             "progress": progress.isoformat(),
             "etagConflicts": result.stats.counts["etag_conflicts"],
         }
         log.info("absence_summary %s", orjson.dumps(summary).decode(), extra={"custom_dimensions": summary})
+        already = {id(s) for s in sent}
+        queue.send([fit_snapshot(s, MAX_QUEUE_MESSAGE_BYTES).decode() for s in result.incidents if id(s) not in already])
         return [fit_snapshot(s, MAX_QUEUE_MESSAGE_BYTES).decode() for s in result.incidents]
 
 
@@ -295,7 +312,7 @@ def build_runtime(settings: Settings) -> Runtime:
         max_skew_s=settings.event_time_max_skew_s,
         max_age_s=settings.event_time_max_age_s,
     )
-    return Runtime(settings, rules, store, handler)
+    return Runtime(settings, rules, store, handler, QueueDeadLetters(clients.queue(settings.incidents_queue, base64=True)))
 
 
 def get_runtime() -> Runtime:

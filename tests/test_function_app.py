@@ -4,6 +4,7 @@ and Table/Queue behaviour on Azurite."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -14,6 +15,7 @@ from typing import Any
 import azure.functions as func
 import orjson
 import pytest
+from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables import TableClient
 from azure.functions.meta import Datum
 from azure.storage.queue import QueueClient
@@ -84,6 +86,7 @@ class Storage:
         self.table_name = table_name
         self.dlq = QueueClient.from_connection_string(self.conn, f"dlq{table_name[1:13]}")
         self.claims = BlobClaims(StorageClients.from_connection_string(self.conn).container(f"dl{table_name[1:13]}"))
+        self.incidents = StorageClients.from_connection_string(self.conn).queue(f"inc{table_name[1:13]}", base64=True)
 
     def store(self, wrap: Callable[[TableStateStore], Any] | None = None) -> Any:
         s = TableStateStore(TableClient.from_connection_string(self.conn, self.table_name))
@@ -94,8 +97,21 @@ class Storage:
         st = store or self.store()
         handler = AlertBatchHandler(Engine(RULES, st), QueueDeadLetters(self.dlq), claims=self.claims)
         return Runtime(
-            load_settings({"ALERTS_EVENTHUB_NAME": "alerts", "STATE_STORAGE_CONNECTION": self.conn}), RULES, st, handler
+            load_settings({"ALERTS_EVENTHUB_NAME": "alerts", "STATE_STORAGE_CONNECTION": self.conn}),
+            RULES,
+            st,
+            handler,
+            QueueDeadLetters(self.incidents),
         )
+
+    def queued_incidents(self) -> list[dict[str, Any]]:
+        """Every snapshot on the incidents queue (base64, as the queue trigger reads them), taken off it."""
+        out = []
+        with contextlib.suppress(ResourceNotFoundError):
+            for m in self.incidents.receive_messages(max_messages=32):
+                out.append(orjson.loads(m.content))
+                self.incidents.delete_message(m)
+        return out
 
     def dead_letters(self) -> list[dict[str, Any]]:
         try:
@@ -430,21 +446,88 @@ def test_absence_timer_emits_due_absences_to_the_incidents_queue(storage: Storag
         alert = graph_alert("da-unattended", 0) | {"severity": "high", "status": "new"}
         alert["createdDateTime"] = alert["lastUpdateDateTime"] = start.isoformat().replace("+00:00", "Z")
         assert call(hub_events([orjson.dumps(alert)])) == []
-        out = Out()
-        function_app.fire_due_absences.build().get_user_function()(None, out)
-        assert out.value is None  # partition 0's event time is still 5 h back: nothing is due yet
+        timer_fn = function_app.fire_due_absences.build().get_user_function()
+        timer_fn(None)
+        assert storage.queued_incidents() == []  # partition 0's event time is still 5 h back: nothing is due yet
         now_ms = int(datetime.now(timezone.utc).timestamp() * 1000)
         runtime.store.save_progress("0", now_ms - 60_000, now_ms)  # the partition caught up
         timer = json.loads(app_functions()["fire_due_absences"].get_function_json())["bindings"]  # type: ignore[index]
-        assert {b["type"] for b in timer} == {"timerTrigger", "queue"}
-        out = Out()
-        function_app.fire_due_absences.build().get_user_function()(None, out)
-        [snap] = [orjson.loads(m) for m in out.value]
+        assert {b["type"] for b in timer} == {"timerTrigger"}  # no output binding: queued before the save
+        timer_fn(None)
+        [snap] = storage.queued_incidents()
         assert (snap["ruleId"], snap["action"], snap["attributes"]["alertIdStr"]) == (rule.id, "created", "da-unattended")
         assert ABSENCE_GRACE_S < 3600  # the 4 h deadline passed an hour ago, grace included
-        again = Out()
-        function_app.fire_due_absences.build().get_user_function()(None, again)
-        assert again.value is None  # fired once
+        timer_fn(None)
+        assert storage.queued_incidents() == []  # fired once
+    finally:
+        set_runtime(None)
+
+
+class SaveFailsOnce:
+    """A store whose next save fails before writing anything (the timer's state did not move on)."""
+
+    def __init__(self, inner: TableStateStore) -> None:
+        self.inner = inner
+        self.armed = True
+
+    def save(self, changes: Sequence[Change]) -> None:
+        if self.armed:
+            self.armed = False
+            raise StoreError("injected: save failed")
+        self.inner.save(changes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class QueueFailsOnce:
+    def __init__(self, inner: QueueDeadLetters) -> None:
+        self.inner = inner
+        self.armed = True
+
+    def send(self, messages: Sequence[str]) -> None:
+        if self.armed and messages:
+            self.armed = False
+            raise StoreError("injected: incidents queue unreachable")
+        self.inner.send(messages)
+
+
+@pytest.mark.azurite
+@pytest.mark.parametrize("failure", ["save", "queue"])
+def test_an_absence_survives_a_failed_timer_tick_and_is_queued_with_the_same_id_and_revision(
+    storage: Storage, failure: str
+) -> None:
+    from shared.rules import parse_rule_text
+
+    rule = parse_rule_text((REPO / "rules" / "MS_Defender_HighSev_Alert_Unattended.yaml").read_text(), "unattended.yaml")
+    flaky = SaveFailsOnce(storage.store())
+    runtime = storage.runtime(flaky)
+    runtime.handler.engine = Engine([rule], flaky, lambda: datetime.now(timezone.utc))
+    flaky.armed = False  # the alert's own batch saves normally
+    if failure == "queue":
+        runtime.incidents = QueueFailsOnce(QueueDeadLetters(storage.incidents))
+    set_runtime(runtime)
+    try:
+        start = datetime.now(timezone.utc) - timedelta(hours=5)
+        alert = graph_alert("da-tick", 0) | {"severity": "high", "status": "new"}
+        alert["createdDateTime"] = alert["lastUpdateDateTime"] = start.isoformat().replace("+00:00", "Z")
+        assert call(hub_events([orjson.dumps(alert)])) == []
+        flaky.armed = failure == "save"
+        now_ms = int(datetime.now(timezone.utc).timestamp() * 1000)
+        runtime.store.save_progress("0", now_ms - 60_000, now_ms)
+        timer_fn = function_app.fire_due_absences.build().get_user_function()
+        with pytest.raises(StoreError, match="injected"):
+            timer_fn(None)
+        first = storage.queued_incidents()
+        # a failed save leaves the snapshot queued already; a failed queue send leaves nothing saved
+        assert len(first) == (1 if failure == "save" else 0)
+        timer_fn(None)  # the next tick
+        second = storage.queued_incidents()
+        [snap] = second
+        assert (snap["ruleId"], snap["action"], snap["revision"]) == (rule.id, "created", 1)
+        assert all((s["incidentId"], s["revision"]) == (snap["incidentId"], 1) for s in first)
+        timer_fn(None)
+        assert storage.queued_incidents() == []  # saved now: fired once
     finally:
         set_runtime(None)
 

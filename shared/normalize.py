@@ -580,7 +580,38 @@ def _raw(rec: Any) -> bytes | None:
     try:
         return orjson.dumps(rec, default=str)
     except TypeError:
+        pass
+    try:  # orjson reads 1,024 levels of nesting but writes only 254: write deeper records without recursion
+        return _dumps_deep(rec)
+    except TypeError:
         return None
+
+
+class _Token(bytes):
+    """Literal JSON punctuation on :func:`_dumps_deep`'s stack (a value is never one)."""
+
+
+def _dumps_deep(rec: Any) -> bytes:
+    parts: list[bytes] = []
+    stack: list[Any] = [rec]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _Token):
+            parts.append(item)
+        elif isinstance(item, (dict, list)):
+            pieces: list[Any] = [_Token(b"{" if isinstance(item, dict) else b"[")]
+            entries = item.items() if isinstance(item, dict) else ((None, v) for v in item)
+            for i, (key, value) in enumerate(entries):
+                if i:
+                    pieces.append(_Token(b","))
+                if isinstance(item, dict):
+                    pieces.append(_Token(orjson.dumps(str(key)) + b":"))
+                pieces.append(value)
+            pieces.append(_Token(b"}" if isinstance(item, dict) else b"]"))
+            stack.extend(reversed(pieces))
+        else:
+            parts.append(orjson.dumps(item, default=str))
+    return b"".join(parts)
 
 
 def _short(text: str, limit: int = MAX_KEY_CHARS_IN_REASON) -> str:

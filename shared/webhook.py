@@ -304,7 +304,8 @@ def verify_signature(
         return False  # str.isdigit() also accepts non-ASCII digits such as '١٢' or '²'
     if abs((now if now is not None else time.time()) - int(timestamp)) > tolerance_s:
         return False
-    return hmac.compare_digest(sign(secret, timestamp, body), signature)
+    # compare_digest raises TypeError on a non-ASCII str: such a signature is simply wrong
+    return signature.isascii() and hmac.compare_digest(sign(secret, timestamp, body), signature)
 
 
 def headers_for(target: WebhookTarget, snapshot: Mapping[str, Any], body: bytes, now: float) -> dict[str, str]:

@@ -429,6 +429,16 @@ def test_5_a_dead_letter_keeps_the_whole_record(hub: Harness) -> None:
     assert raw_of(rejected) == orjson.dumps(record) and rejected["rawBytes"] == len(orjson.dumps(record))
 
 
+@pytest.mark.parametrize("shape", ["single", "array"])
+def test_a_record_nested_past_the_encoders_depth_limit_is_dead_lettered_whole(hub: Harness, shape: str) -> None:
+    # orjson reads 1,024 levels but writes only 254: the re-serialized record must not come out empty
+    deep = b'{"deep":' + b"[" * 1000 + b"]" * 1000 + b"}"
+    body = deep if shape == "single" else b"[" + orjson.dumps(graph_alert("ok", at(-5))) + b"," + deep + b"]"
+    hub.call([body])
+    [rejected] = hub.letters()
+    assert raw_of(rejected) == deep and rejected["rawBytes"] == len(deep)
+
+
 def test_6_an_event_body_over_one_mebibyte_is_rejected_whole(hub: Harness) -> None:
     alert = graph_alert("big", at(0))
     alert["description"] = "d" * MAX_RECORD_BYTES

@@ -111,3 +111,15 @@ def test_the_readme_snippet_and_the_library_refuse_non_ascii_digit_timestamps(ti
     signature = sign(SECRET, timestamp, GOOD)
     assert verify(SECRET.encode(), timestamp, GOOD, signature) is False
     assert verify_signature(SECRET, {TIMESTAMP_HEADER: timestamp, SIGNATURE_HEADER: signature}, GOOD) is False
+
+
+def test_a_signature_with_non_ascii_characters_is_a_401_not_a_crash(receiver: Running) -> None:
+    assert receiver.post(GOOD, signature="sha256=\u00e9") == 401
+
+
+@pytest.mark.parametrize("signature", ["sha256=\u00e9", "\u0661", "sha256=" + "\u00ff" * 64])
+def test_the_readme_snippet_and_the_library_refuse_non_ascii_signatures(signature: str) -> None:
+    timestamp = str(int(time.time()))
+    verify = readme_verifier()
+    assert verify(SECRET.encode(), timestamp, GOOD, signature) is False
+    assert verify_signature(SECRET, {TIMESTAMP_HEADER: timestamp, SIGNATURE_HEADER: signature}, GOOD) is False

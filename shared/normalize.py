@@ -354,8 +354,9 @@ class Normalizer:
         try:
             parsed = parse_time(value)
             sane = parsed is None or (
-                (self.max_age is None or parsed >= arrival - self.max_age)
-                and (self.max_skew is None or parsed <= arrival + self.max_skew)
+                # differences, not shifted bounds: arrival - a huge max age would overflow
+                (self.max_age is None or arrival - parsed <= self.max_age)
+                and (self.max_skew is None or parsed - arrival <= self.max_skew)
                 and _MIN_EVENT_TIME <= parsed <= _MAX_EVENT_TIME
             )
         except (OverflowError, ValueError):  # e.g. 9999-12-31T23:59:59-14:00 is past year 9999 in UTC

@@ -17,6 +17,7 @@ from .errors import SettingsError
 # Queues (and blob containers): 3-63 lower-case letters, digits and single dashes, no dash at either end.
 TABLE_NAME = r"^(?![Tt][Aa][Bb][Ll][Ee][Ss]$)[A-Za-z][A-Za-z0-9]{2,62}$"
 QUEUE_NAME = r"^(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$"
+MAX_TIME_LIMIT_S = 10_000 * 366 * 86400
 HOST_JSON = Path(__file__).resolve().parent.parent / "host.json"
 
 
@@ -41,8 +42,9 @@ class Settings(BaseModel):
         alias="DEADLETTER_CONTAINER", default="deadletters", pattern=r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$"
     )
     # Event times further ahead of arrival than this, or older than the max age, are clamped to arrival.
-    event_time_max_skew_s: int = Field(alias="EVENT_TIME_MAX_SKEW_SECONDS", default=300, ge=0)
-    event_time_max_age_s: int = Field(alias="EVENT_TIME_MAX_AGE_SECONDS", default=3650 * 86400, gt=0)
+    # at most 10,000 years (all of datetime's span): more would overflow the runtime's timedelta
+    event_time_max_skew_s: int = Field(alias="EVENT_TIME_MAX_SKEW_SECONDS", default=300, ge=0, le=MAX_TIME_LIMIT_S)
+    event_time_max_age_s: int = Field(alias="EVENT_TIME_MAX_AGE_SECONDS", default=3650 * 86400, gt=0, le=MAX_TIME_LIMIT_S)
     managed_identity_client_id: str | None = Field(alias="AZURE_CLIENT_ID", default=None)
 
     def rules_path(self) -> Path:

@@ -280,3 +280,13 @@ def test_fuzzed_real_payloads_never_raise_and_good_records_still_normalize(
     items = list(iter_file(Normalizer(), io.BytesIO(body), "fuzz", lambda: ARRIVAL))
     assert all(isinstance(i, (NormalizedEvent, Rejection, Skipped)) for i in items)
     assert any(isinstance(i, NormalizedEvent) and i.identity == "event:keep-me" for i in items)
+
+
+@pytest.mark.parametrize(("skew", "age"), [(300, 400_000 * 365 * 86400), (10**12, 86400), (10**12, 10**12)])
+def test_limits_wider_than_datetimes_range_clamp_nothing_in_range(skew: int, age: int) -> None:
+    # "no limit in practice" set as a huge number must not clamp every honest time to arrival
+    normalizer = Normalizer(max_skew_s=skew, max_age_s=age)
+    record = {"eventTime": "2026-11-27T11:59:00Z", "eventType": "X", "tenantId": "t", "eventId": "e"}
+    event = normalizer.normalize(record, "p", ARRIVAL)
+    assert isinstance(event, NormalizedEvent)
+    assert event.attrs["eventTime"] == "2026-11-27T11:59:00Z" and "eventTimeSource" not in event.attrs

@@ -117,6 +117,12 @@ def test_state_names_follow_azure_naming_rules(name: str, value: str) -> None:
         load_settings({**BASE, name: value})
 
 
+@pytest.mark.parametrize("name", ["EVENT_TIME_MAX_SKEW_SECONDS", "EVENT_TIME_MAX_AGE_SECONDS"])
+def test_an_event_time_limit_past_any_date_span_is_refused_by_name(name: str) -> None:
+    with pytest.raises(SettingsError, match=f"^app setting {name}: "):
+        load_settings({**BASE, name: str(10**15)})  # would overflow timedelta when the runtime is built
+
+
 def test_max_dequeue_count_is_taken_from_host_json_and_cannot_disagree(tmp_path: Path) -> None:
     host = tmp_path / "host.json"
     host.write_text(json.dumps({"version": "2.0", "extensions": {"queues": {"maxDequeueCount": 7}}}))

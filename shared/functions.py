@@ -36,6 +36,7 @@ from .normalize import (
     Normalizer,
     Rejection,
     Skipped,
+    raw_json,
 )
 from .rules import Rule, load_rules
 from .settings import Settings, load_settings
@@ -206,19 +207,12 @@ class AlertBatchHandler:
                 event, origin = good[0]
                 log.exception("engine failed on %s", event.position)
                 reason = f"engine failed on this record ({type(exc).__name__}: {cap(str(exc), 200)})"
-                letters.append(letter(Rejection(event.position, reason, event.format, raw=_raw(event)), origin))
+                letters.append(letter(Rejection(event.position, reason, event.format, raw=raw_json(event.raw)), origin))
                 return BatchResult([], Stats())
         mid = len(good) // 2
         first, second = self._process(good[:mid], letters), self._process(good[mid:], letters)
         first.stats += second.stats
         return BatchResult(first.incidents + second.incidents, first.stats)
-
-
-def _raw(event: NormalizedEvent) -> bytes | None:
-    try:
-        return orjson.dumps(event.raw, default=str)
-    except TypeError:
-        return None
 
 
 def _lag(events: Sequence[HubEvent], now: datetime) -> float | None:

@@ -308,7 +308,7 @@ class Normalizer:
         elif isinstance(doc, list):
             records = doc
         else:
-            yield Rejection(position, f"expected a JSON object or array, got {type(doc).__name__}", raw=_raw(doc))
+            yield Rejection(position, f"expected a JSON object or array, got {type(doc).__name__}", raw=raw_json(doc))
             return
         if records is None:
             yield self._sized(doc, position, arrival, check_size)
@@ -318,7 +318,7 @@ class Normalizer:
 
     def _sized(self, rec: Any, position: str, arrival: datetime, check_size: bool) -> Item:
         if check_size:
-            data = _raw(rec) or b""
+            data = raw_json(rec) or b""
             if len(data) > MAX_RECORD_BYTES:
                 return Rejection(position, f"record of {len(data)} bytes exceeds the {MAX_RECORD_BYTES}-byte cap", raw=data)
         return self.normalize(rec, position, arrival)
@@ -329,17 +329,18 @@ class Normalizer:
         if fmt is None:
             keys = ", ".join(_short(k) for k in sorted(rec)[:6]) if isinstance(rec, dict) else type(rec).__name__
             more = f" and {len(rec) - 6} more" if isinstance(rec, dict) and len(rec) > 6 else ""
-            return Rejection(position, f"record of no known format (keys: {keys}{more})", raw=_raw(rec))
+            return Rejection(position, f"record of no known format (keys: {keys}{more})", raw=raw_json(rec))
         if not isinstance(rec, dict):
-            return Rejection(position, f"expected a JSON object, got {type(rec).__name__}", fmt, raw=_raw(rec))
+            return Rejection(position, f"expected a JSON object, got {type(rec).__name__}", fmt, raw=raw_json(rec))
         try:
             return self._handlers[fmt](rec, position, arrival)
         except RecordError as err:
-            return Rejection(position, err.reason, err.fmt or fmt, err.field, raw=_raw(rec))
+            return Rejection(position, err.reason, err.fmt or fmt, err.field, raw=raw_json(rec))
         except MemoryError:
             raise
         except Exception as exc:  # a parser bug is this record's rejection, never the batch's failure
-            return Rejection(position, f"malformed record ({type(exc).__name__}: {_short(str(exc), 200)})", fmt, raw=_raw(rec))
+            reason = f"malformed record ({type(exc).__name__}: {_short(str(exc), 200)})"
+            return Rejection(position, reason, fmt, raw=raw_json(rec))
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -576,7 +577,7 @@ def _json_reason(exc: orjson.JSONDecodeError, body: bytes) -> str:
     return f"not JSON ({exc})"
 
 
-def _raw(rec: Any) -> bytes | None:
+def raw_json(rec: Any) -> bytes | None:
     """The whole record as JSON bytes (what a dead letter keeps, so it can be re-sent)."""
     try:
         return orjson.dumps(rec, default=str)
@@ -628,9 +629,13 @@ def _category(value: str | None) -> str:
 
 def raw_evidence(raw: Any, limit: int = MAX_RAW_BYTES) -> Any:
     """The raw record for incident evidence, replaced by a marked preview when over ``limit``."""
-    data = orjson.dumps(raw, default=str)
-    if len(data) <= limit:
-        return raw
+    try:
+        data = orjson.dumps(raw, default=str)
+    except TypeError:  # nested past orjson's write limit: keep a preview, which every encoder can write
+        data = raw_json(raw) or b""
+    else:
+        if len(data) <= limit:
+            return raw
     return {"truncated": True, "bytes": len(data), "preview": data[: limit // 2].decode("utf-8", "replace")}
 
 

@@ -439,6 +439,27 @@ def test_a_record_nested_past_the_encoders_depth_limit_is_dead_lettered_whole(hu
     assert raw_of(rejected) == deep and rejected["rawBytes"] == len(deep)
 
 
+def deep_alert(alert_id: str) -> bytes:
+    return orjson.dumps(graph_alert(alert_id, at(-5)))[:-1] + b',"deep":' + b"[" * 600 + b"]" * 600 + b"}"
+
+
+def test_an_alert_with_a_field_nested_past_the_encoders_depth_limit_still_fires(hub: Harness) -> None:
+    snaps = hub.call([deep_alert("deep")])
+    assert [s["attributes"]["alertIdStr"] for s in snaps if s["ruleId"] == SEED] == ["deep"]
+    assert hub.letters() == []
+
+
+def test_an_engine_failure_on_a_deeply_nested_record_dead_letters_it_whole(hub: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    def buggy(*args: Any) -> Any:
+        raise KeyError("window column")
+
+    monkeypatch.setattr(shared.engine, "apply_events", buggy)
+    hub.call([deep_alert("deep")])
+    [rejected] = hub.letters()
+    assert "engine failed on this record" in rejected["reason"]
+    assert raw_of(rejected) == deep_alert("deep")
+
+
 def test_6_an_event_body_over_one_mebibyte_is_rejected_whole(hub: Harness) -> None:
     alert = graph_alert("big", at(0))
     alert["description"] = "d" * MAX_RECORD_BYTES

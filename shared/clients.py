@@ -7,6 +7,8 @@ app's user-assigned managed identity (``AZURE_CLIENT_ID``). No key ever appears 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,7 +68,8 @@ class StorageClients:
         from azure.data.tables import TableClient
 
         if self.connection:
-            return TableClient.from_connection_string(self.connection, name, **self._options())
+            with _connection_string():
+                return TableClient.from_connection_string(self.connection, name, **self._options())
         uri = self._uri(self.table_uri, "STATE_STORAGE__tableServiceUri")
         return TableClient(uri, name, credential=self.credential(), **self._options())
 
@@ -81,7 +84,8 @@ class StorageClients:
             else {}
         ) | self._options(ExponentialRetry)
         if self.connection:
-            return QueueClient.from_connection_string(self.connection, name, **policies)
+            with _connection_string():
+                return QueueClient.from_connection_string(self.connection, name, **policies)
         uri = self._uri(self.queue_uri, "STATE_STORAGE__queueServiceUri")
         return QueueClient(uri, name, credential=self.credential(), **policies)
 
@@ -90,6 +94,17 @@ class StorageClients:
         from azure.storage.blob import ContainerClient, ExponentialRetry
 
         if self.connection:
-            return ContainerClient.from_connection_string(self.connection, name, **self._options(ExponentialRetry))
+            with _connection_string():
+                return ContainerClient.from_connection_string(self.connection, name, **self._options(ExponentialRetry))
         uri = self._uri(self.blob_uri, "STATE_STORAGE__blobServiceUri")
         return ContainerClient(uri, name, credential=self.credential(), **self._options(ExponentialRetry))
+
+
+@contextlib.contextmanager
+def _connection_string() -> Iterator[None]:
+    """The SDKs raise a bare ValueError for a malformed connection string: name the setting instead
+    (never its value, which holds the account key)."""
+    try:
+        yield
+    except ValueError:
+        raise SettingsError("app setting STATE_STORAGE_CONNECTION: not a storage connection string") from None

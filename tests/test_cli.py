@@ -211,3 +211,14 @@ def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("shared.__main__.cmd_validate", _failing(KeyError("bug")))
     with pytest.raises(KeyError):
         main(["validate"])
+
+
+@pytest.mark.parametrize("argv", [["redrive", "list"], ["redrive", "list", "--poison"], ["redrive", "show", "rejected/x"]])
+@pytest.mark.parametrize("connection", ["garbage", "AccountKey=k"])
+def test_a_malformed_storage_connection_string_is_one_line_naming_it_and_exit_2(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, argv: list[str], connection: str
+) -> None:
+    monkeypatch.setenv("STATE_STORAGE_CONNECTION", connection)
+    code, err = run(argv, capsys)
+    assert code == 2 and "STATE_STORAGE_CONNECTION" in one_error_line(err)
+    assert connection not in err  # the value (which may hold a key) is never echoed

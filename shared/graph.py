@@ -294,6 +294,11 @@ class GraphPoller:
         results = []
         try:
             for tenant in tenants:
+                if self.monotonic() >= self._deadline:
+                    reason = f"the run's time budget ({self.budget_s:g}s) was spent before this tenant; polled next run"
+                    log.error("graph poll of tenant %s skipped: %s", tenant, reason)
+                    results.append(PollResult(tenant, error=reason))
+                    continue
                 try:
                     results.append(self.poll(tenant))
                 except Exception as exc:  # isolation: any failure of one tenant is that tenant's result
@@ -331,7 +336,9 @@ class GraphPoller:
         query = urlencode({"$filter": f"lastUpdateDateTime ge {cursor}", "$orderby": "lastUpdateDateTime asc", "$top": PAGE_SIZE})
         url: str | None = f"{self.base_url}/security/alerts_v2?{query}"
         token = self._token(tenant)
-        while url and result.pages < MAX_PAGES_PER_RUN:
+        # the run's time budget bounds the pages too, not only the waits: a slow service never runs a
+        # tenant (and the tenants after it) past the function timeout; ascending pages keep their progress
+        while url and result.pages < MAX_PAGES_PER_RUN and self.monotonic() < self._deadline:
             page, token = self._get(tenant, url, token)
             result.pages += 1
             alerts = page.get("value")
@@ -361,7 +368,8 @@ class GraphPoller:
             url = self._next(page.get("@odata.nextLink"))
         if url and not ascending:
             raise GraphError(
-                f"stopped at {MAX_PAGES_PER_RUN} pages with alerts out of order; the cursor stays at {cursor} "
+                f"stopped at {result.pages} pages (the run's page or time limit) with alerts out of order; "
+                f"the cursor stays at {cursor} "
                 "(published alerts are recognised by identity next time)"
             )
         new = min(newest, poll_time)

@@ -348,6 +348,20 @@ def test_waits_stay_within_the_run_budget(emu: GraphEmulator) -> None:
     assert time.monotonic() - start < 0.6
 
 
+def test_a_slow_service_cannot_run_a_tenant_past_the_run_budget(emu: GraphEmulator) -> None:
+    emu.alerts["tA"] = [alert("tA", n) for n in range(20)]  # 10 pages of 2
+    emu.alerts["tB"] = [alert("tB", 0)]
+    # every request "takes" 10 s: the run's budget of 35 s allows about 4 pages, not 10 and then tenant tB
+    poller, published, _ = make_poller(emu, budget_s=35, monotonic=lambda: 10.0 * len(emu.requests))
+    results = poller.poll_all(["tA", "tB"])
+    assert len(emu.requests) <= 5 and results[0].pages < 10
+    assert results[1].error and "budget" in results[1].error and published.ids("tB") == []
+    again = poller.poll_all(["tA", "tB"])  # next run: a fresh budget carries on from the cursor, nothing lost
+    while any(r.error for r in again):
+        again = poller.poll_all(["tA", "tB"])
+    assert sorted(published.ids("tA")) == sorted(f"datA_{n}" for n in range(20)) and published.ids("tB") == ["datB_0"]
+
+
 class Exploding(Published):
     def publish(self, tenant: str, records: list[bytes]) -> list[str]:
         if tenant == "tA":

@@ -94,6 +94,21 @@ class MemoryCursorStore:
         self.data[tenant] = (cursor, list(boundary))
 
 
+MAX_BOUNDARY_IDENTITIES = 500
+MAX_BOUNDARY_CHARS = 30_000  # one Table string property holds 64 KiB of UTF-16: 32K characters
+
+
+def _bounded_boundary(boundary: list[str]) -> str:
+    """The newest boundary identities, as many as fit one Table property. Dropping the oldest only
+    costs re-publishing them (the correlator recognises each alert version), never a skip."""
+    kept = boundary[-MAX_BOUNDARY_IDENTITIES:]
+    text = orjson.dumps(kept).decode()
+    while len(text) > MAX_BOUNDARY_CHARS and kept:
+        kept = kept[len(kept) // 4 + 1 :]
+        text = orjson.dumps(kept).decode()
+    return text
+
+
 class TableCursorStore(TableBacked):
     """Cursors in Azure Table Storage: one entity per tenant."""
 
@@ -124,7 +139,7 @@ class TableCursorStore(TableBacked):
             "RowKey": _row_key(tenant),
             "tenant": tenant,
             "cursor": cursor,
-            "boundary": orjson.dumps(boundary[-500:]).decode(),
+            "boundary": _bounded_boundary(boundary),
         }
         with self.azure_errors("graph cursor write"):
             self.table.upsert_entity(entity, mode=UpdateMode.REPLACE)

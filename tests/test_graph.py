@@ -484,5 +484,19 @@ def test_table_cursor_store_round_trips(azurite: Azurite, table_name: str) -> No
     assert store.load("tenant/1") == ("2026-11-20T09:00:06Z", ["graph:a:1", "graph:b:1"])
 
 
+@pytest.mark.azurite
+def test_a_boundary_of_long_identities_still_fits_one_table_property_keeping_the_newest(
+    azurite: Azurite, table_name: str
+) -> None:
+    # 500 Graph alert versions at the cursor's time: id + lastUpdateDateTime is ~70 characters each
+    idents = [f"graph:da{i:030d}_{i:010d}:2026-11-20T09:00:06.1234567Z" for i in range(600)]
+    store = TableCursorStore(TableClient.from_connection_string(azurite.connection_string, table_name))
+    store.save("t", "2026-11-20T09:00:06Z", idents)
+    entity = store.table.get_entity(TableCursorStore.PARTITION, next(iter(store.table.list_entities()))["RowKey"])
+    assert len(entity["boundary"]) <= 30_000 < len(orjson.dumps(idents[-500:]))  # Table: 32K UTF-16 characters
+    cursor, kept = store.load("t")
+    assert cursor == "2026-11-20T09:00:06Z" and kept and kept == idents[-len(kept) :]  # the newest are kept
+
+
 def test_graph_error_is_a_correlator_error() -> None:
     assert issubclass(GraphError, ValueError)

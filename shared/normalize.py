@@ -249,6 +249,7 @@ class Normalizer:
         self.prefilter = prefilter
         self.max_skew = timedelta(seconds=max_skew_s) if max_skew_s is not None else None
         self.max_age = timedelta(seconds=max_age_s) if max_age_s is not None else None
+        self._line_filter: Callable[[bytes], Skipped | None] | None = None
         self._handlers: dict[str, Callable[[dict[str, Any], str, datetime], Item]] = {
             "graph": self._graph,
             "streaming": self._streaming,
@@ -258,6 +259,14 @@ class Normalizer:
         }
 
     # -- entry points -------------------------------------------------------------------------
+
+    def line_filter(self) -> Callable[[bytes], Skipped | None] | None:
+        """The exact pre-parse filter for JSON lines (see ``shared/preparse.py``), if a prefilter is set."""
+        if self._line_filter is None and self.prefilter is not None and self.fmt in ("auto", "streaming"):
+            from .preparse import LineFilter  # it builds on this module's types
+
+            self._line_filter = LineFilter(self.prefilter).check
+        return self._line_filter
 
     def from_bytes(self, body: bytes, position: str, arrival: datetime) -> Iterator[Item]:
         """One message body, line or document: a record, a JSON array, or a records/value envelope.
@@ -656,17 +665,22 @@ def iter_file(normalizer: Normalizer, stream: BinaryIO, name: str, arrival: Call
         rest = stream.read(MAX_DOCUMENT_BYTES + 1 - len(first))
         yield from normalizer.from_bytes(first + rest, name, arrival())
         return
+    # A line no rule can match is answered by the pre-parse filter: no parse, clock call or position.
+    skip = normalizer.line_filter() or (lambda _line: None)
+    readline = stream.readline
     number = 1
     line: bytes = first
     while line:
         if len(line) > MAX_RECORD_BYTES and not line.endswith(b"\n"):
             yield Rejection(f"{name}:{number}", f"record exceeds the {MAX_RECORD_BYTES}-byte cap")
             while line and not line.endswith(b"\n"):  # skip the rest of the oversized line
-                line = stream.readline(MAX_RECORD_BYTES + 1)
+                line = readline(MAX_RECORD_BYTES + 1)
+        elif (skipped := skip(line)) is not None:
+            yield skipped
         elif line.strip():
             yield from normalizer.from_line(line, f"{name}:{number}", arrival())
         number += 1
-        line = stream.readline(MAX_RECORD_BYTES + 1)
+        line = readline(MAX_RECORD_BYTES + 1)
 
 
 def iter_paths(normalizer: Normalizer, paths: Iterable[str], arrival: Callable[[], datetime]) -> Iterator[Item]:

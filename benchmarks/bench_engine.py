@@ -1,14 +1,22 @@
-"""Benchmark of the engine path (printed figures, not a test).
+"""Benchmark of the replay engine path against honest floors (printed figures, not a test).
 
-Run: .venv/bin/python benchmarks/bench_engine.py [--records N]
+Run: .venv/bin/python benchmarks/bench_engine.py [--records N] [--runs N] [--streams a,b] [--scaling]
+     .venv/bin/python benchmarks/bench_engine.py --big-file-mb 1000 [--big-stream alert-dense]
 
-Reports, side by side in one run on a generated stream of Defender streaming records (99% non-alert
-tables, 1% AlertInfo, a third of those T1053):
-  * records/s through replay's engine path (normalize + prefilter + rules + in-memory store) vs
-    orjson.loads alone on the same bytes (target: ratio >= 0.5);
-  * compiled seed-predicate evaluations/s (target: >= 1,000,000);
-  * memory per open group for a COUNT(*) rule (target: < 1 KiB).
-The last line is JSON with the figures.
+For each stream of ``benchmarks/streams.py`` (every record distinct), in one run and interleaved
+(floor, engine, baseline, floor, engine, baseline, ...) so that machine load hits every side alike,
+best of ``--runs``:
+
+* floor: parse-and-discard, ``orjson.loads`` of every line of the same file, nothing kept;
+* engine: ``shared.replay.replay()`` on the file (pre-parse filter, normalizer, rules, in-memory
+  store, snapshots encoded to an in-memory sink): the path of ``python -m shared replay``;
+* baseline: ``benchmarks/baseline.py``, a hand-written dict+deque loop for the default rules,
+  whose final incidents must equal the engine's (checked, printed).
+
+``--scaling`` adds the rules-scaling curve on the alert-dense stream (10, 100, 1,000 rules: the
+default rules plus generated rules of the same shape, interleaved). ``--big-file-mb`` replays a file
+of distinct records through ``python -m shared replay`` and samples the child's peak RSS.
+The last line is JSON with every figure.
 """
 
 from __future__ import annotations
@@ -16,116 +24,189 @@ from __future__ import annotations
 import argparse
 import gc
 import io
-import random
+import subprocess
 import sys
 import time
-import tracemalloc
-from datetime import datetime, timedelta, timezone
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-from shared.engine import Engine, utc_now
-from shared.normalize import NormalizedEvent, Normalizer, iter_file
-from shared.replay import replay
-from shared.rules import default_rules_dir, load_rules
-from shared.state import MemoryStateStore
+from benchmarks import baseline, streams  # noqa: E402
+from shared.replay import replay  # noqa: E402
+from shared.rules import Rule, default_rules_dir, load_rules, parse_rule_text  # noqa: E402
 
-T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
-TABLES = ["DeviceProcessEvents", "DeviceNetworkEvents", "DeviceFileEvents", "DeviceRegistryEvents", "DeviceLogonEvents"]
+EXTRA_CATEGORIES = ["Collection", "Exfiltration", "Impact", "LateralMovement", "CommandAndControl", "InitialAccess"]
 
 
-def generate(n: int, seed: int = 7) -> bytes:
-    rnd = random.Random(seed)
-    lines = []
-    for i in range(n):
-        ts = (T0 + timedelta(milliseconds=i * 37)).isoformat().replace("+00:00", "Z")
-        tenant = f"tenant-{i % 5}"
-        if i % 100 == 0:
-            techniques = rnd.choice(
-                ['["Scheduled Task/Job (T1053)","Scheduled Task (T1053.005)"]', '["PowerShell (T1059.001)"]', '""']
-            )
-            props = {
-                "Timestamp": ts,
-                "AlertId": f"da{i // 300}_{rnd.randint(1, 3)}",
-                "Title": "Suspicious Task Scheduler activity",
-                "Category": "Persistence",
-                "Severity": "High",
-                "ServiceSource": "Microsoft Defender for Endpoint",
-                "DetectionSource": "EDR",
-                "AttackTechniques": techniques,
-                "MachineGroup": None,
-            }
-            rec = {
-                "time": ts,
-                "tenantId": tenant,
-                "operationName": "Publish",
-                "category": "AdvancedHunting-AlertInfo",
-                "properties": props,
-            }
-        else:
-            props = {
-                "Timestamp": ts,
-                "DeviceId": f"{i:040x}",
-                "DeviceName": f"host-{i % 977}.contoso.local",
-                "ActionType": "ProcessCreated",
-                "FileName": "svchost.exe",
-                "FolderPath": "C:\\Windows\\System32\\svchost.exe",
-                "SHA256": f"{i:064x}",
-                "ProcessCommandLine": "svchost.exe -k netsvcs -p -s Schedule",
-                "AccountName": "system",
-                "AccountDomain": "nt authority",
-                "InitiatingProcessFileName": "services.exe",
-                "InitiatingProcessCommandLine": "services.exe",
-                "InitiatingProcessAccountName": "system",
-                "ReportId": i,
-                "AdditionalFields": '{"ProcessStartKey":1234}',
-                "MachineGroup": None,
-            }
-            rec = {
-                "time": ts,
-                "tenantId": tenant,
-                "operationName": "Publish",
-                "category": f"AdvancedHunting-{TABLES[i % len(TABLES)]}",
-                "properties": props,
-            }
-        lines.append(orjson.dumps(rec))
-    return b"\n".join(lines) + b"\n"
+def interleaved(runs: int, fns: dict[str, Callable[[], Any]]) -> dict[str, float]:
+    """Best CPU time of each function over ``runs`` rounds, the functions alternating within a round.
 
-
-def best_of(runs: int, fn) -> float:  # type: ignore[no-untyped-def]
-    times = []
+    CPU time of this process (``time.process_time``), not wall time: the machine is shared, and
+    other processes' load would otherwise land on whichever side happened to run at the time.
+    Wall times are kept in ``WALL`` for the JSON line.
+    """
+    best = {name: float("inf") for name in fns}
     for _ in range(runs):
-        gc.collect()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, fn in fns.items():
+            gc.collect()
+            start, wall = time.process_time(), time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.process_time() - start)
+            WALL[name] = min(WALL.get(name, float("inf")), time.perf_counter() - wall)
+    return best
 
 
-def big_file(megabytes: int) -> None:
-    """Replay a large JSON-lines file through `python -m shared replay` and report the child's peak RSS."""
-    import subprocess
+WALL: dict[str, float] = {}
 
-    path = Path(f"/tmp/bench-big-{megabytes}mb.jsonl")
-    chunk = generate(20_000, seed=11)
+
+def final_incidents(lines: bytes) -> dict[str, tuple[Any, ...]]:
+    """Highest revision per incident id: what a consumer keeps."""
+    latest: dict[str, dict[str, Any]] = {}
+    for line in lines.splitlines():
+        snap = orjson.loads(line)
+        if snap["revision"] >= latest.get(snap["incidentId"], {"revision": 0})["revision"]:
+            latest[snap["incidentId"]] = snap
+    return {
+        k: (
+            s["ruleId"],
+            s["revision"],
+            s["triggerCount"],
+            orjson.dumps(s["attributes"], option=orjson.OPT_SORT_KEYS),
+            s["firstSeen"],
+            s["lastSeen"],
+        )
+        for k, s in latest.items()
+    }
+
+
+def floor(path: Path) -> None:
+    loads = orjson.loads
+    with path.open("rb") as f:
+        for line in f:
+            loads(line)
+
+
+def engine_run(path: Path, rules: list[Rule], sink: io.BytesIO) -> None:
+    sink.seek(0)
+    sink.truncate()
+    replay([str(path)], rules, out=sink, err=io.StringIO())
+
+
+def baseline_run(path: Path, rules: list[Rule], sink: io.BytesIO) -> None:
+    sink.seek(0)
+    sink.truncate()
+    baseline.run(str(path), rules, sink)
+
+
+def stream_file(kind: str, records: int) -> Path:
+    path = Path(f"/tmp/bench-{kind}-{records}.jsonl")
+    path.write_bytes(streams.build(kind, records))
+    return path
+
+
+def bench_stream(kind: str, records: int, runs: int, rules: list[Rule]) -> dict[str, Any]:
+    path = stream_file(kind, records)
+    WALL.clear()
+    engine_out, base_out = io.BytesIO(), io.BytesIO()
+    best = interleaved(
+        runs,
+        {
+            "floor": lambda: floor(path),
+            "engine": lambda: engine_run(path, rules, engine_out),
+            "baseline": lambda: baseline_run(path, rules, base_out),
+        },
+    )
+    engine_final = final_incidents(engine_out.getvalue())
+    same = engine_final == final_incidents(base_out.getvalue())
+    rate = {name: records / t for name, t in best.items()}
+    return {
+        "stream": kind,
+        "records": records,
+        "mb": round(path.stat().st_size / 1e6, 1),
+        "floor_per_s": round(rate["floor"]),
+        "engine_per_s": round(rate["engine"]),
+        "baseline_per_s": round(rate["baseline"]),
+        "engine_vs_floor": round(rate["engine"] / rate["floor"], 2),
+        "engine_vs_baseline": round(rate["engine"] / rate["baseline"], 2),
+        "incidents": len(engine_final),
+        "snapshots": engine_out.getvalue().count(b"\n"),
+        "identical_to_baseline": same,
+        "wall_per_s": {name: round(records / WALL[name]) for name in best},
+    }
+
+
+def generated_rules(count: int) -> list[Rule]:
+    """Rules of the default rules' shape: one event type (or any M365 alert) and one technique."""
+    categories = streams.CATEGORIES + EXTRA_CATEGORIES
+    out = []
+    for i in range(count):
+        technique = f"T{1000 + (i * 37) % 600}"
+        category = categories[i % len(categories)]
+        rule = {
+            "id": f"PH_RULE_BENCH_{i:04d}",
+            "name": f"generated {category} {technique}",
+            "severity": 5,
+            "category": "Security",
+            "timeWindow": 300,
+            "subpatterns": [
+                {
+                    "name": "a",
+                    "query": f'(eventType = "MS-Defender-Endpoint-Alert-{category}" OR eventType CONTAIN "M365Defender-Alert")'
+                    f' AND attackTechniqueId = "{technique}"',
+                    "groupBy": ["alertName", "alertIdStr", "tenantId"],
+                    "aggregateConstraint": "COUNT(*) >= 1",
+                }
+            ],
+            "incidentAttributes": {"alertName": "a.alertName", "alertIdStr": "a.alertIdStr", "tenantId": "a.tenantId"},
+        }
+        out.append(parse_rule_text(orjson.dumps(rule).decode()))
+    return out
+
+
+def bench_scaling(records: int, runs: int, rules: list[Rule]) -> list[dict[str, Any]]:
+    path = stream_file("alert-dense", records)
+    sets = {n: rules + generated_rules(n - len(rules)) for n in (10, 100, 1000)}
+    sinks = {n: io.BytesIO() for n in sets}
+    best = interleaved(runs, {str(n): (lambda n=n: engine_run(path, sets[n], sinks[n])) for n in sets})  # type: ignore[misc]
+    base = records / best["10"]
+    return [
+        {
+            "rules": n,
+            "records_per_s": round(records / best[str(n)]),
+            "vs_10_rules": round(records / best[str(n)] / base, 2),
+            "snapshots": sinks[n].getvalue().count(b"\n"),
+        }
+        for n in sets
+    ]
+
+
+def big_file(megabytes: int, kind: str) -> dict[str, Any]:
+    """Replay a file of distinct records through ``python -m shared replay``; sample the child's RSS."""
+    path = Path(f"/tmp/bench-big-{kind}-{megabytes}mb.jsonl")
     if not path.exists() or path.stat().st_size < megabytes * 1_000_000:
-        with path.open("wb") as f:
-            written = 0
-            while written < megabytes * 1_000_000:
-                f.write(chunk)
-                written += len(chunk)
+        streams.write_file(path, kind, megabytes)
     start = time.perf_counter()
-    # Sample the child's own RSS from /proc: ru_maxrss of a child also counts the parent's pages at fork.
+    # The child's own RSS from /proc: ru_maxrss of a child also counts the parent's pages at fork.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared", "replay", str(path)],
-        cwd=Path(__file__).resolve().parent.parent,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        [sys.executable, "-m", "shared", "replay", str(path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     peak_kb = 0
+    incidents = 0
+    assert proc.stdout is not None
+    import threading
+
+    def count_lines() -> None:
+        nonlocal incidents
+        for _ in proc.stdout:  # type: ignore[union-attr]
+            incidents += 1
+
+    reader = threading.Thread(target=count_lines)
+    reader.start()
     while proc.poll() is None:
         try:
             with open(f"/proc/{proc.pid}/status") as status:
@@ -135,134 +216,59 @@ def big_file(megabytes: int) -> None:
         except OSError:
             break
         time.sleep(0.05)
-    stderr = proc.stderr.read() if proc.stderr else b""
-    elapsed = time.perf_counter() - start
-    peak_mb = peak_kb / 1024
-    result = subprocess.CompletedProcess(proc.args, proc.returncode, b"", stderr)
-    summary = result.stderr.decode().splitlines()[0] if result.stderr else ""
-    figures = {
+    reader.join()
+    stderr = proc.stderr.read().decode() if proc.stderr else ""
+    return {
+        "stream": kind,
         "file_mb": round(path.stat().st_size / 1e6),
-        "seconds": round(elapsed, 1),
-        "peak_rss_mb": round(peak_mb, 1),
-        "exit": result.returncode,
-        "summary": summary,
+        "seconds": round(time.perf_counter() - start, 1),
+        "peak_rss_mb": round(peak_kb / 1024, 1),
+        "snapshots": incidents,
+        "exit": proc.returncode,
+        "summary": " | ".join(stderr.splitlines()[:2]),
     }
-    print(f"replay of {figures['file_mb']} MB: {figures['seconds']} s, peak RSS {figures['peak_rss_mb']} MB ({summary})")
-    print(orjson.dumps(figures).decode())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--records", type=int, default=200_000)
-    parser.add_argument("--big-file-mb", type=int, default=0, help="replay a JSON-lines file this big (MB); report peak RSS")
+    parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--runs", type=int, default=5, help="rounds; the best of them is kept")
+    parser.add_argument("--streams", default=",".join(streams.STREAMS))
+    parser.add_argument("--scaling", action="store_true", help="rules-scaling curve on the alert-dense stream")
+    parser.add_argument("--scaling-records", type=int, default=20_000)
+    parser.add_argument("--big-file-mb", type=int, default=0, help="replay a file of distinct records this big")
+    parser.add_argument("--big-stream", default="alert-dense", choices=list(streams.STREAMS))
     args = parser.parse_args()
+    print("command:", " ".join([Path(sys.executable).name, *sys.argv]))
+    figures: dict[str, Any] = {"runs": args.runs}
     if args.big_file_mb:
-        big_file(args.big_file_mb)
+        big = big_file(args.big_file_mb, args.big_stream)
+        print(
+            f"replay of {big['file_mb']} MB ({big['stream']}): {big['seconds']} s, peak RSS {big['peak_rss_mb']} MB, "
+            f"{big['snapshots']} snapshots, exit {big['exit']} ({big['summary']})"
+        )
+        print(orjson.dumps({"big_file": big}).decode())
         return
     rules = load_rules([default_rules_dir()])
-    data = generate(args.records)
-    lines = data.splitlines()
-    print(f"stream: {args.records} records, {len(data) / 1e6:.1f} MB, {len(rules)} rules", file=sys.stderr)
-
-    t_parse = best_of(3, lambda: [orjson.loads(line) for line in lines])
-    incidents = io.BytesIO()
-
-    def run_replay() -> None:
-        incidents.seek(0)
-        incidents.truncate()
-        path = Path("/dev/stdin")  # unused: replay reads from the in-memory stream below
-        del path
-        engine = Engine(rules, MemoryStateStore(), utc_now)
-        normalizer = Normalizer(prefilter=engine.could_match)
-        batch: list[NormalizedEvent] = []
-        for item in iter_file(normalizer, io.BytesIO(data), "bench", utc_now):
-            if type(item) is NormalizedEvent:
-                batch.append(item)
-                if len(batch) >= 1000:
-                    for snap in engine.process(batch).incidents:
-                        incidents.write(orjson.dumps(snap) + b"\n")
-                    batch.clear()
-        for snap in engine.process(batch).incidents:
-            incidents.write(orjson.dumps(snap) + b"\n")
-
-    t_engine = best_of(3, run_replay)
-    n_incidents = incidents.getvalue().count(b"\n")
-
-    # The same path through the public replay() function, reading a real file, for reference.
-    tmp = Path(f"/tmp/bench-stream-{args.records}.jsonl")
-    tmp.write_bytes(data)
-    sink = io.BytesIO()
-    start = time.perf_counter()
-    summary = replay([str(tmp)], rules, out=sink, err=io.StringIO())
-    t_replay_file = time.perf_counter() - start
-
-    # Compiled predicate: the seed rule over a mix of normalized events.
-    seed = next(r for r in rules if r.id == "PH_RULE_MS_DefEndpoint_Alert_Persist_TaskSchedulerActivity")
-    normalizer = Normalizer()
-    sample = [normalizer.normalize(orjson.loads(line), "b", T0) for line in lines[:20000:7]]
-    events = [e.attrs for e in sample if isinstance(e, NormalizedEvent)]
-    events += [{"eventType": "M365Defender-Alert-Persistence", "attackTechniqueId": ("T1053.005", "T1053")}] * 500
-    events += [{"eventType": "MS-Defender-Endpoint-Alert-Execution", "attackTechniqueId": ("T1059.001", "T1059")}] * 500
-    matches = seed.query.matches
-    reps = max(1, 2_000_000 // len(events))
-
-    def evaluate() -> None:
-        for _ in range(reps):
-            for e in events:
-                matches(e)
-
-    t_pred = best_of(3, evaluate)
-    evals_per_s = reps * len(events) / t_pred
-
-    # Memory per open group (COUNT(*) rule): 20,000 groups, one event each, in the in-memory store.
-    n_groups = 20_000
-    group_events = []
-    for i in range(n_groups):
-        e = normalizer.normalize(
-            {
-                "eventType": "M365Defender-Alert-Persistence",
-                "alertName": "Suspicious Task Scheduler activity",
-                "alertIdStr": f"da638700000000{i:06d}_-1111111111",
-                "tenantId": "0b1f6c2e-5a3d-4e8f-9c7b-1d2e3f4a5b6c",
-                "attackTechniqueId": "T1053.005",
-                "eventId": str(i),
-                "eventTime": T0.isoformat(),
-            },
-            "m",
-            T0,
+    print(f"{len(rules)} rules; best of {args.runs} interleaved rounds; records per CPU second of this process")
+    print(f"{'stream':<16}{'floor':>11}{'engine':>11}{'baseline':>11}{'eng/floor':>10}{'eng/base':>9}  incidents, identical")
+    results = []
+    for kind in args.streams.split(","):
+        r = bench_stream(kind, args.records, args.runs, rules)
+        results.append(r)
+        print(
+            f"{kind:<16}{r['floor_per_s']:>11,}{r['engine_per_s']:>11,}{r['baseline_per_s']:>11,}"
+            f"{r['engine_vs_floor']:>10}{r['engine_vs_baseline']:>9}  {r['incidents']:,}, {r['identical_to_baseline']}"
         )
-        group_events.append(e)
-    gc.collect()
-    tracemalloc.start()
-    before = tracemalloc.take_snapshot()
-    store = MemoryStateStore()
-    engine = Engine([seed], store, utc_now)
-    for i in range(0, n_groups, 1000):
-        engine.process(group_events[i : i + 1000])  # type: ignore[arg-type]
-    gc.collect()
-    after = tracemalloc.take_snapshot()
-    tracemalloc.stop()
-    used = sum(s.size_diff for s in after.compare_to(before, "filename"))
-    per_group = used / len(store)
-
-    figures = {
-        "records": args.records,
-        "orjson_records_per_s": round(args.records / t_parse),
-        "engine_records_per_s": round(args.records / t_engine),
-        "engine_to_orjson_ratio": round(t_parse / t_engine, 3),
-        "replay_file_records_per_s": round(summary.records / t_replay_file),
-        "incidents": n_incidents,
-        "predicate_evals_per_s": round(evals_per_s),
-        "bytes_per_open_group": round(per_group),
-        "targets": {"engine_to_orjson_ratio": 0.5, "predicate_evals_per_s": 1_000_000, "bytes_per_open_group": 1024},
-    }
-    print(f"orjson.loads alone      : {figures['orjson_records_per_s']:>12,} records/s")
-    print(
-        f"replay engine path      : {figures['engine_records_per_s']:>12,} records/s  (ratio {figures['engine_to_orjson_ratio']})"
-    )
-    print(f"replay() from a file    : {figures['replay_file_records_per_s']:>12,} records/s")
-    print(f"seed predicate          : {figures['predicate_evals_per_s']:>12,} evaluations/s")
-    print(f"memory per open group   : {figures['bytes_per_open_group']:>12,} bytes (COUNT(*) rule, in-memory store)")
+    figures["streams"] = results
+    if args.scaling:
+        curve = bench_scaling(args.scaling_records, args.runs, rules)
+        figures["scaling"] = curve
+        for point in curve:
+            print(
+                f"alert-dense, {point['rules']:>5} rules: {point['records_per_s']:>9,} records/s "
+                f"({point['vs_10_rules']}x the 10-rule rate)"
+            )
     print(orjson.dumps(figures).decode())
 
 

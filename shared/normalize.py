@@ -90,6 +90,7 @@ class Skipped:
     """A well-formed record that no loaded rule can match; its attributes were never built."""
 
     event_type: str
+    count: int = 1  # records it stands for: JSON lines skipped before parsing are reported together
 
 
 Item = Union[NormalizedEvent, Rejection, Skipped]
@@ -665,22 +666,36 @@ def iter_file(normalizer: Normalizer, stream: BinaryIO, name: str, arrival: Call
         rest = stream.read(MAX_DOCUMENT_BYTES + 1 - len(first))
         yield from normalizer.from_bytes(first + rest, name, arrival())
         return
-    # A line no rule can match is answered by the pre-parse filter: no parse, clock call or position.
+    # A line no rule can match is answered by the pre-parse filter: no parse, clock call or position;
+    # such lines are counted per event type and reported as one Skipped(count=n) before the next item.
     skip = normalizer.line_filter() or (lambda _line: None)
+    skipped_runs: dict[str, int] = {}
     readline = stream.readline
     number = 1
     line: bytes = first
     while line:
         if len(line) > MAX_RECORD_BYTES and not line.endswith(b"\n"):
+            yield from _skipped_runs(skipped_runs)
             yield Rejection(f"{name}:{number}", f"record exceeds the {MAX_RECORD_BYTES}-byte cap")
             while line and not line.endswith(b"\n"):  # skip the rest of the oversized line
                 line = readline(MAX_RECORD_BYTES + 1)
         elif (skipped := skip(line)) is not None:
-            yield skipped
+            event_type = skipped.event_type
+            skipped_runs[event_type] = skipped_runs.get(event_type, 0) + 1
+            if not number & 0xFFFF:  # report now and then, so that progress counters move
+                yield from _skipped_runs(skipped_runs)
         elif line.strip():
+            yield from _skipped_runs(skipped_runs)
             yield from normalizer.from_line(line, f"{name}:{number}", arrival())
         number += 1
         line = readline(MAX_RECORD_BYTES + 1)
+    yield from _skipped_runs(skipped_runs)
+
+
+def _skipped_runs(runs: dict[str, int]) -> Iterator[Skipped]:
+    for event_type, count in runs.items():
+        yield Skipped(event_type, count)
+    runs.clear()
 
 
 def iter_paths(normalizer: Normalizer, paths: Iterable[str], arrival: Callable[[], datetime]) -> Iterator[Item]:

@@ -1,22 +1,22 @@
 """Pre-parse filter: answer "no rule can match this line" from the raw bytes of a JSON line.
 
 On a Defender streaming export nearly every row comes from a table no rule reads (process, network,
-file events...). Building those rows as Python objects costs more than everything else the replay
-does. :class:`LineFilter` validates the line with simdjson (``cysimdjson``: a C++ parser that checks
-the whole document, UTF-8 and number ranges included, without building Python objects) and reads
-only its top-level keys and ``category``. It answers :class:`~shared.normalize.Skipped` only when
-the full path (``orjson.loads`` + ``Normalizer``) would answer exactly that ``Skipped`` for the same
-line; in every other case it answers ``None`` and the line takes the full path, so a bad line still
-yields its :class:`~shared.normalize.Rejection`.
+file events...). Building those rows as Python objects is most of what a replay of such a stream
+costs. :class:`LineFilter` parses the line with simdjson (``cysimdjson``: a C++ parser that
+validates the whole document, UTF-8, strings, numbers and nesting included, without building Python
+objects) and reads only the top-level keys, ``category`` and the type of ``properties``. It answers
+:class:`~shared.normalize.Skipped` only when the full path (``orjson.loads`` + ``Normalizer``) would
+answer exactly that ``Skipped`` for the same line; in every other case it answers ``None`` and the
+line takes the full path, so a bad line still yields its :class:`~shared.normalize.Rejection`.
 
 The filter is exact, not heuristic. It skips a line only if all of these hold:
 
-* simdjson accepts the line as one JSON document (it rejects everything orjson rejects: invalid
-  UTF-8, lone surrogates, numbers out of float range; integers past 64 bits, which orjson takes,
-  simdjson refuses, so such a line takes the full path);
-* (simdjson and orjson both refuse nesting past 1,024 levels: a test pins the boundary);
-* the document is an object in which ``category`` and ``properties`` each appear once (simdjson
-  reads the first of two equal keys, orjson keeps the last) and no ``value`` key (an envelope);
+* simdjson accepts the line as one JSON object: it rejects everything orjson rejects (invalid
+  UTF-8, lone surrogates, control characters in strings, numbers out of float range, nesting past
+  1,024 levels); integers past 64 bits, which orjson takes, simdjson refuses, so such a line takes
+  the full path;
+* ``category`` and ``properties`` each appear once among the top-level keys (simdjson reads the
+  first of two equal keys where orjson keeps the last) and there is no ``value`` key (an envelope);
 * ``category`` is a string ``AdvancedHunting-<Table>`` with ``<Table>`` other than ``AlertInfo``
   (whose event type depends on the alert's own category) and ``properties`` is an object;
 * no enabled rule can match the event type of that table (the same ``wanted(event_type)`` answer the
@@ -81,9 +81,7 @@ class LineFilter:
                     by_category[category] = decided
             if decided is None:
                 return None
-            # The keys the full path reads must each appear once: simdjson reads the first of two
-            # equal keys where orjson keeps the last (keys() yields them unescaped).
-            keys = list(doc.keys())
+            keys = list(doc.keys())  # unescaped, duplicates kept
             if "value" in keys or keys.count("category") != 1 or keys.count("properties") != 1:
                 return None
             if type(doc.get("properties")) is not json_object:

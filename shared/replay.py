@@ -150,8 +150,11 @@ class _PositionedNormalizer(Normalizer):
     def normalize(self, rec: Any, position: str, arrival: datetime) -> Any:
         item = super().normalize(rec, position, arrival)
         if type(item) is Skipped:
-            return SkippedAt(item.event_type, position)
+            return SkippedAt(item.event_type, position=position)
         return item
+
+    def line_filter(self) -> None:
+        return None  # explaining lists every skipped record with its position: parse them all
 
 
 def replay(
@@ -207,11 +210,12 @@ def replay(
                     _forward(forward, data, err, summary)
         batch.clear()
 
+    next_report = 50000
     for item in iter_paths(normalizer, paths, clock):
-        summary.records += 1
         if isinstance(item, Skipped):
-            summary.skipped += 1
-            summary.skipped_types[item.event_type] += 1
+            summary.records += item.count
+            summary.skipped += item.count
+            summary.skipped_types[item.event_type] += item.count
             if explain:
                 where = item.position if isinstance(item, SkippedAt) else "?"
                 summary.explain(
@@ -219,15 +223,18 @@ def replay(
                     f"{where}: {item.event_type}: no enabled rule's query can match this eventType",
                 )
         elif type(item) is Rejection:
+            summary.records += 1
             summary.rejected += 1
             err.write(f"{item}\n")
             if explain:
                 summary.explain("rejected", str(item))
         else:
+            summary.records += 1
             batch.append(item)  # type: ignore[arg-type]
             if len(batch) >= REPLAY_BATCH:
                 flush()
-        if progress and summary.records % 50000 == 0 and time.monotonic() - last_report > 1:
+        if progress and summary.records >= next_report and time.monotonic() - last_report > 1:
+            next_report = summary.records + 50000
             last_report = time.monotonic()
             rate = summary.records / (last_report - started)
             err.write(f"\r{summary.records} records ({rate:,.0f}/s)")

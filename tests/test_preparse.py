@@ -120,6 +120,7 @@ def full_path(normalizer: Normalizer, line: bytes) -> list[Item]:
 @given(lines(), st.sets(st.sampled_from(TABLES)))
 @example(b'{"category":"AdvancedHunting-DeviceProcessEvents","properties":{"a":1e400}}', set())
 @example(b'{"category":"AdvancedHunting-DeviceProcessEvents","properties":{"a":"\xff"}}', set())
+@example(b'{"category":"\x80dvancedHunting-DeviceProcessEvents","properties":{}}', set())
 @example(b'{"category":"AdvancedHunting-DeviceProcessEvents","properties":{"a":"\\ud800"}}', set())
 @example(b'{"category":"AdvancedHunting-DeviceProcessEvents","properties":{},"value":[]}', set())
 @example(b'{"category":"AdvancedHunting-DeviceProcessEvents","properties":"x"}', set())
@@ -164,7 +165,11 @@ def _replay(data: bytes, rules: list[Rule], *, use_filter: bool) -> tuple[list[A
     items = list(iter_file(normalizer, io.BytesIO(data), "in.jsonl", lambda: ARRIVAL))
     events = [i for i in items if isinstance(i, NormalizedEvent)]
     rejections = [str(i) for i in items if isinstance(i, Rejection)]
-    shape = [type(i).__name__ if not isinstance(i, Skipped) else i for i in items]
+    skipped: dict[str, int] = {}
+    for i in items:
+        if isinstance(i, Skipped):
+            skipped[i.event_type] = skipped.get(i.event_type, 0) + i.count
+    shape = [type(i).__name__ for i in items if not isinstance(i, Skipped)] + sorted(skipped.items())
     return shape, rejections, engine.process(events).incidents
 
 

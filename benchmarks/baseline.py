@@ -147,6 +147,8 @@ def run(path: str, rules: list[Any], out: IO[bytes]) -> int:
                 if not cond(et, tset):
                     continue
                 values = tuple(str(attrs.get(a, "")) for a in group_by)
+                if "tenantId" not in group_by:  # the engine keys every group by tenant too
+                    values += (attrs["tenantId"],)
                 norm = tuple(v.lower() for v in values)
                 g = groups.get((rule_id, norm))
                 if g is None:
@@ -165,7 +167,7 @@ def run(path: str, rules: list[Any], out: IO[bytes]) -> int:
                     inc = None
                 if inc is None:
                     key_text = rule_id + "\x1f" + "\x1f".join(norm)
-                    inc_id = "inc-" + blake2b(f"{key_text}\x1e{identity}".encode(), digest_size=12).hexdigest()
+                    inc_id = "inc-" + blake2b(f"{key_text}\x1e{t}".encode(), digest_size=12).hexdigest()
                     g.incident = [inc_id, 1, t, t, t, t, 1, mapped]
                     action = "created"
                 else:

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Benchmarks (printed figures, not tests). Usage: bash scripts/bench.sh [engine|functions|worst|all]
+# Benchmarks (printed figures, not tests). Usage: bash scripts/bench.sh [engine|big|functions|worst|all]
+# engine: the three streams (non-alert-heavy, alert-dense, seed-match-heavy) plus real-template rows against
+#   parse-and-discard and the hand-written baseline, the rules-scaling curve, predicate rate, memory per group.
+# big: replay of 1 GB of distinct alert-dense records, peak RSS (BENCH_BIG_MB to change the size).
 # worst: only the worst-case batches (1 MiB of invalid records; 100 new groups), with the ratio to before.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,7 +11,12 @@ setup_python >/dev/null
 what="${1:-all}"
 if [ "$what" = engine ] || [ "$what" = all ]; then
   step "engine benchmark"
-  .venv/bin/python benchmarks/bench_engine.py
+  .venv/bin/python benchmarks/bench_engine.py --scaling
+  .venv/bin/python benchmarks/bench_micro.py
+fi
+if [ "$what" = big ] || [ "$what" = all ]; then
+  step "1 GB replay (distinct alert-dense records)"
+  .venv/bin/python benchmarks/bench_engine.py --big-file-mb "${BENCH_BIG_MB:-1000}" --big-stream alert-dense
 fi
 if [ "$what" = worst ]; then
   export BENCH_ONLY_WORST=1

@@ -91,7 +91,7 @@ def test_indexed_matching_equals_brute_force(texts: list[str], batch: list[dict[
 
 
 def test_the_default_rules_are_indexed_by_technique_and_event_type() -> None:
-    rules = load_rules([default_rules_dir()])
+    rules = [r for r in load_rules([default_rules_dir()]) if not r.sequence]  # the single-subpattern ones
     seed = next(r for r in rules if r.id.endswith("TaskSchedulerActivity"))
     assert index_condition(seed.query.tree) == ("attackTechniqueId", frozenset({"t1053"}))
     dispatch = Dispatch(rules)

@@ -189,3 +189,24 @@ def test_a_replay_gives_the_same_incidents_and_rejections_with_and_without_the_f
     with_filter = _replay(data, rules, use_filter=True)
     assert with_filter == _replay(data, rules, use_filter=False)
     assert len(with_filter[2]) >= 2  # the two alerts around the rows still make their incidents
+
+
+def test_skipped_lines_cost_no_clock_call_and_no_parse_of_their_own() -> None:
+    engine = Engine(DEFAULT_RULES, MemoryStateStore())
+    normalizer = Normalizer(prefilter=engine.could_match)
+    row = {"time": "2026-11-01T00:00:00Z", "tenantId": "t", "category": "AdvancedHunting-DeviceProcessEvents"}
+    lines = [orjson.dumps({**row, "properties": {"ReportId": i}}) for i in range(100)]
+    alert = orjson.dumps(
+        {**row, "category": "AdvancedHunting-AlertInfo", "properties": {"AlertId": "da1", "Category": "Persistence"}}
+    )
+    calls = []
+
+    def clock() -> datetime:
+        calls.append(1)
+        return ARRIVAL
+
+    items = list(iter_file(normalizer, io.BytesIO(b"\n".join([*lines, alert, *lines]) + b"\n"), "in", clock))
+    assert len(calls) == 1  # only the alert line asked for its arrival time
+    skipped = [i for i in items if isinstance(i, Skipped)]
+    assert sum(i.count for i in skipped) == 200 and {i.event_type for i in skipped} == {"MS-Defender-DeviceProcessEvents"}
+    assert [i.position for i in items if isinstance(i, NormalizedEvent)] == ["in:101"]

@@ -25,6 +25,7 @@ import orjson
 from .errors import RecordError
 
 MAX_RECORD_BYTES = 1 << 20  # one alert record; real alerts are a few KiB, Event Hub caps events at 1 MiB
+UTF8_BOM = b"\xef\xbb\xbf"  # Windows tools (PowerShell's Out-File, Notepad) start UTF-8 files with it
 MAX_DOCUMENT_BYTES = 256 << 20  # a whole (non line-delimited) JSON file read at once
 MAX_RAW_BYTES = 4096  # raw record kept as incident evidence
 DEFAULT_MAX_SKEW_S = 300  # an event time this far ahead of arrival is a bad clock, not a future event
@@ -277,6 +278,7 @@ class Normalizer:
         if len(body) > MAX_DOCUMENT_BYTES:
             yield Rejection(position, f"payload of {len(body)} bytes exceeds {MAX_DOCUMENT_BYTES}", raw=body[:MAX_RECORD_BYTES])
             return
+        body = body.removeprefix(UTF8_BOM)
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -652,7 +654,7 @@ def raw_evidence(raw: Any, limit: int = MAX_RAW_BYTES) -> Any:
 def iter_file(normalizer: Normalizer, stream: BinaryIO, name: str, arrival: Callable[[], datetime]) -> Iterator[Item]:
     """Stream a file: JSON lines are read line by line (bounded memory); a file whose first line is
     not a complete JSON value is read as one document (capped at ``MAX_DOCUMENT_BYTES``)."""
-    first = stream.readline(MAX_RECORD_BYTES + 1)
+    first = stream.readline(MAX_RECORD_BYTES + 1).removeprefix(UTF8_BOM)
     while first and not first.strip():
         first = stream.readline(MAX_RECORD_BYTES + 1)
     if not first:

@@ -81,3 +81,17 @@ def test_replaying_the_same_input_twice_gives_the_same_incident_revisions() -> N
     first = {(s["incidentId"], s["revision"]) for s in snapshots(replay(*files))}
     second = {(s["incidentId"], s["revision"]) for s in snapshots(replay(*files))}
     assert first == second and first
+
+
+def test_a_file_starting_with_a_utf8_byte_order_mark_reads_like_the_same_file_without(tmp_path: Path) -> None:
+    # PowerShell's Out-File and Notepad write UTF-8 with a BOM; the alerts are the same alerts
+    for source in sorted((REPO / "samples" / "demo").glob("*.json*")):
+        with_bom = tmp_path / source.name
+        with_bom.write_bytes(b"\xef\xbb\xbf" + source.read_bytes())
+        plain, marked = replay(str(source)), replay(str(with_bom))
+        assert marked.returncode == plain.returncode == 0, marked.stderr.decode()
+
+        def essentials(result: subprocess.CompletedProcess[bytes]) -> list[tuple[object, ...]]:
+            return [(s["incidentId"], s["revision"], s["attributes"], s["entities"]) for s in snapshots(result)]
+
+        assert essentials(marked) == essentials(plain) != []

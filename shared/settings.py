@@ -79,8 +79,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return settings
 
 
+_REFERENCE_PREFIXES = ("@microsoft.keyvault(", "@microsoft.appconfiguration(")  # App Service reference syntaxes
+
+
 def _is_unresolved_reference(value: object) -> bool:
-    return isinstance(value, str) and value.lstrip().lower().startswith("@microsoft.keyvault(")
+    return isinstance(value, str) and value.lstrip().lower().startswith(_REFERENCE_PREFIXES)
 
 
 def _reject_unresolved_references(source: Mapping[str, str], names: Iterable[str]) -> None:
@@ -89,7 +92,8 @@ def _reject_unresolved_references(source: Mapping[str, str], names: Iterable[str
     holds one is an error naming it, whatever it is called."""
     for name in names:
         if _is_unresolved_reference(source.get(name)):
-            raise SettingsError(f"app setting {name}: its Key Vault reference was not resolved (secret missing or no access)")
+            kind = "App Configuration" if "appconfiguration" in str(source.get(name)).lower() else "Key Vault"
+            raise SettingsError(f"app setting {name}: its {kind} reference was not resolved (value missing or no access)")
 
 
 class _Source:

@@ -176,3 +176,9 @@ def test_a_json_target_without_a_secret_is_refused_by_the_name_of_its_secret_set
     # Teams and Slack webhook URLs are their own credential: no HMAC secret needed
     teams = load_webhook_settings({"WEBHOOK_URL": "https://x.example/hook", "WEBHOOK_FORMAT": "teams"})
     assert teams.targets[0].secret is None
+
+
+def test_an_unresolved_app_configuration_reference_fails_by_name_like_a_key_vault_one() -> None:
+    ref = "@Microsoft.AppConfiguration(Endpoint=https://cfg.azconfig.io; Key=webhook-secret)"
+    with pytest.raises(SettingsError, match=r"^app setting WEBHOOK_SECRET: its App Configuration reference was not resolved"):
+        load_webhook_settings({**HOOK, "WEBHOOK_SECRET": ref})

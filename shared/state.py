@@ -52,13 +52,17 @@ class GroupKey:
     rule_id: str
     values: tuple[str, ...]
     tenant: str = field(default="", compare=False)
+    # case-folded values and hash, computed once: keys are hashed on every dict access of a batch
+    norm: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _hash: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def norm(self) -> tuple[str, ...]:
-        return tuple(v.lower() for v in self.values)
+    def __post_init__(self) -> None:
+        norm = tuple(v.lower() for v in self.values)
+        object.__setattr__(self, "norm", norm)
+        object.__setattr__(self, "_hash", hash((self.rule_id, norm)))
 
     def __hash__(self) -> int:
-        return hash((self.rule_id, self.norm))
+        return self._hash
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, GroupKey) and self.rule_id == other.rule_id and self.norm == other.norm

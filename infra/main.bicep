@@ -52,6 +52,10 @@ param pythonVersion string = '3.11'
 @allowed(['Standard_LRS', 'Standard_GRS', 'Standard_ZRS', 'Standard_GZRS'])
 param storageSku string = 'Standard_LRS'
 
+@description('Days dead-letter and poison claim-check blobs are kept (lifecycle management deletes them after).')
+@minValue(1)
+param deadLetterRetentionDays int = 30
+
 @description('Number of partitions of the alerts Event Hub (fixed after creation on Basic/Standard).')
 @minValue(1)
 @maxValue(32)
@@ -139,7 +143,13 @@ module monitoring 'modules/monitoring.bicep' = {
 module storage 'modules/storage.bicep' = {
   name: 'storage'
   scope: rg
-  params: { name: 'stdc${token}', location: location, tags: tags, skuName: storageSku }
+  params: {
+    name: 'stdc${token}'
+    location: location
+    tags: tags
+    skuName: storageSku
+    deadLetterRetentionDays: deadLetterRetentionDays
+  }
 }
 
 module eventhubs 'modules/eventhubs.bicep' = if (!useExistingHub) {

@@ -11,6 +11,10 @@ param tags object
 @allowed(['Standard_LRS', 'Standard_GRS', 'Standard_ZRS', 'Standard_GZRS'])
 param skuName string
 
+@description('Days a dead-letter or poison claim-check blob (deadletters container) is kept before lifecycle management deletes it.')
+@minValue(1)
+param deadLetterRetentionDays int = 30
+
 var tables = ['correlatorstate', 'webhookdeliveries', 'graphcursors']
 var queues = ['incidents', 'incidents-poison', 'rejected-alerts']
 var deploymentContainerName = 'deploymentpackage'
@@ -67,6 +71,27 @@ resource deadLetterContainer 'Microsoft.Storage/storageAccounts/blobServices/con
   parent: blobService
   name: deadLetterContainerName
   properties: { publicAccess: 'None' }
+}
+
+// Nothing in the app deletes claim checks: lifecycle management does, once they are past any re-drive.
+resource deadLetterLifecycle 'Microsoft.Storage/storageAccounts/managementPolicies@2023-05-01' = {
+  parent: account
+  name: 'default'
+  properties: {
+    policy: {
+      rules: [
+        {
+          name: 'expire-dead-letters'
+          enabled: true
+          type: 'Lifecycle'
+          definition: {
+            filters: { blobTypes: ['blockBlob'], prefixMatch: ['${deadLetterContainerName}/'] }
+            actions: { baseBlob: { delete: { daysAfterModificationGreaterThan: deadLetterRetentionDays } } }
+          }
+        }
+      ]
+    }
+  }
 }
 
 resource tableService 'Microsoft.Storage/storageAccounts/tableServices@2023-05-01' = {

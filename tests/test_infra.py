@@ -197,7 +197,6 @@ def test_storage_and_event_hubs_allow_no_keys_and_old_tls() -> None:
     assert hub["disableLocalAuth"] is True and hub["minimumTlsVersion"] == "1.2"
 
 
-
 def test_dead_letter_claim_checks_expire_by_lifecycle_rule_on_their_own_container() -> None:
     parsed = parse(path=INFRA / "modules" / "storage.bicep")
     text = json.dumps(props(parsed["resources"]["deadLetterLifecycle"]))
@@ -206,6 +205,7 @@ def test_dead_letter_claim_checks_expire_by_lifecycle_rule_on_their_own_containe
     container = props(parsed["resources"]["deadLetterContainer"])
     assert container["publicAccess"] == "None"
     assert "'deadletters'" in (INFRA / "modules" / "storage.bicep").read_text()
+
 
 def test_azd_manifest_points_at_the_infra() -> None:
     import yaml

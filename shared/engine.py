@@ -225,7 +225,8 @@ def snapshot(rule: Rule, key: GroupKey, incident: Incident, action: str, trigger
 
 def fit_snapshot(snapshot: dict[str, Any], limit: int) -> bytes:
     """Encode a snapshot within ``limit`` bytes: its oldest trigger events are dropped first, and
-    ``triggerEventsTrimmed`` says how many; then long attribute values are cut to 1 KiB."""
+    ``triggerEventsTrimmed`` says how many; then long attribute values are cut to 1 KiB; then its
+    entities are dropped (``entitiesTrimmed``)."""
     data = orjson.dumps(snapshot)
     if len(data) <= limit:
         return data
@@ -241,6 +242,10 @@ def fit_snapshot(snapshot: dict[str, Any], limit: int) -> bytes:
     if len(data) > limit:
         trimmed["attributes"] = {k: (v[:1024] if isinstance(v, str) else v) for k, v in trimmed.get("attributes", {}).items()}
         trimmed["attributesTrimmed"] = True
+        data = orjson.dumps(trimmed)
+    if len(data) > limit and trimmed.get("entities"):
+        trimmed["entities"] = entities.empty()
+        trimmed["entitiesTrimmed"] = True
         data = orjson.dumps(trimmed)
     return data
 
@@ -272,14 +277,20 @@ class _Outbox:
     @staticmethod
     def record(ids: list[int], snapshots: list[dict[str, Any]]) -> tuple[bytes, list[dict[str, Any]]]:
         """The outbox record of a batch, within ``MAX_OUTBOX_BYTES``; returns it with the snapshots to
-        emit, which are exactly the recorded ones (trimmed by ``fit_snapshot`` if they had to be)."""
+        emit, which are exactly the recorded ones (trimmed by ``fit_snapshot`` if they had to be). When
+        one group opens hundreds of episodes in one batch, the record keeps the newest snapshots that
+        fit (all are emitted): the write must never exceed Table's 64 KiB property."""
         ids = ids[-MAX_RECORD_IDS:]
         data = OutboxRecord(ids, [_own(s) for s in snapshots]).encode()
         if len(data) <= MAX_OUTBOX_BYTES - 4:
             return data, snapshots
         share = (MAX_OUTBOX_BYTES - 4 - 24 * len(ids) - 64) // len(snapshots)
         snapshots = [orjson.loads(fit_snapshot(s, share)) for s in snapshots]
-        return OutboxRecord(ids, [_own(s) for s in snapshots]).encode(), snapshots
+        data, kept = OutboxRecord(ids, [_own(s) for s in snapshots]).encode(), len(snapshots)
+        while len(data) > MAX_OUTBOX_BYTES - 4 and kept > 1:  # hundreds of episodes: keep the newest that fit
+            kept = max(1, min(kept - 1, kept * (MAX_OUTBOX_BYTES - 4) // len(data)))
+            data = OutboxRecord(ids, [_own(s) for s in snapshots[-kept:]]).encode()
+        return data, snapshots
 
 
 def _own(snapshot: dict[str, Any]) -> dict[str, Any]:

@@ -69,8 +69,16 @@ class GroupKey:
 
     @property
     def text(self) -> str:
-        """Stable text form of the key (case-folded), used for ids and storage keys."""
-        return self.rule_id + "\x1f" + "\x1f".join(self.norm)
+        """Stable text form of the key (case-folded), used for ids and storage keys. A value holding
+        the separator ``\\x1f`` (or the escape ``\\x1b``) is escaped, so no two keys share a text;
+        every other value is written as is (so ids and storage keys of such keys never change)."""
+        return self.rule_id + "\x1f" + "\x1f".join(_unambiguous(v) for v in self.norm)
+
+
+def _unambiguous(value: str) -> str:
+    if "\x1f" not in value and "\x1b" not in value:
+        return value
+    return value.replace("\x1b", "\x1b\x1b").replace("\x1f", "\x1b\x1e")
 
 
 @dataclass(slots=True)

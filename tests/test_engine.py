@@ -556,6 +556,36 @@ def test_the_outbox_fits_its_table_property_and_re_emits_exactly_what_was_emitte
     assert _bytes(tl.feed(*batch)) == _bytes(lost)
 
 
+EPISODIC = parse_rule_text(  # every alert is its own episode once a minute has passed
+    "id: EPISODIC\nname: e\nseverity: 3\ncategory: Security\ntimeWindow: 60\nincidentLifetime: 60\nsubpatterns:\n"
+    "  - {name: s, query: 'eventType CONTAIN \"Persist\"', groupBy: [alertName, user], aggregateConstraint: 'COUNT(*) >= 1'}\n"
+    "incidentAttributes: {alertName: s.alertName, user: s.user, n: s.COUNT(*)}\n"
+)
+
+
+def test_a_replay_batch_of_a_thousand_episodes_of_one_group_fits_the_outbox_property_and_emits_them_all() -> None:
+    import random
+
+    rnd = random.Random(18)  # hostile: each episode brings its own long, incompressible host name
+    batch = [alert(f"v{i}", alert_id=f"a{i}", at=i * 61, user="u", hostName=rnd.randbytes(60).hex()) for i in range(1000)]
+    tl = Timeline([EPISODIC])
+    first = tl.feed(*batch)
+    assert len({s["incidentId"] for s in first}) == 1000
+    assert len(next(iter(tl.store._data.values()))[1]) <= MAX_OUTBOX_BYTES  # one Table property (64 KiB)
+    again = tl.feed(*batch)  # retried after its save: what the outbox still holds comes back byte for byte
+    assert again and set(_bytes(again)) <= set(_bytes(first))
+
+
+def test_group_values_holding_the_key_separator_never_share_an_incident_id_or_an_entity() -> None:
+    from shared.table_store import TableStateStore
+
+    one, other = alert("x", alert_id="p", name="a\x1fb", user="c"), alert("y", alert_id="q", name="a", user="b\x1fc")
+    tl = Timeline([EPISODIC])
+    assert tl.feed(one)[0]["incidentId"] != tl.feed(other)[0]["incidentId"]
+    keys = [group_key(EPISODIC, one), group_key(EPISODIC, other)]
+    assert TableStateStore.keys_of(mock.Mock(), keys[0]) != TableStateStore.keys_of(mock.Mock(), keys[1])  # not one entity
+
+
 # -- exactly once under redelivery and failures, on both stores -----------------------------------
 
 import uuid  # noqa: E402

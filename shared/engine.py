@@ -311,7 +311,7 @@ def apply_events(
     state: GroupState | None,
     events: Sequence[NormalizedEvent],
     stats: Stats,
-    alert_evidence: Mapping[str, Mapping[str, Any]] | None = None,
+    alert_evidence: Mapping[GroupKey, Mapping[str, Any]] | None = None,
     joined: Sequence[NormalizedEvent] = (),
 ) -> tuple[GroupState, list[dict[str, Any]]]:
     """Pure core: fold ``events`` (all of this rule and group) into ``state``.
@@ -322,8 +322,9 @@ def apply_events(
     changed by the new events (its final revision in this batch), which the new state records.
     An event the group already holds, or one at or below its eviction mark, changes nothing.
 
-    Entities: each counted event's entities (plus ``alert_evidence[alert id]``, from the AlertEvidence rows
-    known for its alert) gather in ``pending`` until a trigger folds them into the incident.
+    Entities: each counted event's entities (plus ``alert_evidence[evidence_key(event)]``, from the
+    AlertEvidence rows known for its alert id in its tenant) gather in ``pending`` until a trigger
+    folds them into the incident.
     ``joined`` are AlertEvidence rows of alerts this group counted in earlier batches: what they add
     to the open incident's entities makes a new revision (``updated``), recorded in the outbox like
     any other, so a redelivered row re-emits it byte for byte.
@@ -369,8 +370,8 @@ def apply_events(
             evicted += _evict(st, len(st.entries) - MAX_WINDOW_ENTRIES)
         stats.add("counted", rule=rule.id)
         entities.collect(bag, event)
-        if alert_evidence:
-            bag.add(alert_evidence.get(str(event.attrs.get("alertIdStr", "")).casefold()))
+        if alert_evidence and (ekey := evidence_key(event)) is not None:  # never another tenant's alert
+            bag.add(alert_evidence.get(ekey))
         values = _aggregate_values(rule, st.entries)
         if not rule.constraint.holds(values):
             continue
@@ -667,7 +668,7 @@ class Engine:
         pending = [*groups, *{**rows, **links}]
         joined: dict[GroupKey, dict[str, NormalizedEvent]] = {}  # evidence rows for the groups of their alert
         done: set[GroupKey] = set()  # saved in an earlier attempt
-        alert_evidence: dict[str, dict[str, Any]] = {}
+        alert_evidence: dict[GroupKey, dict[str, Any]] = {}
         incidents: list[dict[str, Any]] = []
         for attempt in range(1, MAX_SAVE_ATTEMPTS + 1):
             now_ms = to_ms(self.clock())
@@ -679,7 +680,7 @@ class Engine:
                 current = loaded.get(ekey, Loaded(None, None))
                 new_state, changed = apply_evidence(ekey, current.state, rows.get(ekey, ()), list(links.get(ekey, {})))
                 if new_state.pending:
-                    alert_evidence[str(ekey.values[0]).casefold()] = new_state.pending
+                    alert_evidence[ekey] = new_state.pending
                 for target in link_keys(new_state) if ekey in rows else ():
                     joined.setdefault(target, {}).update((r.identity, r) for r in rows[ekey])
                 if changed:

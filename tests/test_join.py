@@ -154,6 +154,18 @@ def test_alert_evidence_of_another_alert_never_enriches_an_incident(samples: Pat
     assert all(s["entities"]["techniques"][:1] == [{"id": "T1078", "name": "Valid Accounts"}] for s in snaps)
 
 
+def test_alert_evidence_of_another_tenant_with_the_same_alert_id_never_enriches_an_incident(
+    real: dict[str, NormalizedEvent],
+) -> None:
+    """Tenant isolation holds for the join too: only the alert id and the tenant together name an alert."""
+    from dataclasses import replace
+
+    other = {**real["user"].attrs, "tenantId": "another-tenant"}
+    foreign = replace(real["user"], attrs=other, identity=real["user"].identity + "@another-tenant")
+    [snap] = Run().batch(real["info"], real["ip"], foreign)  # its own evidence row, then the other tenant's
+    assert snap["entities"]["users"] == [] and snap["entities"]["ips"] == [IP]
+
+
 def test_every_snapshot_carries_entities_of_the_documented_shape(samples: Path) -> None:
     files = sorted(str(p) for p in samples.iterdir() if p.suffix != ".md")
     events = [i for i in iter_paths(Normalizer(), files, lambda: T0) if isinstance(i, NormalizedEvent)]

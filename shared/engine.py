@@ -27,6 +27,7 @@ from .normalize import ALERT, EVIDENCE, EVIDENCE_EVENT_TYPE, NormalizedEvent, is
 from .query import mentions
 from .rules import Rule
 from .state import (
+    MAX_ENTRY_BYTES,
     MAX_OUTBOX_BYTES,
     MAX_STATE_BYTES,
     MAX_WINDOW_ENTRIES,
@@ -343,6 +344,8 @@ def apply_events(
     touched: dict[str, tuple[Incident, str, list[NormalizedEvent]]] = {}
     bag = entities.EntityBag()
     bag.add(st.pending)
+    sized = bool(rule.window_attrs)  # entries carry values: their bytes are capped after every event
+    entry_bytes = sum(map(_entry_size, st.entries)) if sized else 0
     for event in sorted(events, key=lambda e: e.event_time):
         t = to_ms(event.event_time)
         ident = identity_hash(event.identity)
@@ -360,14 +363,21 @@ def apply_events(
             continue
         known.add(ident)
         applied.append(ident)
-        _insert_sorted(st.entries, [t, ident, *_window_values(rule, event)])
+        entry = [t, ident, *_window_values(rule, event)]
+        _insert_sorted(st.entries, entry)
+        entry_bytes += _entry_size(entry) if sized else 0
         if st.newest is None or t > st.newest:
             st.newest = t
         cutoff = st.newest - window_ms
         while st.entries and st.entries[0][0] < cutoff:
-            st.entries.pop(0)
+            entry_bytes -= _entry_size(st.entries.pop(0)) if sized else 0
         if len(st.entries) > MAX_WINDOW_ENTRIES:
-            evicted += _evict(st, len(st.entries) - MAX_WINDOW_ENTRIES)
+            over = len(st.entries) - MAX_WINDOW_ENTRIES
+            entry_bytes -= sum(map(_entry_size, st.entries[:over])) if sized else 0
+            evicted += _evict(st, over)
+        while entry_bytes > MAX_ENTRY_BYTES and len(st.entries) > 1:  # the byte cap, like the count cap
+            entry_bytes -= _entry_size(st.entries[0])
+            evicted += _evict(st, 1)
         stats.add("counted", rule=rule.id)
         entities.collect(bag, event)
         if alert_evidence and (ekey := evidence_key(event)) is not None:  # never another tenant's alert
@@ -473,6 +483,10 @@ def _evict(st: GroupState, n: int) -> int:
     del st.entries[:n]
     st.evicted += n
     return n
+
+
+def _entry_size(entry: list[Any]) -> int:
+    return len(orjson.dumps(entry)) + 1
 
 
 def _fit(st: GroupState) -> int:

@@ -30,6 +30,7 @@ from .errors import ConcurrencyConflict
 STATE_VERSION = 2
 MAX_WINDOW_ENTRIES = 1000  # entries per group window; COUNT(*) entries are ~40 bytes encoded
 MAX_STATE_BYTES = 60 * 1024  # encoded group state stays under Table's 64 KiB property limit
+MAX_ENTRY_BYTES = 48 * 1024  # encoded window entries of a group, capped event by event (so whatever the batching)
 SIZE_CHECK_ENTRIES = 200  # below this many entries a state cannot reach MAX_STATE_BYTES without huge values
 MAX_OUTBOX_BYTES = 56 * 1024  # compressed outbox, one Table property (64 KiB limit)
 MAX_OUTBOX_RECORDS = 32  # batches whose emissions a group remembers

@@ -576,6 +576,23 @@ def test_a_replay_batch_of_a_thousand_episodes_of_one_group_fits_the_outbox_prop
     assert again and set(_bytes(again)) <= set(_bytes(first))
 
 
+def test_a_window_over_its_byte_cap_counts_the_same_whatever_the_batching() -> None:
+    import random
+
+    distinct = parse_rule_text(  # each entry keeps a 400-char host: about 150 fit in the 60 KiB state
+        "id: DIST\nname: d\nseverity: 3\ncategory: Security\ntimeWindow: 100000\nincidentLifetime: 100000\nsubpatterns:\n"
+        "  - {name: s, query: 'eventType CONTAIN \"Persist\"', groupBy: [alertName], aggregateConstraint: 'COUNT(*) >= 1'}\n"
+        "incidentAttributes: {n: s.COUNT(DISTINCT hostName)}\n"
+    )
+    rnd = random.Random(3)
+    events = [alert(f"v{i}", alert_id=f"a{i}", at=i, hostName=rnd.randbytes(200).hex()) for i in range(400)]
+    whole, single = Timeline([distinct]), Timeline([distinct])
+    at_once = whole.feed(*events)[-1]
+    one_by_one = [s for e in events for s in single.feed(e)][-1]
+    assert at_once["attributes"] == one_by_one["attributes"] and at_once["attributes"]["n"] < 400
+    assert (at_once["revision"], at_once["incidentId"]) == (one_by_one["revision"], one_by_one["incidentId"])
+
+
 def test_group_values_holding_the_key_separator_never_share_an_incident_id_or_an_entity() -> None:
     from shared.table_store import TableStateStore
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -86,11 +87,19 @@ class Stats:
 MAX_GROUP_VALUE_CHARS = 512  # longer group-by values are cut and suffixed with a hash, so state stays small
 
 
+_SHORTENED = re.compile(r"\.\.\.#[0-9a-fA-F]{16}\Z")
+
+
 def _bounded(value: str) -> str:
-    if len(value) <= MAX_GROUP_VALUE_CHARS:
+    """A group-by value as stored: values up to ``MAX_GROUP_VALUE_CHARS`` unchanged; longer ones (and
+    any value that looks like a shortened one, so none can pose as another) become the first 492
+    characters of their case-folded form + ``...#`` + BLAKE2b-64 of the whole case-folded value.
+    Grouping is case-insensitive, so values that differ only in case stay one group."""
+    if len(value) <= MAX_GROUP_VALUE_CHARS and not (value[-20:-16] == "...#" and _SHORTENED.search(value)):
         return value
-    digest = hashlib.blake2b(value.encode(), digest_size=8).hexdigest()
-    return f"{value[: MAX_GROUP_VALUE_CHARS - 20]}...#{digest}"
+    folded = value.casefold()
+    digest = hashlib.blake2b(folded.encode(errors="surrogatepass"), digest_size=8).hexdigest()
+    return f"{folded[: MAX_GROUP_VALUE_CHARS - 20]}...#{digest}"
 
 
 TENANT_ATTR = "tenantId"
@@ -370,7 +379,8 @@ def apply_events(
             st.newest = t
         cutoff = st.newest - window_ms
         while st.entries and st.entries[0][0] < cutoff:
-            entry_bytes -= _entry_size(st.entries.pop(0)) if sized else 0
+            gone = st.entries.pop(0)
+            entry_bytes -= _entry_size(gone) if sized else 0
         if len(st.entries) > MAX_WINDOW_ENTRIES:
             over = len(st.entries) - MAX_WINDOW_ENTRIES
             entry_bytes -= sum(map(_entry_size, st.entries[:over])) if sized else 0

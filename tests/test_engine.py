@@ -603,6 +603,23 @@ def test_group_values_holding_the_key_separator_never_share_an_incident_id_or_an
     assert TableStateStore.keys_of(mock.Mock(), keys[0]) != TableStateStore.keys_of(mock.Mock(), keys[1])  # not one entity
 
 
+def test_a_value_posing_as_a_shortened_long_value_gets_its_own_group() -> None:
+    long_name = "Persistence " + "x" * 900
+    shortened = group_key(EPISODIC, alert("x", name=long_name)).values[0]
+    assert len(shortened) == 512 and shortened.endswith(shortened[-16:]) and "...#" in shortened
+    crafted = alert("y", alert_id="da1_1", name=shortened)  # a 512-char value equal to the shortened form
+    assert group_key(EPISODIC, crafted) != group_key(EPISODIC, alert("x", name=long_name))
+    tl = Timeline([EPISODIC])
+    assert tl.feed(alert("x", name=long_name))[0]["incidentId"] != tl.feed(crafted)[0]["incidentId"]
+
+
+def test_long_values_that_differ_only_in_case_are_one_group_like_short_ones() -> None:
+    upper, lower = "PERSISTENCE " + "AB" * 400, "persistence " + "ab" * 400
+    assert group_key(EPISODIC, alert("x", name=upper)) == group_key(EPISODIC, alert("y", name=lower))
+    assert group_key(EPISODIC, alert("x", name="Short")) == group_key(EPISODIC, alert("y", name="short"))
+    assert group_key(EPISODIC, alert("x", name="Short")).values[0] == "Short"  # short values kept as written
+
+
 # -- exactly once under redelivery and failures, on both stores -----------------------------------
 
 import uuid  # noqa: E402

@@ -29,7 +29,7 @@ from .query import mentions
 from .rules import Rule
 from .state import (
     MAX_ENTRY_BYTES,
-    MAX_OUTBOX_BYTES,
+    MAX_RECORD_BYTES,
     MAX_STATE_BYTES,
     MAX_WINDOW_ENTRIES,
     SIZE_CHECK_ENTRIES,
@@ -286,19 +286,19 @@ class _Outbox:
 
     @staticmethod
     def record(ids: list[int], snapshots: list[dict[str, Any]]) -> tuple[bytes, list[dict[str, Any]]]:
-        """The outbox record of a batch, within ``MAX_OUTBOX_BYTES``; returns it with the snapshots to
+        """The outbox record of a batch, within ``MAX_RECORD_BYTES``; returns it with the snapshots to
         emit, which are exactly the recorded ones (trimmed by ``fit_snapshot`` if they had to be). When
         one group opens hundreds of episodes in one batch, the record keeps the newest snapshots that
         fit (all are emitted): the write must never exceed Table's 64 KiB property."""
         ids = ids[-MAX_RECORD_IDS:]
         data = OutboxRecord(ids, [_own(s) for s in snapshots]).encode()
-        if len(data) <= MAX_OUTBOX_BYTES - 4:
+        if len(data) <= MAX_RECORD_BYTES - 4:
             return data, snapshots
-        share = (MAX_OUTBOX_BYTES - 4 - 24 * len(ids) - 64) // len(snapshots)
+        share = (MAX_RECORD_BYTES - 4 - 24 * len(ids) - 64) // len(snapshots)
         snapshots = [orjson.loads(fit_snapshot(s, share)) for s in snapshots]
         data, kept = OutboxRecord(ids, [_own(s) for s in snapshots]).encode(), len(snapshots)
-        while len(data) > MAX_OUTBOX_BYTES - 4 and kept > 1:  # hundreds of episodes: keep the newest that fit
-            kept = max(1, min(kept - 1, kept * (MAX_OUTBOX_BYTES - 4) // len(data)))
+        while len(data) > MAX_RECORD_BYTES - 4 and kept > 1:  # hundreds of episodes: keep the newest that fit
+            kept = max(1, min(kept - 1, kept * (MAX_RECORD_BYTES - 4) // len(data)))
             data = OutboxRecord(ids, [_own(s) for s in snapshots[-kept:]]).encode()
         return data, snapshots
 

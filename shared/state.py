@@ -32,7 +32,10 @@ MAX_WINDOW_ENTRIES = 1000  # entries per group window; COUNT(*) entries are ~40 
 MAX_STATE_BYTES = 60 * 1024  # encoded group state stays under Table's 64 KiB property limit
 MAX_ENTRY_BYTES = 48 * 1024  # encoded window entries of a group, capped event by event (so whatever the batching)
 SIZE_CHECK_ENTRIES = 200  # below this many entries a state cannot reach MAX_STATE_BYTES without huge values
-MAX_OUTBOX_BYTES = 56 * 1024  # compressed outbox, one Table property (64 KiB limit)
+MAX_OUTBOX_BYTES = 56 * 1024  # compressed outbox a group keeps of its earlier batches (one Table property)
+OUTBOX_PROPERTY_BYTES = 63 * 1024  # one Table binary property holds at most 64 KiB
+OUTBOX_PROPERTIES = 8  # the newest batch's record may span this many properties (a backfill of one group)
+MAX_RECORD_BYTES = OUTBOX_PROPERTIES * OUTBOX_PROPERTY_BYTES - MAX_OUTBOX_BYTES - 8  # one batch's record
 MAX_OUTBOX_RECORDS = 32  # batches whose emissions a group remembers
 
 
@@ -203,7 +206,8 @@ class GroupState:
         return b"".join(_LEN.pack(len(r)) + r for r in self.outbox)
 
     def add_record(self, record: bytes) -> None:
-        """Append a record; drop the oldest beyond ``MAX_OUTBOX_RECORDS`` or ``MAX_OUTBOX_BYTES``."""
+        """Append a record; drop the oldest beyond ``MAX_OUTBOX_RECORDS`` or ``MAX_OUTBOX_BYTES`` (the
+        newest record always stays: up to ``MAX_RECORD_BYTES``, so the outbox fits its properties)."""
         self.outbox.append(record)
         while len(self.outbox) > MAX_OUTBOX_RECORDS or (
             len(self.outbox) > 1 and sum(4 + len(r) for r in self.outbox) > MAX_OUTBOX_BYTES

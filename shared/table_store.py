@@ -5,8 +5,9 @@
   ``PartitionKey`` holds the rule id, the tenant (every key carries one) and a shard, so a tenant's
   groups spread over partitions but never mix with another tenant's.
 * The entity holds the group state (``state``, at most 60 KiB) and its outbox (``outbox``, the
-  snapshots its recent batches emitted, at most 56 KiB): both in one conditional write, so what a
-  batch emits is recorded exactly when its state is. ``version`` is the state encoding version.
+  snapshots its recent batches emitted: 56 KiB of earlier batches plus the newest batch's record,
+  spread over ``outbox``, ``outbox1``, ... up to 8 properties of 63 KiB): all in one conditional write,
+  so what a batch emits is recorded exactly when its state is. ``version`` is the state encoding version.
 * Optimistic concurrency: reads return the ETag; writes are ``create_entity`` (new group) or
   ``update_entity(..., match_condition=IfNotModified)``; never ``upsert_entity``.
 * TTL: every entity carries ``expiresAt`` (Int64 epoch ms); reads ignore expired entities and
@@ -33,7 +34,7 @@ from azure.core.exceptions import (
 from azure.data.tables import EdmType, EntityProperty, TableClient, TableTransactionError, UpdateMode
 
 from .errors import StoreError
-from .state import STATE_VERSION, Change, GroupKey, GroupState, KeysConflict, Loaded
+from .state import OUTBOX_PROPERTIES, OUTBOX_PROPERTY_BYTES, STATE_VERSION, Change, GroupKey, GroupState, KeysConflict, Loaded
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -226,9 +227,7 @@ class TableStateStore:
             "state": change.state.encode(),
             "expiresAt": EntityProperty(change.expires_at, EdmType.INT64),
         }
-        outbox = change.state.outbox_bytes()
-        if outbox:
-            entity["outbox"] = outbox
+        entity.update(_outbox_properties(change.state.outbox_bytes()))
         if change.due_at is not None:  # absent otherwise, so the due query never lists the group
             entity["dueAt"] = EntityProperty(change.due_at, EdmType.INT64)
         return entity
@@ -242,7 +241,7 @@ class TableStateStore:
             entities = self.table.query_entities(
                 "dueAt le @progress and expiresAt gt @now",
                 parameters={"progress": progress_ms, "now": now_ms},
-                select=["state", "outbox"],
+                select=["state", *OUTBOX_NAMES],
                 results_per_page=min(limit, 1000),
             )
             for entity in entities:
@@ -277,9 +276,22 @@ class TableStateStore:
             raise StoreError(f"loading partition progress: {type(exc).__name__}: {exc}") from exc
 
 
+OUTBOX_NAMES = ["outbox", *(f"outbox{i}" for i in range(1, OUTBOX_PROPERTIES))]
+
+
+def _outbox_properties(outbox: bytes) -> dict[str, bytes]:
+    """The outbox over as many binary properties as it needs (``outbox``, ``outbox1``, ...), each within
+    Table's 64 KiB; a write replaces the entity, so properties a shorter outbox leaves unused vanish."""
+    if len(outbox) > OUTBOX_PROPERTIES * OUTBOX_PROPERTY_BYTES:  # add_record and the engine keep it within
+        raise ValueError(f"outbox of {len(outbox)} bytes exceeds {OUTBOX_PROPERTIES} properties")
+    return {
+        OUTBOX_NAMES[i // OUTBOX_PROPERTY_BYTES]: outbox[i : i + OUTBOX_PROPERTY_BYTES]
+        for i in range(0, len(outbox), OUTBOX_PROPERTY_BYTES)
+    }
+
+
 def _outbox(entity: Any) -> bytes:
-    outbox = entity.get("outbox")
-    return bytes(outbox) if outbox else b""
+    return b"".join(bytes(entity[name]) for name in OUTBOX_NAMES if entity.get(name))
 
 
 def _if_match(token: Any) -> dict[str, Any]:
@@ -292,7 +304,7 @@ def _chunks(ops: list[tuple[Change, Any]]) -> Iterator[list[tuple[Change, Any]]]
     size = 0
     for item in ops:
         entity = item[1][1]
-        binary = len(entity.get("state", b"")) + len(entity.get("outbox", b""))
+        binary = len(entity.get("state", b"")) + sum(len(entity.get(name, b"")) for name in OUTBOX_NAMES)
         item_size = binary * 4 // 3 + len(entity.get("groupValues", "")) * 4 + 1024  # binary goes as base64
         if chunk and (len(chunk) >= TRANSACTION_LIMIT or size + item_size > MAX_TRANSACTION_BYTES):
             yield chunk

@@ -167,6 +167,32 @@ def test_the_entity_names_its_state_version_and_holds_the_outbox_beside_the_stat
     assert bytes(entity["outbox"]) == st.outbox_bytes() and bytes(entity["state"]) == st.encode()
 
 
+def test_an_outbox_larger_than_one_property_spans_several_and_a_smaller_one_leaves_none_behind(
+    store: TableStateStore,
+) -> None:
+    import os
+
+    from shared.state import MAX_RECORD_BYTES, OUTBOX_PROPERTY_BYTES
+
+    key = GroupKey("R", ("big", "t"), "t")
+    st = state_for(key)
+    st.add_record(os.urandom(MAX_RECORD_BYTES))  # a backfill batch's record: incompressible, the largest allowed
+    store.save([Change(key, st, None, NOW + 60_000)])
+    entity = store.table.get_entity(*store.keys_of(key))
+    used = [name for name in entity if name.startswith("outbox")]
+    assert len(used) == -(-len(st.outbox_bytes()) // OUTBOX_PROPERTY_BYTES) > 1
+    loaded = store.load([key], NOW)[key]
+    assert loaded.state is not None and loaded.state.outbox == st.outbox
+    small = loaded.state
+    small.outbox = []
+    small.add_record(b"tiny")
+    store.save([Change(key, small, loaded.token, NOW + 60_000)])
+    entity = store.table.get_entity(*store.keys_of(key))
+    assert [name for name in entity if name.startswith("outbox")] == ["outbox"]
+    again = store.load([key], NOW)[key].state
+    assert again is not None and again.outbox == [b"tiny"]
+
+
 def test_point_reads_of_a_batch_are_in_flight_together() -> None:
     """Each read waits for a second one to arrive: one-at-a-time reads would break the barrier."""
     import threading
@@ -192,7 +218,7 @@ def test_point_reads_of_a_batch_are_in_flight_together() -> None:
 def test_a_group_at_both_size_limits_is_one_storable_entity(store: TableStateStore) -> None:
     import random
 
-    from shared.state import MAX_OUTBOX_BYTES, MAX_STATE_BYTES, OutboxRecord
+    from shared.state import MAX_OUTBOX_BYTES, MAX_RECORD_BYTES, MAX_STATE_BYTES, OutboxRecord
 
     rnd = random.Random(5)
     key = GroupKey("R", ("a", "t"), "t")
@@ -209,3 +235,7 @@ def test_a_group_at_both_size_limits_is_one_storable_entity(store: TableStateSto
     store.save([Change(key, st, None, NOW + 60_000)])
     got = store.load([key], NOW)[key].state
     assert got is not None and got.to_bytes() == st.to_bytes() and got.outbox_bytes() == st.outbox_bytes()
+    st.add_record(rnd.randbytes(MAX_RECORD_BYTES))  # then a backfill batch's record of the largest size
+    store.save([Change(key, st, store.load([key], NOW)[key].token, NOW + 60_000)])
+    got = store.load([key], NOW)[key].state
+    assert got is not None and got.outbox_bytes() == st.outbox_bytes() and len(got.outbox_bytes()) > MAX_RECORD_BYTES

@@ -25,7 +25,6 @@ from .chaining import CHAIN_FORMAT, MAX_CHAIN_DEPTH, as_events
 from .dispatch import Dispatch
 from .errors import StoreError
 from .normalize import ALERT, EVIDENCE, EVIDENCE_EVENT_TYPE, NormalizedEvent, iso, raw_evidence
-from .query import mentions
 from .rules import Rule
 from .state import (
     MAX_ENTRY_BYTES,
@@ -614,8 +613,8 @@ class Engine:
         self._chained = frozenset(
             r.id for r in self.rules if any(o.id != r.id and o.query.could_match({"eventType": r.id}) for o in self.rules)
         )
-        # Alert evidence rows are not alerts: only rules that name the evidence type see them.
-        self.evidence_rules = [r for r in self.rules if mentions(r.query.tree, "eventType", "AlertEvidence")]
+        # Alert evidence rows are not alerts: only rules that declare `alertEvidence: events` see them.
+        self.evidence_rules = [r for r in self.rules if r.evidence_events]
         self._dispatch, self._evidence_dispatch = Dispatch(self.rules), Dispatch(self.evidence_rules)
         self.store = store
         self.clock = clock

@@ -3,9 +3,9 @@
 Checks (each a :class:`Warning` naming the file, the field and the reason):
 
 * ``never-matches``: no event type the normalizer produces satisfies a subpattern's query;
-  AlertEvidence rows reach only rules whose query names ``AlertEvidence``;
-* ``evidence-only-attribute``: a query reads a column only AlertEvidence rows carry but never
-  names ``AlertEvidence``, so it never sees those rows;
+  AlertEvidence rows reach only rules declaring ``alertEvidence: events``;
+* ``evidence-only-attribute``: a query reads a column only AlertEvidence rows carry but the rule
+  does not declare ``alertEvidence: events``, so it never sees those rows;
 * ``unused-subpattern``: a subpattern that neither the ``pattern`` nor an incident attribute uses;
 
 There is no group-by-tenant check: the engine appends the tenant to every group and correlation key
@@ -23,7 +23,7 @@ from typing import Any
 
 from .errors import RuleError
 from .normalize import EVIDENCE_EVENT_TYPE
-from .query import Node, mentions, parse_query, partial_eval
+from .query import Node, parse_query, partial_eval
 from .rules import Rule, default_groups
 
 # Event types the normalizer produces (README "Event types"); `<x>` parts are open-ended.
@@ -112,13 +112,14 @@ def _event_type_literals(node: Node) -> list[str]:
     return [v for v in values if isinstance(v, str)]
 
 
-def matching_event_types(tree: Node, rule_ids: Iterable[str] = ()) -> list[str]:
+def matching_event_types(tree: Node, rule_ids: Iterable[str] = (), evidence: bool = False) -> list[str]:
     """Produced event types (samples, the query's own literals, other rules' ids) the query may accept.
 
     ``rule_ids``: the ids of the other loaded rules, whose incidents are fed back as events of that
-    type (rule chaining, :mod:`shared.chaining`).
+    type (rule chaining, :mod:`shared.chaining`). ``evidence``: the rule declares
+    ``alertEvidence: events`` (AlertEvidence rows reach it).
     """
-    names_evidence = mentions(tree, "eventType", "AlertEvidence")
+    names_evidence = evidence
     candidates = list(SAMPLE_EVENT_TYPES) + [v for v in _event_type_literals(tree) if produced(v)] + list(rule_ids)
     if names_evidence:
         candidates.append(EVIDENCE_EVENT_TYPE)
@@ -163,7 +164,8 @@ def lint_data(data: dict[str, Any], path: str, rule_ids: Iterable[str] = ()) -> 
             tree = parse_query(str(sub.get("query", "")), default_groups())
         except RuleError:
             continue  # a load error already
-        types = matching_event_types(tree, others)
+        evidence = data.get("alertEvidence") == "events"
+        types = matching_event_types(tree, others, evidence)
         if not types:
             named = sorted(set(_event_type_literals(tree)))
             hint = f" (it names {', '.join(repr(n) for n in named)})" if named else ""
@@ -174,19 +176,20 @@ def lint_data(data: dict[str, Any], path: str, rule_ids: Iterable[str] = ()) -> 
                     "never-matches",
                     f"no event type the normalizer produces can match this query{hint}; produced types are "
                     "M365Defender-Alert-<Category>, MS-Defender-Endpoint-Alert-<Category>, "
-                    "Microsoft-WinDefATP-Alert-<Category>, MS-Defender-Endpoint-AlertEvidence (only for queries "
-                    "naming AlertEvidence), MS-Defender-<Table> and the ids of the other loaded rules (chained incidents)",
+                    "Microsoft-WinDefATP-Alert-<Category>, MS-Defender-Endpoint-AlertEvidence (only for rules "
+                    "declaring alertEvidence: events), MS-Defender-<Table> and the ids of the other loaded rules "
+                    "(chained incidents)",
                 )
             )
         evidence_attrs = sorted(a for a in _attrs(tree) if a in EVIDENCE_ONLY_ATTRS)
-        if evidence_attrs and not mentions(tree, "eventType", "AlertEvidence"):
+        if evidence_attrs and not evidence:
             warnings.append(
                 Warning(
                     path,
                     where,
                     "evidence-only-attribute",
-                    f"{', '.join(evidence_attrs)} exist only on AlertEvidence rows, which reach only rules whose "
-                    'query names AlertEvidence (add eventType = "MS-Defender-Endpoint-AlertEvidence")',
+                    f"{', '.join(evidence_attrs)} exist only on AlertEvidence rows, which reach only rules declaring "
+                    "'alertEvidence: events' (and a query that accepts eventType MS-Defender-Endpoint-AlertEvidence)",
                 )
             )
     if len(subs) > 1:

@@ -17,15 +17,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, TypeVar, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .aggregates import Aggregate, Constraint, needed_attrs, parse_aggregate
 from .errors import RuleError, RuleSetError
+from .normalize import EVIDENCE_EVENT_TYPE
 from .pattern import PatternNode, Sub, parse_pattern
-from .query import CrossCompare, Groups, Leaf, Node, Query, Ref, parse_correlation
+from .query import CrossCompare, Groups, Leaf, Node, Query, Ref, mentions, parse_correlation
 from .suggest import unknown_key_hint
 
 DEFAULT_INCIDENT_LIFETIME_S = 24 * 3600  # FortiSIEM keeps an incident Active until cleared
@@ -142,6 +143,12 @@ class RuleModel(_Model):
         default=None, description="conditions between subpatterns, e.g. 'a.hostName = b.hostName AND a.user != b.user'"
     )
     incident_attributes: dict[str, str] = Field(alias="incidentAttributes")
+    alert_evidence: Literal["join", "events"] = Field(
+        default="join",
+        alias="alertEvidence",
+        description="join: Defender AlertEvidence rows only add entities to the incidents of alerts this rule counted; "
+        "events: the rows are also events the subpattern queries match (eventType MS-Defender-Endpoint-AlertEvidence)",
+    )
     exceptions: list[RuleExceptionModel] = Field(default_factory=list)
     clear: ClearModel | None = None
     source: RuleSource | None = None
@@ -212,6 +219,11 @@ class Rule:
         return self.model.id
 
     @property
+    def evidence_events(self) -> bool:
+        """Whether AlertEvidence rows are events this rule matches (declared ``alertEvidence: events``)."""
+        return self.model.alert_evidence == "events"
+
+    @property
     def sequence(self) -> bool:
         """Whether the rule runs in the multi-subpattern correlator (:mod:`shared.sequence`)."""
         return self.pattern is not None
@@ -279,6 +291,7 @@ def compile_rule(model: RuleModel, path: str = "<rule>", groups: Groups | None =
             constraints.append(Constraint.parse(sp.constraint))
         except RuleError as err:
             raise err.located(file=path, field=f"subpatterns[{i}].aggregateConstraint") from None
+    _check_alert_evidence(model, queries, path)
     multi = len(subs_model) > 1
     if multi and not model.pattern:
         raise RuleError(
@@ -349,6 +362,28 @@ def compile_rule(model: RuleModel, path: str = "<rule>", groups: Groups | None =
         exceptions=exceptions,
         clear=clear,
     )
+
+
+def _check_alert_evidence(model: RuleModel, queries: list[Query], path: str) -> None:
+    """``alertEvidence`` decides whether AlertEvidence rows reach the rule's queries; a declaration
+    the queries contradict is a load error, so no rule silently never sees the rows it names."""
+    if model.alert_evidence == "events":
+        if not any(q.could_match({"eventType": EVIDENCE_EVENT_TYPE}) for q in queries):
+            raise RuleError(
+                f"'events' declares that AlertEvidence rows are events of this rule, but no subpattern query can match "
+                f"eventType {EVIDENCE_EVENT_TYPE!r}",
+                file=path,
+                field="alertEvidence",
+            )
+        return
+    for i, q in enumerate(queries):
+        if mentions(q.tree, "eventType", "AlertEvidence") and q.could_match({"eventType": EVIDENCE_EVENT_TYPE}):
+            raise RuleError(
+                "the query names AlertEvidence rows, which reach a rule only when it declares 'alertEvidence: events' "
+                "(without it they only add entities to the incidents of their alerts)",
+                file=path,
+                field=f"subpatterns[{i}].query",
+            )
 
 
 def _correlation_key(

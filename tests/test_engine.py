@@ -264,13 +264,13 @@ def test_trigger_events_carry_capped_raw_records(cap: int) -> None:
     assert len(snap["triggerEvents"]) <= cap
 
 
-def test_alert_evidence_never_counts_as_an_alert_unless_a_rule_names_it() -> None:
+def test_alert_evidence_never_counts_as_an_alert_unless_a_rule_declares_it() -> None:
     generic = next(r for r in load_rules([default_rules_dir()]) if r.id == "PH_RULE_MS_DefEndpoint_Alert_Generic")
     evidence_rule = parse_rule_text(
         "id: EVID\nname: evidence\nseverity: 3\ncategory: Security\ntimeWindow: 60\nsubpatterns:\n"
         "  - {name: s, query: 'eventType = \"MS-Defender-Endpoint-AlertEvidence\"', groupBy: [alertIdStr],\n"
         "     aggregateConstraint: 'COUNT(*) >= 1'}\n"
-        "incidentAttributes: {alertIdStr: s.alertIdStr}\n"
+        "incidentAttributes: {alertIdStr: s.alertIdStr}\nalertEvidence: events\n"
     )
     record = {
         "category": "AdvancedHunting-AlertEvidence",
@@ -285,6 +285,23 @@ def test_alert_evidence_never_counts_as_an_alert_unless_a_rule_names_it() -> Non
     assert [s["ruleId"] for s in snaps] == ["EVID"]  # Generic's CONTAIN "MS-Defender-Endpoint-Alert" does not see it
     alone = Timeline([generic])  # the row passes the prefilter (it may enrich its alert's incident) but counts nowhere
     assert alone.engine.could_match("MS-Defender-Endpoint-AlertEvidence") and alone.feed(ev) == []
+
+
+@pytest.mark.parametrize(("declared", "counted"), [("join", []), ("events", ["ANYALERT"])])
+def test_the_declared_alert_evidence_property_decides_whether_rows_reach_a_rule(declared: str, counted: list[str]) -> None:
+    rule = parse_rule_text(
+        "id: ANYALERT\nname: any\nseverity: 3\ncategory: Security\ntimeWindow: 60\nsubpatterns:\n"
+        "  - {name: s, query: 'eventType CONTAIN \"Alert\"', groupBy: [alertIdStr], aggregateConstraint: 'COUNT(*) >= 1'}\n"
+        f"incidentAttributes: {{alertIdStr: s.alertIdStr}}\nalertEvidence: {declared}\n"
+    )
+    record = {
+        "category": "AdvancedHunting-AlertEvidence",
+        "tenantId": "t",
+        "properties": {"Timestamp": "2026-03-01T00:00:00Z", "AlertId": "da1", "EntityType": "File"},
+    }
+    ev = Normalizer().normalize(record, "t", T0)
+    assert isinstance(ev, NormalizedEvent) and ev.kind == "evidence"
+    assert [s["ruleId"] for s in Timeline([rule]).feed(ev)] == counted
 
 
 def test_huge_group_by_values_are_bounded_but_stay_distinct() -> None:

@@ -34,12 +34,12 @@ RULE = textwrap.dedent(
 )
 
 
-def rule_text(query: str, group_by: str = "hostName, tenantId") -> str:
-    return RULE.replace("QUERY", query).replace("GROUPBY", group_by)
+def rule_text(query: str, group_by: str = "hostName, tenantId", evidence: bool = False) -> str:
+    return RULE.replace("QUERY", query).replace("GROUPBY", group_by) + ("alertEvidence: events\n" if evidence else "")
 
 
-def codes(query: str, group_by: str = "hostName, tenantId") -> list[str]:
-    return [w.code for w in lint_rule(parse_rule_text(rule_text(query, group_by), "r.yaml"))]
+def codes(query: str, group_by: str = "hostName, tenantId", evidence: bool = False) -> list[str]:
+    return [w.code for w in lint_rule(parse_rule_text(rule_text(query, group_by, evidence), "r.yaml"))]
 
 
 @pytest.mark.parametrize(
@@ -50,7 +50,6 @@ def codes(query: str, group_by: str = "hostName, tenantId") -> list[str]:
         'eventType = "MS-Defender-DeviceProcessEvents" AND FileName = "whoami.exe"',
         'eventType = "MS-Defender-SomeNewTable"',
         'eventType = "MS-Defender-Endpoint-Alert-BrandNewCategory"',
-        'eventType = "MS-Defender-Endpoint-AlertEvidence" AND EntityType = "File"',
         'attackTechniqueId = "T1053"',
         'eventType REGEXP "^Microsoft-WinDefATP-Alert"',
         f"eventType IN (Group@{GROUP})",
@@ -60,12 +59,16 @@ def test_queries_that_can_match_a_produced_event_type_get_no_warning(query: str)
     assert "never-matches" not in codes(query)
 
 
+def test_an_evidence_query_matches_when_the_rule_declares_alert_evidence_events() -> None:
+    assert "never-matches" not in codes('eventType = "MS-Defender-Endpoint-AlertEvidence" AND EntityType = "File"', evidence=True)
+
+
 @pytest.mark.parametrize(
     ("query", "named"),
     [
         ('eventType = "M365Defender-Incident"', "M365Defender-Incident"),
         ('eventType = "Win-Security-4698"', "Win-Security-4698"),
-        ('eventType CONTAIN "Evidence"', "Evidence"),  # evidence rows reach only queries naming AlertEvidence
+        ('eventType CONTAIN "Evidence"', "Evidence"),  # evidence rows reach only rules declaring alertEvidence: events
         ('eventType = "MS-Defender-Endpoint-Alert-Execution" AND eventType = "M365Defender-Alert"', "M365Defender-Alert"),
         ('eventType IN ("Win-Security-4624", "Win-Security-4625")', "Win-Security-4624"),
     ],
@@ -78,9 +81,9 @@ def test_a_query_no_produced_event_type_can_match_is_warned(query: str, named: s
     assert repr(named) in never[0].message
 
 
-def test_evidence_columns_without_naming_alert_evidence_are_warned() -> None:
+def test_evidence_columns_without_declaring_alert_evidence_events_are_warned() -> None:
     assert "evidence-only-attribute" in codes('EntityType = "File" AND SHA256 IS NOT NULL')
-    assert "evidence-only-attribute" not in codes('eventType CONTAIN "AlertEvidence" AND EntityType = "File"')
+    assert "evidence-only-attribute" not in codes('EntityType = "File" AND SHA256 IS NOT NULL', evidence=True)
 
 
 def multi(group_by_second: list[str], query: str = 'eventType CONTAIN "M365Defender-Alert"') -> dict[str, Any]:
@@ -101,9 +104,10 @@ def test_no_rule_is_warned_for_its_group_by_because_the_engine_keys_every_group_
     assert not [w for w in lint_rule(parse_rule_text(single, "r.yaml")) if "tenant" in w.message.lower()]
 
 
-def test_candidates_follow_the_evidence_gate() -> None:
-    assert "MS-Defender-Endpoint-AlertEvidence" not in matching_event_types(parse_query('eventType CONTAIN "MS-Defender"'))
-    assert "MS-Defender-Endpoint-AlertEvidence" in matching_event_types(parse_query('eventType CONTAIN "AlertEvidence"'))
+def test_candidates_follow_the_declared_evidence_gate() -> None:
+    query = parse_query('eventType CONTAIN "MS-Defender"')
+    assert "MS-Defender-Endpoint-AlertEvidence" not in matching_event_types(query)
+    assert "MS-Defender-Endpoint-AlertEvidence" in matching_event_types(query, evidence=True)
 
 
 def validate(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:

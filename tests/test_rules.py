@@ -103,6 +103,41 @@ def test_rule_errors_name_file_field_and_text(old: str, new: str, pattern: str) 
         parse_rule_text(with_change(old, new), "bad.yaml")
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "pattern"),
+    [
+        (
+            'query: eventType = "x"',
+            'query: eventType = "MS-Defender-Endpoint-AlertEvidence"',
+            r"bad.yaml: subpatterns\[0\]\.query: the query names AlertEvidence rows, which reach a rule only when it "
+            r"declares 'alertEvidence: events'",
+        ),
+        (
+            "timeWindow: 60",
+            "timeWindow: 60\nalertEvidence: events",
+            r"bad.yaml: alertEvidence: 'events' declares .* no subpattern query can match eventType "
+            r"'MS-Defender-Endpoint-AlertEvidence'",
+        ),
+        (
+            "timeWindow: 60",
+            "timeWindow: 60\nalertEvidence: always",
+            r"bad.yaml: alertEvidence: Input should be 'join' or 'events'",
+        ),
+    ],
+)
+def test_alert_evidence_declarations_the_queries_contradict_are_located_errors(old: str, new: str, pattern: str) -> None:
+    with pytest.raises(RuleError, match=pattern):
+        parse_rule_text(with_change(old, new), "bad.yaml")
+
+
+def test_alert_evidence_is_a_declared_rule_property_not_a_search_of_the_query_text() -> None:
+    plain = parse_rule_text(MINIMAL, "r.yaml")
+    assert plain.model.alert_evidence == "join" and not plain.evidence_events
+    text = with_change('query: eventType = "x"', 'query: eventType CONTAIN "Alert"') + "alertEvidence: events\n"
+    declared = parse_rule_text(text, "r.yaml")  # the query never names AlertEvidence, the declaration decides
+    assert declared.evidence_events
+
+
 MULTI = textwrap.dedent(
     """\
     id: TEST_MULTI

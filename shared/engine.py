@@ -532,7 +532,8 @@ def _map_attributes(rule: Rule, key: GroupKey, values: dict[Any, Any]) -> dict[s
 
 def _excepted(rule: Rule, snap: dict[str, Any], stats: Stats) -> bool:
     tenant = snap.get("tenantId") or next((v for k, v in snap["groupBy"].items() if k.lower() == "tenantid"), None)
-    if rule.excepted(snap["attributes"], tenant):
+    last_seen = datetime.fromisoformat(snap["lastSeen"].replace("Z", "+00:00"))  # exception periods: event time
+    if rule.excepted(snap["attributes"], tenant, to_ms(last_seen)):
         stats.add("excepted", rule=rule.id)
         return True
     return False

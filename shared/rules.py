@@ -15,17 +15,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .aggregates import Aggregate, Constraint, needed_attrs, parse_aggregate
 from .errors import RuleError, RuleSetError
 from .normalize import EVIDENCE_EVENT_TYPE
 from .pattern import PatternNode, Sub, parse_pattern
+from .periods import DAYS, Day, Period, parse_clock, zone
 from .query import CrossCompare, Groups, Leaf, Node, Query, Ref, mentions, parse_correlation
 from .suggest import unknown_key_hint
 
@@ -95,10 +97,26 @@ class RuleTestCase(_Model):
     name: str
     description: str | None = None
     events: list[TestEvent]
+    start: AwareDatetime | None = Field(
+        default=None, description="event time of offset 0 (default 2026-01-01T00:00:00Z, a Thursday)"
+    )
     until: float | None = Field(
         default=None, ge=0, description="offset to let event time reach after the events (fires due absences and quiet clears)"
     )
     expect: ExpectedIncidents
+
+
+class PeriodModel(_Model):
+    """An effective time period of an exception, on the incident's event time (``lastSeen``)."""
+
+    days: list[Day] = Field(
+        default_factory=lambda: list(DAYS), min_length=1, description="weekdays the daily span starts on (default: every day)"
+    )
+    from_: str | None = Field(default=None, alias="from", description="daily span start 'HH:MM' (local time in timezone)")
+    to: str | None = Field(default=None, description="daily span end 'HH:MM', exclusive; before 'from': runs over midnight")
+    timezone: str = Field(default="UTC", description="IANA zone name of 'from'/'to'/'days', e.g. Europe/Berlin")
+    start: AwareDatetime | None = Field(default=None, description="single period: in effect from (ISO 8601 with offset)")
+    end: AwareDatetime | None = Field(default=None, description="single period: in effect until, exclusive")
 
 
 class RuleExceptionModel(_Model):
@@ -106,6 +124,9 @@ class RuleExceptionModel(_Model):
 
     query: str = Field(description="condition over the incident attributes (and tenantId), in the subpattern query language")
     tenants: list[str] = Field(default_factory=list, description="only for these tenants (empty: every tenant)")
+    periods: list[PeriodModel] = Field(
+        default_factory=list, description="in effect only when the incident's event time is in one of these (empty: always)"
+    )
     note: str | None = None
 
 
@@ -183,6 +204,10 @@ class CompiledSub:
 class CompiledException:
     query: Query
     tenants: frozenset[str]
+    periods: tuple[Period, ...] = ()
+
+    def in_effect(self, at_ms: int) -> bool:
+        return not self.periods or any(p.contains(at_ms) for p in self.periods)
 
 
 @dataclass(frozen=True)
@@ -246,15 +271,16 @@ class Rule:
     def lifetime_s(self) -> int:
         return self.model.incident_lifetime
 
-    def excepted(self, attributes: dict[str, Any], tenant: str | None) -> bool:
-        """Whether an incident with these attributes matches one of the rule's exceptions."""
+    def excepted(self, attributes: dict[str, Any], tenant: str | None, at_ms: int) -> bool:
+        """Whether an incident with these attributes, at event time ``at_ms`` (its ``lastSeen``, epoch
+        ms), matches one of the rule's exceptions in effect then."""
         if not self.exceptions:
             return False
         view = {**attributes, "tenantId": attributes.get("tenantId", tenant)} if tenant is not None else attributes
         for exc in self.exceptions:
             if exc.tenants and (tenant is None or tenant.lower() not in exc.tenants):
                 continue
-            if exc.query.matches(view):
+            if exc.in_effect(at_ms) and exc.query.matches(view):
                 return True
         return False
 
@@ -482,7 +508,54 @@ def _compile_exception(index: int, exc: RuleExceptionModel, model: RuleModel, gr
                 field=where,
                 text=exc.query,
             )
-    return CompiledException(query, frozenset(t.lower() for t in exc.tenants))
+    periods = tuple(_compile_period(p, f"exceptions[{index}].periods[{i}]", path) for i, p in enumerate(exc.periods))
+    return CompiledException(query, frozenset(t.lower() for t in exc.tenants), periods)
+
+
+def _compile_period(period: PeriodModel, where: str, path: str) -> Period:
+    try:
+        tz = zone(period.timezone)
+    except ValueError as err:
+        raise RuleError(str(err), file=path, field=f"{where}.timezone") from None
+    daily = None
+    if (period.from_ is None) != (period.to is None):
+        missing = "to" if period.to is None else "from"
+        raise RuleError("a daily span needs both 'from' and 'to'", file=path, field=f"{where}.{missing}")
+    if period.from_ is not None and period.to is not None:
+        bounds = []
+        for name, text in (("from", period.from_), ("to", period.to)):
+            try:
+                bounds.append(parse_clock(text))
+            except ValueError as err:
+                raise RuleError(str(err), file=path, field=f"{where}.{name}", text=text) from None
+        if bounds[0] == bounds[1] or bounds[0] == 24 * 60:
+            raise RuleError(
+                "'from' must differ from 'to' and be before 24:00 (for a whole day write 00:00 to 24:00)",
+                file=path,
+                field=f"{where}.from",
+            )
+        daily = (bounds[0], bounds[1])
+    if daily is None and period.days != list(DAYS):
+        raise RuleError("'days' needs a daily span ('from' and 'to')", file=path, field=f"{where}.days")
+    if daily is None and period.start is None and period.end is None:
+        raise RuleError(
+            "a period needs a daily span ('from', 'to', optional 'days') or a single period ('start', 'end'), or both",
+            file=path,
+            field=where,
+        )
+    if period.start is not None and period.end is not None and period.end <= period.start:
+        raise RuleError("'end' must be after 'start'", file=path, field=f"{where}.end")
+    return Period(
+        tz=tz,
+        days=frozenset(DAYS.index(d) for d in period.days),
+        daily=daily,
+        start_ms=_epoch_ms(period.start),
+        end_ms=_epoch_ms(period.end),
+    )
+
+
+def _epoch_ms(value: datetime | None) -> int | None:
+    return None if value is None else int(value.timestamp() * 1000)
 
 
 def _compile_clear(clear: ClearModel, groups: Groups, path: str) -> CompiledClear:

@@ -92,9 +92,11 @@ def _event(item: TestEvent, index: int, at: datetime, normalizer: Normalizer) ->
 
 
 def run_case(rule: Rule, case: RuleTestCase, line: int | None = None) -> CaseResult:
-    """Each event is processed as its own batch, at its offset, with a fresh in-memory store."""
+    """Each event is processed as its own batch, at its offset from ``case.start`` (default
+    ``TIMELINE_START``), with a fresh in-memory store."""
     normalizer = Normalizer()
-    now = [TIMELINE_START]
+    start = case.start or TIMELINE_START
+    now = [start]
     try:
         engine = Engine(
             [replace(rule, model=rule.model.model_copy(update={"enabled": True}))], MemoryStateStore(), lambda: now[0]
@@ -108,7 +110,7 @@ def run_case(rule: Rule, case: RuleTestCase, line: int | None = None) -> CaseRes
     pairs: set[tuple[str, int]] = set()
     stats = Stats()
     for index, item in sorted(enumerate(case.events), key=lambda p: p[1].at):
-        at = TIMELINE_START + timedelta(seconds=item.at)
+        at = start + timedelta(seconds=item.at)
         now[0] = at
         event = _event(item, index, at, normalizer)
         if isinstance(event, str):
@@ -117,7 +119,7 @@ def run_case(rule: Rule, case: RuleTestCase, line: int | None = None) -> CaseRes
         results = [engine.process([event])]
         _collect(results, stats, latest, pairs)
     if case.until is not None:  # time passes with no event: the absence timer's view
-        now[0] = TIMELINE_START + timedelta(seconds=case.until)
+        now[0] = start + timedelta(seconds=case.until)
         _collect([engine.fire_due(now[0])], stats, latest, pairs)
     problems = _compare(case, latest, pairs)
     detail = "; ".join(p.message for p in problems)

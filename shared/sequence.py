@@ -505,7 +505,7 @@ def _emit(
     out = []
     tenant = key.tenant or None
     for inc, action, evidence in touched:
-        if rule.excepted(inc.attributes, tenant):
+        if rule.excepted(inc.attributes, tenant, inc.last_seen):
             stats.add("excepted", rule=rule.id)
             continue
         stats.add("incidents_" + action, rule=rule.id)

@@ -186,9 +186,9 @@ def test_multi_subpattern_rule_compiles_its_key_pattern_and_remaining_conditions
 
 def test_exceptions_apply_per_tenant_on_incident_attributes() -> None:
     rule = parse_rule_text(MULTI, "multi.yaml")
-    assert rule.excepted({"hostName": "LAB-HOST"}, "Tenant-A")
-    assert not rule.excepted({"hostName": "lab-host"}, "tenant-b")
-    assert not rule.excepted({"hostName": "prod"}, "tenant-a")
+    assert rule.excepted({"hostName": "LAB-HOST"}, "Tenant-A", 0)
+    assert not rule.excepted({"hostName": "lab-host"}, "tenant-b", 0)
+    assert not rule.excepted({"hostName": "prod"}, "tenant-a", 0)
 
 
 def test_without_correlation_the_key_is_the_group_by_attributes_every_subpattern_shares() -> None:

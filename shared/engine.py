@@ -643,8 +643,9 @@ class Engine:
         """
         return self._chain(self._process_batch(events))
 
-    def _chain(self, result: BatchResult) -> BatchResult:
-        level = result.incidents
+    def _chain(self, result: BatchResult, level: list[dict[str, Any]] | None = None) -> BatchResult:
+        """Add to ``result`` what chaining makes of ``level`` (default: ``result``'s own incidents)."""
+        level = result.incidents if level is None else level
         for depth in range(1, MAX_CHAIN_DEPTH + 1):
             fed = as_events(level, self._chained, depth) if self._chained else []
             if not fed:
@@ -753,13 +754,18 @@ class Engine:
         absences, quiet-period clears): fire what is due, one load of the due groups and one
         conditional save. A group another writer changed meanwhile is left for the next call.
 
-        ``emit``, if given, receives the due snapshots *before* the save: a timer has no retry and an
-        output binding can fail after the state moved on, so the caller delivers first, and a failed
-        save only means the same snapshots (same ids and revisions) are produced again next time.
+        Exactly once, like a batch, though a timer has no retry and no event to key an outbox by:
+        the due snapshots are first fed to rule chaining (whose consumer groups record them in their
+        outboxes, keyed by ``incident:<id>:<revision>``), then ``emit``, if given, receives the due
+        snapshots *and* the chained incidents, and only then are the due groups saved. A failure at
+        any point leaves the due groups unsaved, so the next call produces the same due snapshots
+        (same ids and revisions) and the consumers re-emit their chained incidents byte for byte
+        from their outboxes: nothing is lost, and what was sent twice consumers drop by
+        ``(incidentId, revision)``.
         The returned result holds the saved groups' snapshots and what rule chaining made of them.
 
         Raises:
-            StoreError: the store failed; nothing was saved and a later call retries.
+            StoreError: the store failed; the due groups were not saved and a later call retries.
         """
         stats = Stats()
         by_id = {r.id: r for r in self.rules if r.sequence}
@@ -783,10 +789,13 @@ class Engine:
             produced[key] = (snaps, group_stats)
         if not changes:
             return BatchResult([], stats)
+        due = [s for snaps, _ in produced.values() for s in snaps]
+        chained = self._chain(BatchResult([], Stats()), due)  # consumers saved, with their outboxes
         if emit is not None:
-            emit([s for snaps, _ in produced.values() for s in snaps])
+            emit(due + chained.incidents)
         incidents, _ = _save(self.store, changes, produced, stats)
-        return self._chain(BatchResult(incidents, stats))
+        stats += chained.stats
+        return BatchResult(incidents + chained.incidents, stats)
 
 
 def _save(

@@ -258,20 +258,19 @@ class Runtime:
         (:meth:`event_time_progress`). An absence incident is emitted at most grace + timer period
         after its deadline once the partitions have caught up.
 
-        The due snapshots go onto the incidents queue *before* their groups are saved (a timer is not
-        retried and an output-binding failure cannot be caught, so saving first could lose them); a
-        failed save makes the next tick send the same snapshots again, which consumers drop by
-        ``(incidentId, revision)``. Incidents that rule chaining derives from them are sent after the
-        save and returned. Raises: StoreError (the timer runs again at its next tick)."""
+        The due snapshots and the incidents rule chaining derives from them go onto the incidents
+        queue *before* the due groups are saved (a timer is not retried and an output-binding failure
+        cannot be caught, so saving first could lose them); any failure makes the next tick send the
+        same snapshots again (chained ones re-emitted from their consumers' outboxes), which consumers
+        drop by ``(incidentId, revision)``. Returns what was sent for the saved groups. Raises:
+        StoreError (the timer runs again at its next tick)."""
         progress = self.event_time_progress(now)
         if self.incidents is None:
             raise StoreError("the absence timer needs the incidents queue (Runtime.incidents)")
         queue = self.incidents
-        sent: list[dict[str, Any]] = []
 
         def deliver(snapshots: list[dict[str, Any]]) -> None:
             queue.send([fit_snapshot(s, MAX_QUEUE_MESSAGE_BYTES).decode() for s in snapshots])
-            sent.extend(snapshots)
 
         result = self.handler.engine.fire_due(progress, emit=deliver)
         summary = {
@@ -280,8 +279,6 @@ class Runtime:
             "etagConflicts": result.stats.counts["etag_conflicts"],
         }
         log.info("absence_summary %s", orjson.dumps(summary).decode(), extra={"custom_dimensions": summary})
-        already = {id(s) for s in sent}
-        queue.send([fit_snapshot(s, MAX_QUEUE_MESSAGE_BYTES).decode() for s in result.incidents if id(s) not in already])
         return [fit_snapshot(s, MAX_QUEUE_MESSAGE_BYTES).decode() for s in result.incidents]
 
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
+import orjson
+import pytest
+
 from shared.chaining import MAX_CHAIN_DEPTH
 from shared.engine import Engine
+from shared.errors import StoreError
 from shared.rules import Rule, parse_rule_text
 from shared.state import MemoryStateStore
 
@@ -84,3 +88,53 @@ def test_absences_fired_by_the_timer_are_chained_too() -> None:
     engine.process([ev(PERSIST, 0)])
     fired = engine.fire_due(T0 + timedelta(seconds=601)).incidents
     assert [s["ruleId"] for s in fired] == ["SEQ_TEST", "ON_UNATTENDED"]
+
+
+class FailOnce:
+    """A store whose first save touching ``rule_id``'s groups fails before writing anything."""
+
+    def __init__(self, inner: MemoryStateStore, rule_id: str | None) -> None:
+        self.inner = inner
+        self.rule_id = rule_id
+
+    def save(self, changes: Any) -> None:
+        if self.rule_id is not None and any(c.key.rule_id == self.rule_id for c in changes):
+            self.rule_id = None
+            raise StoreError("injected: save failed")
+        self.inner.save(changes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("failure", ["none", "consumer-save", "send", "absence-save"])
+def test_incidents_chained_from_a_timer_fired_absence_survive_a_failure_at_each_point(failure: str) -> None:
+    from datetime import timedelta
+
+    over = simple("ON_UNATTENDED", 'eventType = "SEQ_TEST"')
+    over2 = simple("ON_ON_UNATTENDED", 'eventType = "ON_UNATTENDED"')  # a second chaining level
+    fail_rule = {"consumer-save": "ON_UNATTENDED", "absence-save": "SEQ_TEST"}.get(failure)
+    store = FailOnce(MemoryStateStore(), None)
+    engine = Engine([rule("persist NOT FOLLOWED_BY cred", window=600), over, over2], store, lambda: T0)  # type: ignore[arg-type]
+    engine.process([ev(PERSIST, 0)])
+    store.rule_id = fail_rule
+    queued: list[bytes] = []
+    send_fails = [failure == "send"]
+
+    def send(snaps: list[dict[str, Any]]) -> None:  # the incidents queue
+        if send_fails[0]:
+            send_fails[0] = False
+            raise StoreError("injected: queue unreachable")
+        queued.extend(orjson.dumps(s) for s in snaps)
+
+    ticks = [T0 + timedelta(seconds=601 + i) for i in range(3)]
+    if failure != "none":
+        with pytest.raises(StoreError, match="injected"):
+            engine.fire_due(ticks[0], emit=send)
+    first = list(queued)
+    engine.fire_due(ticks[1], emit=send)
+    engine.fire_due(ticks[2], emit=send)  # everything saved: nothing more is sent
+    latest = {(s["ruleId"], s["incidentId"], s["revision"]): s for s in map(orjson.loads, queued)}
+    assert sorted((r, rev) for r, _, rev in latest) == [("ON_ON_UNATTENDED", 1), ("ON_UNATTENDED", 1), ("SEQ_TEST", 1)]
+    assert len(queued) == len(first) + 3  # the failed tick's messages, then each incident once more
+    assert set(first) <= set(queued)  # what a failed tick sent is sent again byte for byte (consumers drop it)

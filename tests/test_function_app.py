@@ -463,6 +463,14 @@ def test_absence_timer_emits_due_absences_to_the_incidents_queue(storage: Storag
         set_runtime(None)
 
 
+def _feed_unattended_alert(alert_id: str) -> None:
+    """A new high-severity alert created 5 hours ago, through the hub trigger."""
+    start = datetime.now(timezone.utc) - timedelta(hours=5)
+    alert = graph_alert(alert_id, 0) | {"severity": "high", "status": "new"}
+    alert["createdDateTime"] = alert["lastUpdateDateTime"] = start.isoformat().replace("+00:00", "Z")
+    assert call(hub_events([orjson.dumps(alert)])) == []
+
+
 class SaveFailsOnce:
     """A store whose next save fails before writing anything (the timer's state did not move on)."""
 
@@ -508,10 +516,7 @@ def test_an_absence_survives_a_failed_timer_tick_and_is_queued_with_the_same_id_
         runtime.incidents = QueueFailsOnce(QueueDeadLetters(storage.incidents))
     set_runtime(runtime)
     try:
-        start = datetime.now(timezone.utc) - timedelta(hours=5)
-        alert = graph_alert("da-tick", 0) | {"severity": "high", "status": "new"}
-        alert["createdDateTime"] = alert["lastUpdateDateTime"] = start.isoformat().replace("+00:00", "Z")
-        assert call(hub_events([orjson.dumps(alert)])) == []
+        _feed_unattended_alert("da-tick")
         flaky.armed = failure == "save"
         now_ms = int(datetime.now(timezone.utc).timestamp() * 1000)
         runtime.store.save_progress("0", now_ms - 60_000, now_ms)
@@ -528,6 +533,58 @@ def test_an_absence_survives_a_failed_timer_tick_and_is_queued_with_the_same_id_
         assert all((s["incidentId"], s["revision"]) == (snap["incidentId"], 1) for s in first)
         timer_fn(None)
         assert storage.queued_incidents() == []  # saved now: fired once
+    finally:
+        set_runtime(None)
+
+
+class SaveFailsFor(SaveFailsOnce):
+    """The first save touching a rule's groups fails before writing anything."""
+
+    def __init__(self, inner: TableStateStore, rule_id: str) -> None:
+        super().__init__(inner)
+        self.rule_id = rule_id
+
+    def save(self, changes: Sequence[Change]) -> None:
+        if self.armed and any(c.key.rule_id == self.rule_id for c in changes):
+            self.armed = False
+            raise StoreError("injected: save failed")
+        self.inner.save(changes)
+
+
+@pytest.mark.azurite
+@pytest.mark.parametrize("failure", ["consumer-save", "queue", "absence-save"])
+def test_incidents_chained_from_a_timer_fired_absence_are_queued_despite_a_failed_tick(storage: Storage, failure: str) -> None:
+    from shared.rules import parse_rule_text
+
+    rule = parse_rule_text((REPO / "rules" / "MS_Defender_HighSev_Alert_Unattended.yaml").read_text(), "unattended.yaml")
+    over = parse_rule_text(
+        f"id: ON_UNATTENDED\nname: over\nseverity: 9\ncategory: Security\ntimeWindow: 3600\nsubpatterns:\n"
+        f"  - {{name: s, query: 'eventType = \"{rule.id}\"', groupBy: [tenantId], aggregateConstraint: 'COUNT(*) >= 1'}}\n"
+        "incidentAttributes: {n: s.COUNT(*)}\n",
+        "over.yaml",
+    )
+    flaky = SaveFailsFor(storage.store(), {"absence-save": rule.id}.get(failure, over.id))
+    flaky.armed = False  # the alert's own batch saves normally
+    runtime = storage.runtime(flaky)
+    runtime.handler.engine = Engine([rule, over], flaky, lambda: datetime.now(timezone.utc))
+    if failure == "queue":
+        runtime.incidents = QueueFailsOnce(QueueDeadLetters(storage.incidents))
+    set_runtime(runtime)
+    try:
+        _feed_unattended_alert("da-chain")
+        flaky.armed = failure != "queue"
+        now_ms = int(datetime.now(timezone.utc).timestamp() * 1000)
+        runtime.store.save_progress("0", now_ms - 60_000, now_ms)
+        timer_fn = function_app.fire_due_absences.build().get_user_function()
+        with pytest.raises(StoreError, match="injected"):
+            timer_fn(None)
+        first = storage.queued_incidents()
+        timer_fn(None)  # the next tick
+        second = storage.queued_incidents()
+        assert sorted((s["ruleId"], s["revision"]) for s in second) == sorted([(over.id, 1), (rule.id, 1)])
+        assert {(s["incidentId"], s["revision"]) for s in first} <= {(s["incidentId"], s["revision"]) for s in second}
+        timer_fn(None)
+        assert storage.queued_incidents() == []  # saved now: each incident once
     finally:
         set_runtime(None)
 

@@ -296,8 +296,9 @@ class _Run:
                 inc.window_start = at
             inc.first_seen = min(inc.first_seen, first)
             inc.last_seen = max(inc.last_seen, at)
+            if at >= inc.last_trigger:  # the newest trigger in event time sets them, whatever the arrival order
+                inc.attributes = attributes
             inc.last_trigger = max(inc.last_trigger, at)
-            inc.attributes = attributes
             prior = self.touched.get(inc.incident_id)
             action = prior[1] if prior else "updated"
         inc.entities = entities.merge(inc.entities, events=evidence)  # the state keeps no payloads: triggering events only
@@ -382,6 +383,28 @@ class _Run:
                 triggered.append(end)
                 triggered.sort()
                 self.trigger(end, match, _attributes(rule, match), [event])
+        self._refresh(t)
+
+    def _refresh(self, t: int) -> None:
+        """An event earlier than the open incident's newest trigger, inside that trigger's window,
+        can change what the newest trigger's window holds: its attributes are computed again, so the
+        incident ends with the attributes of its newest trigger in event time whatever the arrival
+        order (a new revision if they changed and this call made none yet)."""
+        rule, inc = self.rule, self.st.incident
+        if inc is None or not inc.last_trigger - self.window <= t < inc.last_trigger:
+            return
+        assert rule.pattern is not None
+        end = inc.last_trigger
+        cleared = self.ext.get("c")
+        lo = end - self.window if cleared is None else max(end - self.window, cleared + 1)
+        match = evaluate(rule, rule.pattern, self.st.entries, lo, end, None, self.keys)
+        attributes = _attributes(rule, match) if match is not None else inc.attributes
+        if attributes == inc.attributes:
+            return
+        inc.attributes = attributes
+        if inc.incident_id not in self.touched:
+            inc.revision += 1
+            self.touched[inc.incident_id] = (inc, "updated", [])
 
 
 def _migrate(st: GroupState) -> GroupState:

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from shared.engine import Engine
+from shared.engine import Engine, incident_id
 from shared.normalize import NormalizedEvent, Normalizer
 from shared.rules import Rule, parse_rule_text
 from shared.state import GroupKey, GroupState, Incident, MemoryStateStore
@@ -176,6 +176,24 @@ class TestIncidents:
 
         assert final(one) == final(each) == final(pairs)
         assert final(each)[0][1] == 4  # every event whose window holds the pattern: 60, 120, 200, 300
+
+    def test_out_of_order_arrival_anchors_the_id_on_the_first_trigger_processed_and_changes_nothing_else(self) -> None:
+        """Documented limit (docs/correlation-semantics.md, "Triggers"): the id is published with the
+        first snapshot, so a trigger at an earlier event time that arrives later joins that incident."""
+        in_order = Run(rule()).each(ev(PERSIST, 0), ev(CRED, 300), ev(CRED, 600))
+        late = Run(rule()).each(ev(PERSIST, 0), ev(CRED, 600), ev(CRED, 300))  # the earlier follower arrives last
+        key = GroupKey("SEQ_TEST", ("t1", "host-1"), "t1")
+        t0 = int(T0.timestamp() * 1000)
+        [a] = in_order.latest().values()
+        [b] = late.latest().values()
+        assert a["incidentId"] == incident_id(key, t0 + 300_000)  # the first trigger processed: T = 300
+        assert b["incidentId"] == incident_id(key, t0 + 600_000)  # the first trigger processed: T = 600
+        assert [s["action"] for s in in_order.snaps] == [s["action"] for s in late.snaps] == ["created", "updated"]
+        same = ("revision", "triggerCount", "firstSeen", "lastSeen", "attributes")
+        assert {k: a[k] for k in same} == {k: b[k] for k in same}  # one incident, the same content either way
+        tied = Run(rule()).each(ev(PERSIST, 0), ev(CRED, 300, user="bob"), ev(CRED, 300, user="carol"))
+        tied_rev = Run(rule()).each(ev(PERSIST, 0), ev(CRED, 300, user="carol"), ev(CRED, 300, user="bob"))
+        assert [s["incidentId"] for s in tied.snaps][:1] == [s["incidentId"] for s in tied_rev.snaps][:1] == [a["incidentId"]]
 
     def test_a_retried_batch_re_emits_the_same_snapshot(self) -> None:
         events = [ev(PERSIST, 0), ev(CRED, 60)]
@@ -396,3 +414,23 @@ def test_followed_by_fires_exactly_when_a_cred_follows_a_persist_on_the_host_wit
     assert fired <= expected
     if not late:
         assert fired == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 1000), min_size=1, max_size=5, unique=True), st.randoms(use_true_random=False), st.integers(1, 3))
+def test_the_final_incident_content_does_not_depend_on_arrival_order_within_the_window(
+    cred_times: list[int], rnd: Any, cred_min: int
+) -> None:
+    """Whatever the arrival order of one window's events, the group ends with one incident whose last
+    revision has the same attributes, first/last seen and trigger count as in event-time order (only
+    the id, anchored on the first trigger processed, and the revision count may differ)."""
+    events = [ev(PERSIST, 0), *(ev(CRED, t) for t in sorted(cred_times))]
+    shuffled = list(events)
+    rnd.shuffle(shuffled)
+    in_order, any_order = Run(rule(cred_min=cred_min)).each(*events), Run(rule(cred_min=cred_min)).each(*shuffled)
+
+    def content(run: Run) -> list[tuple[Any, ...]]:
+        return [(s["attributes"], s["firstSeen"], s["lastSeen"], s["triggerCount"]) for s in run.latest().values()]
+
+    assert content(any_order) == content(in_order)
+    assert len(in_order.latest()) == (1 if len(cred_times) >= cred_min else 0)

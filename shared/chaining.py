@@ -19,12 +19,13 @@ from datetime import datetime
 from typing import Any
 
 from .normalize import OTHER, NormalizedEvent
+from .snapshot import Snapshot
 
 MAX_CHAIN_DEPTH = 3  # levels of incidents-of-incidents per batch
 CHAIN_FORMAT = "incident"
 
 
-def as_events(snapshots: Iterable[dict[str, Any]], wanted: frozenset[str], depth: int) -> list[NormalizedEvent]:
+def as_events(snapshots: Iterable[Snapshot], wanted: frozenset[str], depth: int) -> list[NormalizedEvent]:
     """Events for the snapshots of rules in ``wanted`` (created or updated), at chain ``depth``."""
     out = []
     for snap in snapshots:

@@ -16,7 +16,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -26,6 +26,7 @@ from .dispatch import Dispatch
 from .errors import StoreError
 from .normalize import ALERT, EVIDENCE, EVIDENCE_EVENT_TYPE, NormalizedEvent, iso, raw_evidence
 from .rules import Rule
+from .snapshot import RuleFields, Snapshot, TriggerEvent
 from .state import (
     MAX_ENTRY_BYTES,
     MAX_RECORD_BYTES,
@@ -156,7 +157,7 @@ def _aggregate_values(rule: Rule, entries: list[list[Any]]) -> dict[Any, Any]:
     return values
 
 
-def _event_summary(event: NormalizedEvent) -> dict[str, Any]:
+def _event_summary(event: NormalizedEvent) -> TriggerEvent:
     return {
         "eventType": event.event_type,
         "eventTime": iso(event.event_time),
@@ -190,7 +191,7 @@ SNAPSHOT_ORDER = (
 )
 
 
-def rule_fields(rule: Rule, key: GroupKey) -> dict[str, Any]:
+def rule_fields(rule: Rule, key: GroupKey) -> RuleFields:
     """The parts of a snapshot that the rule and the group key fix (not recorded in the outbox)."""
     model = rule.model
     return {
@@ -206,17 +207,18 @@ def rule_fields(rule: Rule, key: GroupKey) -> dict[str, Any]:
     }
 
 
-def assemble(fixed: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+def assemble(fixed: RuleFields, own: Mapping[str, Any]) -> Snapshot:
     """A snapshot from its rule fields and its own fields, in ``SNAPSHOT_ORDER`` (then any extra
     own fields, such as ``triggerEventsTrimmed``), so a rebuilt snapshot encodes byte for byte alike."""
-    out = {k: fixed[k] if k in fixed else own[k] for k in SNAPSHOT_ORDER}
+    rule_part: Mapping[str, Any] = fixed
+    out = {k: rule_part[k] if k in rule_part else own[k] for k in SNAPSHOT_ORDER}
     out.update((k, v) for k, v in own.items() if k not in out)
     if "entities" in out:  # recorded compact (see _own)
         out["entities"] = entities.expand(out["entities"])
-    return out
+    return cast(Snapshot, out)
 
 
-def snapshot(rule: Rule, key: GroupKey, incident: Incident, action: str, trigger_events: list[NormalizedEvent]) -> dict[str, Any]:
+def snapshot(rule: Rule, key: GroupKey, incident: Incident, action: str, trigger_events: list[NormalizedEvent]) -> Snapshot:
     """The incident message: a full snapshot; consumers keep the highest revision per incidentId."""
     own = {
         "incidentId": incident.incident_id,
@@ -232,7 +234,7 @@ def snapshot(rule: Rule, key: GroupKey, incident: Incident, action: str, trigger
     return assemble(rule_fields(rule, key), own)
 
 
-def fit_snapshot(snapshot: dict[str, Any], limit: int) -> bytes:
+def fit_snapshot(snapshot: Mapping[str, Any], limit: int) -> bytes:
     """Encode a snapshot within ``limit`` bytes: its oldest trigger events are dropped first, and
     ``triggerEventsTrimmed`` says how many; then long attribute values are cut to 1 KiB; then its
     entities are dropped (``entitiesTrimmed``)."""
@@ -277,14 +279,14 @@ class _Outbox:
             self._where = {i: pos for pos, rec in enumerate(self._records) for i in rec.ids}
         return self._where.get(ident)
 
-    def snapshots(self, positions: set[int], rule: Rule, key: GroupKey) -> list[dict[str, Any]]:
+    def snapshots(self, positions: set[int], rule: Rule, key: GroupKey) -> list[Snapshot]:
         if not positions:
             return []
         fixed = rule_fields(rule, key)
         return [assemble(fixed, own) for pos in sorted(positions) for own in self._records[pos].snapshots]
 
     @staticmethod
-    def record(ids: list[int], snapshots: list[dict[str, Any]]) -> tuple[bytes, list[dict[str, Any]]]:
+    def record(ids: list[int], snapshots: list[Snapshot]) -> tuple[bytes, list[Snapshot]]:
         """The outbox record of a batch, within ``MAX_RECORD_BYTES``; returns it with the snapshots to
         emit, which are exactly the recorded ones (trimmed by ``fit_snapshot`` if they had to be). When
         one group opens hundreds of episodes in one batch, the record keeps the newest snapshots that
@@ -294,7 +296,7 @@ class _Outbox:
         if len(data) <= MAX_RECORD_BYTES - 4:
             return data, snapshots
         share = (MAX_RECORD_BYTES - 4 - 24 * len(ids) - 64) // len(snapshots)
-        snapshots = [orjson.loads(fit_snapshot(s, share)) for s in snapshots]
+        snapshots = [cast(Snapshot, orjson.loads(fit_snapshot(s, share))) for s in snapshots]
         data, kept = OutboxRecord(ids, [_own(s) for s in snapshots]).encode(), len(snapshots)
         while len(data) > MAX_RECORD_BYTES - 4 and kept > 1:  # hundreds of episodes: keep the newest that fit
             kept = max(1, min(kept - 1, kept * (MAX_RECORD_BYTES - 4) // len(data)))
@@ -302,8 +304,8 @@ class _Outbox:
         return data, snapshots
 
 
-def _own(snapshot: dict[str, Any]) -> dict[str, Any]:
-    own = {k: v for k, v in snapshot.items() if k not in _RULE_FIELDS}
+def _own(snapshot: Snapshot) -> dict[str, Any]:
+    own: dict[str, Any] = {k: v for k, v in snapshot.items() if k not in _RULE_FIELDS}
     if "entities" in own:  # empty kinds are not recorded; assemble() puts them back
         own["entities"] = entities.compact(own["entities"])
     return own
@@ -322,7 +324,7 @@ def apply_events(
     stats: Stats,
     alert_evidence: Mapping[GroupKey, Mapping[str, Any]] | None = None,
     joined: Sequence[NormalizedEvent] = (),
-) -> tuple[GroupState, list[dict[str, Any]]]:
+) -> tuple[GroupState, list[Snapshot]]:
     """Pure core: fold ``events`` (all of this rule and group) into ``state``.
 
     Events are folded in event-time order (a stable sort: events with the same time keep their
@@ -530,7 +532,7 @@ def _map_attributes(rule: Rule, key: GroupKey, values: dict[Any, Any]) -> dict[s
     return out
 
 
-def _excepted(rule: Rule, snap: dict[str, Any], stats: Stats) -> bool:
+def _excepted(rule: Rule, snap: Snapshot, stats: Stats) -> bool:
     tenant = snap.get("tenantId") or next((v for k, v in snap["groupBy"].items() if k.lower() == "tenantid"), None)
     last_seen = datetime.fromisoformat(snap["lastSeen"].replace("Z", "+00:00"))  # exception periods: event time
     if rule.excepted(snap["attributes"], tenant, to_ms(last_seen)):
@@ -596,7 +598,7 @@ def apply_evidence(
 
 @dataclass
 class BatchResult:
-    incidents: list[dict[str, Any]]
+    incidents: list[Snapshot]
     stats: Stats
 
 
@@ -643,7 +645,7 @@ class Engine:
         """
         return self._chain(self._process_batch(events))
 
-    def _chain(self, result: BatchResult, level: list[dict[str, Any]] | None = None) -> BatchResult:
+    def _chain(self, result: BatchResult, level: list[Snapshot] | None = None) -> BatchResult:
         """Add to ``result`` what chaining makes of ``level`` (default: ``result``'s own incidents)."""
         level = result.incidents if level is None else level
         for depth in range(1, MAX_CHAIN_DEPTH + 1):
@@ -694,13 +696,13 @@ class Engine:
         joined: dict[GroupKey, dict[str, NormalizedEvent]] = {}  # evidence rows for the groups of their alert
         done: set[GroupKey] = set()  # saved in an earlier attempt
         alert_evidence: dict[GroupKey, dict[str, Any]] = {}
-        incidents: list[dict[str, Any]] = []
+        incidents: list[Snapshot] = []
         for attempt in range(1, MAX_SAVE_ATTEMPTS + 1):
             now_ms = to_ms(self.clock())
             loaded: dict[GroupKey, Loaded] = self.store.load(pending, now_ms)
             stats.add("storage_calls")
             changes: list[Change] = []
-            produced: dict[GroupKey, tuple[list[dict[str, Any]], Stats]] = {}
+            produced: dict[GroupKey, tuple[list[Snapshot], Stats]] = {}
             for ekey in [k for k in pending if k.rule_id == JOIN_RULE_ID]:
                 current = loaded.get(ekey, Loaded(None, None))
                 new_state, changed = apply_evidence(ekey, current.state, rows.get(ekey, ()), list(links.get(ekey, {})))
@@ -748,7 +750,7 @@ class Engine:
         raise StoreError(f"state of {len(pending)} group(s) kept changing under us after {MAX_SAVE_ATTEMPTS} attempts")
 
     def fire_due(
-        self, progress: datetime, limit: int = 1000, emit: Callable[[list[dict[str, Any]]], None] | None = None
+        self, progress: datetime, limit: int = 1000, emit: Callable[[list[Snapshot]], None] | None = None
     ) -> BatchResult:
         """Let event time reach ``progress`` for groups that wait on time alone (NOT FOLLOWED_BY
         absences, quiet-period clears): fire what is due, one load of the due groups and one
@@ -776,7 +778,7 @@ class Engine:
         loaded = self.store.load_due(progress_ms, now_ms, limit)
         stats.add("storage_calls")
         changes: list[Change] = []
-        produced: dict[GroupKey, tuple[list[dict[str, Any]], Stats]] = {}
+        produced: dict[GroupKey, tuple[list[Snapshot], Stats]] = {}
         for key, current in loaded.items():
             rule = by_id.get(key.rule_id)
             if rule is None or current.state is None:
@@ -799,8 +801,8 @@ class Engine:
 
 
 def _save(
-    store: StateStore, changes: list[Change], produced: dict[GroupKey, tuple[list[dict[str, Any]], Stats]], stats: Stats
-) -> tuple[list[dict[str, Any]], set[GroupKey]]:
+    store: StateStore, changes: list[Change], produced: dict[GroupKey, tuple[list[Snapshot], Stats]], stats: Stats
+) -> tuple[list[Snapshot], set[GroupKey]]:
     """Write ``changes`` in one conditional save; return the snapshots of the groups that were
     written (their stats merged into ``stats``) and the keys another writer changed meanwhile."""
     lost: set[GroupKey] = set()
@@ -810,7 +812,7 @@ def _save(
         lost = set(conflict.keys)
         stats.add("etag_conflicts", len(lost))
     stats.add("storage_calls")
-    incidents: list[dict[str, Any]] = []
+    incidents: list[Snapshot] = []
     for key, (snaps, group_stats) in produced.items():
         if key not in lost:
             incidents.extend(snaps)

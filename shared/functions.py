@@ -40,6 +40,7 @@ from .normalize import (
 )
 from .rules import Rule, load_rules
 from .settings import Settings, load_settings
+from .snapshot import Snapshot
 from .state import StateStore
 
 log = logging.getLogger("defender_correlator")
@@ -269,7 +270,7 @@ class Runtime:
             raise StoreError("the absence timer needs the incidents queue (Runtime.incidents)")
         queue = self.incidents
 
-        def deliver(snapshots: list[dict[str, Any]]) -> None:
+        def deliver(snapshots: list[Snapshot]) -> None:
             queue.send([fit_snapshot(s, MAX_QUEUE_MESSAGE_BYTES).decode() for s in snapshots])
 
         result = self.handler.engine.fire_due(progress, emit=deliver)

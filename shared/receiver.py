@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import IO, Any
 
 from . import views
+from .snapshot import as_snapshot
 from .webhook import IDEMPOTENCY_HEADER, MAX_PAYLOAD_BYTES, verify_signature
 
 IDLE_TIMEOUT_S = 10.0
@@ -70,10 +71,8 @@ def make_handler(
                 self._answer(401)
                 return
             try:
-                incident = json.loads(body)
-            except ValueError:
-                incident = None
-            if not isinstance(incident, dict):
+                incident = as_snapshot(json.loads(body))
+            except ValueError:  # not JSON, or not an incident snapshot
                 self._answer(400)
                 return
             with lock:  # host, user, tenant, link first; further entities indented below

@@ -32,6 +32,7 @@ from .normalize import (
     iter_paths,
 )
 from .rules import Rule
+from .snapshot import Snapshot
 from .state import MemoryStateStore, StateStore
 
 REPLAY_BATCH = 1000  # events per engine batch: one load and one save per touched group per batch
@@ -47,7 +48,7 @@ class RuleSummary:
     alert_names: Counter[str] = field(default_factory=Counter)
     hosts: dict[str, None] = field(default_factory=dict)
 
-    def add(self, snap: dict[str, Any]) -> None:
+    def add(self, snap: Snapshot) -> None:
         name = views.alert_name(snap)
         if snap.get("action") == "created" and name and (name in self.alert_names or len(self.alert_names) < MAX_NAMES_PER_RULE):
             self.alert_names[name] += 1
@@ -66,7 +67,7 @@ class ReplaySummary:
     stats: Stats = field(default_factory=Stats)
     rules: dict[str, RuleSummary] = field(default_factory=dict)
     rule_names: dict[str, str] = field(default_factory=dict)
-    incidents: dict[str, dict[str, Any]] = field(default_factory=dict)  # latest revision per incident (kept ones)
+    incidents: dict[str, Snapshot] = field(default_factory=dict)  # latest revision per incident (kept ones)
     incidents_omitted: int = 0
     alerts: list[dict[str, Any]] = field(default_factory=list)  # timeline points
     alerts_omitted: int = 0
@@ -126,7 +127,7 @@ class ReplaySummary:
         else:
             self.explained_omitted[reason] += 1
 
-    def keep(self, snap: dict[str, Any]) -> None:
+    def keep(self, snap: Snapshot) -> None:
         """Keep the latest revision of each incident (bounded), for the table and the report."""
         key = str(snap.get("incidentId"))
         kept = self.incidents.get(key)

@@ -16,10 +16,11 @@ from xml.etree import ElementTree as ET
 
 import yaml
 
-from .engine import Engine, Stats
+from .engine import BatchResult, Engine, Stats
 from .errors import CorrelatorError
 from .normalize import NormalizedEvent, Normalizer, Rejection, iso
 from .rules import Rule, RuleTestCase, TestEvent
+from .snapshot import Snapshot
 from .state import MemoryStateStore
 
 TIMELINE_START = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -106,7 +107,7 @@ def run_case(rule: Rule, case: RuleTestCase, line: int | None = None) -> CaseRes
         return CaseResult(
             rule.id, case.name, False, reason, rule.path, line, (Problem("rule", "a runnable rule", reason, reason),)
         )
-    latest: dict[str, dict[str, Any]] = {}
+    latest: dict[str, Snapshot] = {}
     pairs: set[tuple[str, int]] = set()
     stats = Stats()
     for index, item in sorted(enumerate(case.events), key=lambda p: p[1].at):
@@ -126,16 +127,17 @@ def run_case(rule: Rule, case: RuleTestCase, line: int | None = None) -> CaseRes
     return CaseResult(rule.id, case.name, not problems, detail, rule.path, line, tuple(problems))
 
 
-def _collect(results: list[Any], stats: Stats, latest: dict[str, dict[str, Any]], pairs: set[tuple[str, int]]) -> None:
+def _collect(results: list[BatchResult], stats: Stats, latest: dict[str, Snapshot], pairs: set[tuple[str, int]]) -> None:
     for result in results:
         stats += result.stats
         for snap in result.incidents:
             pairs.add((snap["incidentId"], snap["revision"]))
-            if snap["revision"] >= latest.get(snap["incidentId"], {}).get("revision", 0):
+            kept = latest.get(snap["incidentId"])
+            if kept is None or snap["revision"] >= kept["revision"]:
                 latest[snap["incidentId"]] = snap
 
 
-def _compare(case: RuleTestCase, latest: dict[str, dict[str, Any]], pairs: set[tuple[str, int]]) -> list[Problem]:
+def _compare(case: RuleTestCase, latest: dict[str, Snapshot], pairs: set[tuple[str, int]]) -> list[Problem]:
     expect = case.expect
     problems = []
     if len(latest) != expect.incidents:

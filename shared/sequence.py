@@ -40,6 +40,7 @@ from .normalize import NormalizedEvent
 from .pattern import Absent, AllOf, AnyOf, PatternNode, Sub, Then
 from .query import CrossCompare, Ref
 from .rules import CompiledSub, Rule
+from .snapshot import Snapshot
 from .state import MAX_STATE_BYTES, GroupKey, GroupState, Incident, identity_hash
 
 log = logging.getLogger(__name__)
@@ -433,7 +434,7 @@ def _insert(entries: list[Entry], entry: Entry) -> None:
 
 def apply_events(
     rule: Rule, key: GroupKey, state: GroupState | None, events: Sequence[NormalizedEvent], stats: Stats
-) -> tuple[GroupState, list[dict[str, Any]]]:
+) -> tuple[GroupState, list[Snapshot]]:
     """Fold ``events`` (all of this rule and correlation group) into ``state``; see the module doc.
 
     Exactly once as on the classic path (:func:`shared.engine.apply_events`): an event the group
@@ -495,7 +496,7 @@ def apply_events(
     return st, again + fresh
 
 
-def advance(rule: Rule, state: GroupState, progress_ms: int, stats: Stats) -> tuple[GroupState, list[dict[str, Any]]]:
+def advance(rule: Rule, state: GroupState, progress_ms: int, stats: Stats) -> tuple[GroupState, list[Snapshot]]:
     """Let event time reach ``progress_ms`` with no new event: fire due absences and quiet clears."""
     st = _migrate(state)
     run = _Run(rule, st, stats)
@@ -522,10 +523,8 @@ def due_at(rule: Rule, state: GroupState) -> int | None:
     return min(times) if times else None
 
 
-def _emit(
-    rule: Rule, key: GroupKey, touched: list[tuple[Incident, str, list[NormalizedEvent]]], stats: Stats
-) -> list[dict[str, Any]]:
-    out = []
+def _emit(rule: Rule, key: GroupKey, touched: list[tuple[Incident, str, list[NormalizedEvent]]], stats: Stats) -> list[Snapshot]:
+    out: list[Snapshot] = []
     tenant = key.tenant or None
     for inc, action, evidence in touched:
         if rule.excepted(inc.attributes, tenant, inc.last_seen):

@@ -32,6 +32,7 @@ from urllib3.util import Retry, parse_url
 from . import views
 from .engine import fit_snapshot
 from .errors import CorrelatorError, SettingsError, StoreError
+from .snapshot import Snapshot, as_snapshot
 from .tables import TableBacked
 
 log = logging.getLogger("defender_correlator.webhook")
@@ -179,7 +180,7 @@ install_log_redaction()
 # -- payloads ----------------------------------------------------------------------------------
 
 
-def json_payload(snapshot: dict[str, Any], limit: int = MAX_PAYLOAD_BYTES) -> bytes:
+def json_payload(snapshot: Snapshot, limit: int = MAX_PAYLOAD_BYTES) -> bytes:
     """The documented JSON body: the snapshot plus ``schemaVersion``, trimmed to ``limit``."""
     return fit_snapshot({"schemaVersion": SCHEMA_VERSION, **snapshot}, limit)
 
@@ -220,7 +221,7 @@ def _who_line(snapshot: Mapping[str, Any], link: Callable[[str], str]) -> str:
     return " \u00b7 ".join(parts)
 
 
-def teams_payload(snapshot: dict[str, Any]) -> bytes:
+def teams_payload(snapshot: Snapshot) -> bytes:
     """An Adaptive Card (1.4) in the message envelope that Teams workflow webhooks accept."""
     card: dict[str, Any] = {
         "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
@@ -249,7 +250,7 @@ def teams_payload(snapshot: dict[str, Any]) -> bytes:
     return data
 
 
-def slack_payload(snapshot: dict[str, Any]) -> bytes:
+def slack_payload(snapshot: Snapshot) -> bytes:
     """Slack Block Kit message for an incoming webhook (``text`` is the notification fallback)."""
     who = _who_line(snapshot, lambda url: f"<{url}|Open in Defender>")
     fields = [{"type": "mrkdwn", "text": f"*{k}*\n{v}"[:2000]} for k, v in _facts(snapshot)[2:]][:10]  # Slack: at most 10 fields
@@ -277,7 +278,7 @@ def _alert_url(snapshot: Mapping[str, Any]) -> str | None:
     return views.link(snapshot) or None
 
 
-def payload_for(target: WebhookTarget, snapshot: dict[str, Any]) -> bytes:
+def payload_for(target: WebhookTarget, snapshot: Snapshot) -> bytes:
     if target.format == "teams":
         return teams_payload(snapshot)
     if target.format == "slack":
@@ -385,7 +386,7 @@ class RequestsPoster:
         return Attempt(response.status_code, len(history) + 1, response.headers.get("Location"))
 
 
-def deliver(target: WebhookTarget, snapshot: dict[str, Any], poster: Poster, now: Callable[[], float] = time.time) -> Attempt:
+def deliver(target: WebhookTarget, snapshot: Snapshot, poster: Poster, now: Callable[[], float] = time.time) -> Attempt:
     """POST one snapshot to one target, following redirects only within the same host.
 
     Raises:
@@ -599,8 +600,8 @@ class Forwarder:
         """
         result = ForwardResult()
         try:
-            snapshot = orjson.loads(body)
-            incident_id, revision = str(snapshot["incidentId"]), int(snapshot["revision"])
+            snapshot = as_snapshot(orjson.loads(body))
+            incident_id, revision = snapshot["incidentId"], snapshot["revision"]
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             self._to_poison(body, f"not an incident snapshot ({type(exc).__name__})", message_id)
             result.failed["*"] = "not an incident snapshot"

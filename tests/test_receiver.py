@@ -86,8 +86,9 @@ def test_a_timestamp_with_non_ascii_or_non_digits_is_a_401_not_a_crash(receiver:
     assert receiver.post(GOOD, timestamp=timestamp, signature=sign(SECRET, timestamp, GOOD)) == 401
 
 
-def test_a_signed_body_that_is_not_an_object_is_a_400(receiver: Running) -> None:
-    assert receiver.post(b"[1, 2]") == 400
+@pytest.mark.parametrize("body", [b"[1, 2]", b'{"incidentId": "inc-1"}', b'{"incidentId": 7, "revision": 1}', b"{not json"])
+def test_a_signed_body_that_is_not_an_incident_snapshot_is_a_400(receiver: Running, body: bytes) -> None:
+    assert receiver.post(body) == 400
 
 
 def test_idle_connections_are_closed_and_threads_stay_bounded(receiver: Running) -> None:

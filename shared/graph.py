@@ -36,6 +36,7 @@ from urllib.parse import urlencode
 import orjson
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import LocationParseError
 from urllib3.util import Retry, parse_url
 
@@ -52,6 +53,8 @@ PAGE_SIZE = 100
 MAX_PAGES_PER_RUN = 200  # a run stops after this many pages; the cursor carries on next time
 RUN_BUDGET_S = 240.0  # one run of every tenant, well inside the 10-minute function timeout
 MAX_WAIT_S = 60.0  # the longest single Retry-After/backoff wait a tenant may take
+MAX_REQUEST_S = 60.0  # one request, headers to last byte (the read timeout bounds each read, not the total)
+MAX_PAGE_BYTES = 32 << 20  # one alerts_v2 page of PAGE_SIZE alerts is far below this; a larger body is refused
 
 
 class GraphError(CorrelatorError):
@@ -442,14 +445,22 @@ class GraphPoller:
         failures = 0
         while True:
             self.limiter.acquire(tenant)
+            # each read waits at most timeout_s (less when the run's budget is nearly spent); the whole
+            # request, headers to last byte, at most MAX_REQUEST_S: the run ends within budget + that
+            started = self.monotonic()
+            deadline = started + MAX_REQUEST_S
+            timeout = max(1.0, min(self.timeout_s, self._deadline - started))
             try:
                 response = self.session.get(
                     url,
                     headers={"Authorization": f"Bearer {token}", "Prefer": "include-unknown-enum-members"},
-                    timeout=self.timeout_s,
+                    timeout=timeout,
                     allow_redirects=False,
+                    stream=True,  # the body is read below against the deadline and the size cap
                 )
-            except requests.RequestException as exc:
+                with response:
+                    body = self._body(response, deadline) if response.status_code == 200 else b""
+            except (requests.RequestException, Urllib3Error) as exc:
                 raise GraphError(f"GET failed ({type(exc).__name__})") from None
             status = response.status_code
             if status == 401 and not refreshed:
@@ -466,12 +477,28 @@ class GraphPoller:
             if status != 200:
                 raise GraphError(f"HTTP {status} from alerts_v2")
             try:
-                page = orjson.loads(response.content)
+                page = orjson.loads(body)
             except orjson.JSONDecodeError:
                 raise GraphError("malformed JSON in the alerts_v2 response") from None
             if not isinstance(page, dict):
                 raise GraphError("alerts_v2 response is not a JSON object")
             return page, token
+
+    def _body(self, response: requests.Response, deadline: float) -> bytes:
+        """The body, read in chunks: a server that drips it slowly is cut at ``deadline`` (each read
+        alone would stay within the read timeout), and one larger than ``MAX_PAGE_BYTES`` is refused.
+
+        Raises: GraphError naming which limit was passed.
+        """
+        chunks, size = [], 0
+        while chunk := response.raw.read1(1 << 16, decode_content=True):  # one socket read at most
+            size += len(chunk)
+            if size > MAX_PAGE_BYTES:
+                raise GraphError(f"alerts_v2 response larger than {MAX_PAGE_BYTES} bytes; refused")
+            if self.monotonic() > deadline:
+                raise GraphError("alerts_v2 response still arriving at the request's time limit; polled again next run")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
 
 def _time_of(value: Any) -> datetime | None:

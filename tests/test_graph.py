@@ -17,6 +17,7 @@ import pytest
 from azure.data.tables import TableClient
 from azure.eventhub import EventDataBatch
 
+from shared import graph
 from shared.engine import Engine
 from shared.errors import SettingsError
 from shared.functions import build_graph_runtime
@@ -82,6 +83,19 @@ class GraphEmulator:
                 if token not in emu.valid_tokens:
                     self.send_response(401)
                     self.end_headers()
+                    return
+                if fault and fault[0] == "drip":  # a slow-drip server: every read is quick, the body never ends
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100000")
+                    self.end_headers()
+                    stop = time.monotonic() + fault[1]
+                    try:
+                        while time.monotonic() < stop:
+                            self.wfile.write(b" ")
+                            self.wfile.flush()
+                            time.sleep(0.05)
+                    except OSError:
+                        pass  # the client gave up, as it should
                     return
                 if fault and fault[0] == "malformed":
                     self.send_response(200)
@@ -245,6 +259,36 @@ def counted_once(published: Published) -> list[int]:
     events = [Normalizer().normalize(r, "p", T0) for _, r in published.records]
     result = engine.process([e for e in events if isinstance(e, NormalizedEvent)])
     return sorted(s["attributes"]["incidentCount"] for s in result.incidents)
+
+
+def test_a_server_dripping_its_body_is_cut_at_the_request_limit_and_the_next_tenant_still_runs(
+    emu: GraphEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(graph, "MAX_REQUEST_S", 0.5)  # each read is quick; only a total limit stops it
+    emu.alerts["tA"] = [alert("tA", n) for n in range(3)]
+    emu.alerts["tB"] = [alert("tB", n) for n in range(2)]
+    poller, published, _ = make_poller(emu)
+    emu.faults = [("drip", 20.0)]
+    started = time.monotonic()
+    results = poller.poll_all(["tA", "tB"])
+    assert time.monotonic() - started < 15  # not the 20 s of the drip
+    assert results[0].error and "time limit" in results[0].error and not published.ids("tA")
+    assert published.ids("tB") == ["datB_0", "datB_1"]
+    poller.poll("tA")  # its cursor did not move: the next run publishes everything
+    assert published.ids("tA") == ["datA_0", "datA_1", "datA_2"]
+
+
+def test_a_response_larger_than_the_page_cap_is_refused_and_the_cursor_stays(
+    emu: GraphEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(graph, "MAX_PAGE_BYTES", 300)  # a page of two alerts is about 1 KB
+    emu.alerts["tA"] = [alert("tA", n) for n in range(3)]
+    poller, published, _ = make_poller(emu)
+    [result] = poller.poll_all(["tA"])
+    assert result.error and "larger than 300 bytes" in result.error and not published.ids("tA")
+    monkeypatch.setattr(graph, "MAX_PAGE_BYTES", 1 << 20)
+    poller.poll("tA")
+    assert published.ids("tA") == ["datA_0", "datA_1", "datA_2"]
 
 
 def test_malformed_json_fails_that_tenant_only_and_loses_nothing(emu: GraphEmulator) -> None:

@@ -3,17 +3,22 @@
 ``python -m shared receiver --port 8787`` (secret from ``WEBHOOK_SECRET``). Answers 204 to a
 correctly signed, fresh request, 401 otherwise, 413 over the size cap, 411 without a
 ``Content-Length``, 400 for a malformed one or a body that is not a JSON object. Idle connections are
-closed after ``idle_timeout_s``; at most ``max_connections`` are served at once (503 beyond).
+closed after ``idle_timeout_s``, and every connection after ``connection_timeout_s`` whatever it does (a
+client dripping its headers or body a byte at a time stays under the idle timeout); at most
+``max_connections`` are served at once (503 beyond).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
+import socket
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import IO, Any
 
@@ -22,18 +27,30 @@ from .snapshot import as_snapshot
 from .webhook import IDEMPOTENCY_HEADER, MAX_PAYLOAD_BYTES, verify_signature
 
 IDLE_TIMEOUT_S = 10.0
+CONNECTION_TIMEOUT_S = 30.0  # a connection's whole life: headers, body and keep-alive requests
 MAX_CONNECTIONS = 32
 _LENGTH = re.compile(r"[0-9]{1,10}")  # ASCII digits only: int() would also take '-1', ' 7', '١٢'
 
 
 def make_handler(
-    secret: str | None, out: IO[str], tolerance_s: int = 300, idle_timeout_s: float = IDLE_TIMEOUT_S
+    secret: str | None,
+    out: IO[str],
+    tolerance_s: int = 300,
+    idle_timeout_s: float = IDLE_TIMEOUT_S,
+    connection_timeout_s: float = CONNECTION_TIMEOUT_S,
 ) -> type[BaseHTTPRequestHandler]:
     lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "defender-correlator-receiver/1"
-        timeout = idle_timeout_s  # socket timeout: a silent or slow client is dropped
+        timeout = idle_timeout_s  # socket timeout: a silent client is dropped
+
+        def setup(self) -> None:
+            super().setup()
+            # a slow-drip client answers every read in time: only a limit on the whole connection ends it
+            self.rfile = io.BufferedReader(
+                _DeadlineReader(self.connection, time.monotonic() + connection_timeout_s, idle_timeout_s)
+            )
 
         def log_message(self, format: str, *args: Any) -> None:
             return
@@ -57,7 +74,7 @@ def make_handler(
                 return
             try:
                 body = self.rfile.read(length)
-            except TimeoutError:
+            except OSError:  # idle timeout, or the connection was cut at its time limit
                 self.close_connection = True
                 return
             if len(body) != length:
@@ -81,6 +98,23 @@ def make_handler(
             self._answer(204)
 
     return Handler
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The socket's reads, each waiting at most ``idle_s`` and none past ``deadline`` (monotonic)."""
+
+    def __init__(self, sock: socket.socket, deadline: float, idle_s: float) -> None:
+        self.sock, self.deadline, self.idle_s = sock, deadline, idle_s
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("connection time limit reached")
+        self.sock.settimeout(min(self.idle_s, left))
+        return self.sock.recv_into(buffer)
 
 
 class BoundedHTTPServer(ThreadingHTTPServer):
@@ -122,9 +156,11 @@ def serve(
     *,
     max_connections: int = MAX_CONNECTIONS,
     idle_timeout_s: float = IDLE_TIMEOUT_S,
+    connection_timeout_s: float = CONNECTION_TIMEOUT_S,
 ) -> ThreadingHTTPServer:
     """Raises: OSError when the address cannot be bound (in use, not local, no permission)."""
-    return BoundedHTTPServer((host, port), make_handler(secret, out, idle_timeout_s=idle_timeout_s), max_connections)
+    handler = make_handler(secret, out, idle_timeout_s=idle_timeout_s, connection_timeout_s=connection_timeout_s)
+    return BoundedHTTPServer((host, port), handler, max_connections)
 
 
 def main(host: str, port: int, secret_env: str) -> int:

@@ -106,6 +106,31 @@ def test_idle_connections_are_closed_and_threads_stay_bounded(receiver: Running)
             s.close()
 
 
+@pytest.mark.parametrize("phase", ["headers", "body"])
+def test_a_client_dripping_a_byte_at_a_time_is_cut_at_the_connection_limit(phase: str) -> None:
+    r = Running(idle_timeout_s=1.0, connection_timeout_s=1.0, max_connections=8)
+    body = GOOD
+    head = (
+        f"POST /hook HTTP/1.1\r\nHost: x\r\n{TIMESTAMP_HEADER}: {int(time.time())}\r\n"
+        f"{SIGNATURE_HEADER}: {sign(SECRET, str(int(time.time())), body)}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    drip, sent = (head + body, b"") if phase == "headers" else (body, head)
+    started = time.monotonic()
+    try:
+        with socket.create_connection(("127.0.0.1", r.port), timeout=5) as s:
+            s.sendall(sent)
+            with pytest.raises(OSError):  # the server cuts the connection: a send fails (broken pipe/reset)
+                for byte in drip[:-1] * 100:  # each byte well inside the 1 s idle timeout, never finishing
+                    s.send(bytes([byte]))
+                    time.sleep(0.2)
+                    if time.monotonic() - started > 20:
+                        break
+        assert time.monotonic() - started < 10  # cut near the 1 s limit, not after the 20 s of dripping
+        assert r.post(GOOD) == 204  # and the receiver still serves
+    finally:
+        r.close()
+
+
 @pytest.mark.parametrize("timestamp", ["\u0661\u0667\u0660\u0660", "\u00b2", " 1700000000", "+1700000000"])
 def test_the_readme_snippet_and_the_library_refuse_non_ascii_digit_timestamps(timestamp: str) -> None:
     verify = readme_verifier()

@@ -157,7 +157,10 @@ class AlertBatchHandler:
         if good and self.engine.timed:  # this partition's event-time progress, for the absence timer
             newest = max(to_ms(e.event_time) for e, _ in good)
             self.engine.store.save_progress(partition, newest, to_ms(arrival))
-        self.writer.write(letters, when=arrival)  # after the engine: a failure re-runs an idempotent batch
+        # after the engine: a failure re-runs an idempotent batch. The blob's day is the batch's first
+        # enqueued time, part of the events themselves, so a retry after midnight names the same blob
+        enqueued = [e.enqueued_time for e in events if e.enqueued_time is not None]
+        self.writer.write(letters, when=min(enqueued) if enqueued else arrival)
         counts = result.stats.counts
         summary = {
             "partition": partition,

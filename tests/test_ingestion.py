@@ -540,3 +540,13 @@ def test_dead_letter_blobs_of_a_retried_batch_are_the_same_blob(hub: Harness) ->
     hub.call([b"{bad", b"[1,2]"])
     assert len(hub.claims.blobs) == 1 and len(hub.queue.messages) == 2
     assert base64.b64decode(hub.letters()[0]["raw"]) == b"{bad"
+
+
+def test_a_batch_retried_after_midnight_rewrites_the_same_dead_letter_blob(hub: Harness) -> None:
+    from datetime import timedelta
+
+    hub.call([b"{bad", b"[1,2]"])
+    hub.handler.clock = lambda: NOW + timedelta(days=1)  # the retry runs the next day (UTC)
+    hub.call([b"{bad", b"[1,2]"])  # same events, same enqueued time
+    assert len(hub.claims.blobs) == 1
+    assert NOW.strftime("%Y/%m/%d") in next(iter(hub.claims.blobs))  # named by the events' own day

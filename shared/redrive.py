@@ -14,6 +14,7 @@ poison message; the forwarder's delivery records make a repeated re-queue delive
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Iterable, Iterator, Mapping
@@ -22,6 +23,7 @@ from datetime import datetime, timezone
 from typing import IO, Any
 
 import orjson
+from azure.core.exceptions import AzureError
 
 from .claimcheck import ClaimStore
 from .deadletters import decode_letters, raw_of
@@ -192,6 +194,27 @@ def requeue_poison(
     """
     result = RequeueResult()
     seen: set[str] = set()
+    left: list[Any] = []  # hidden while the queue is walked (so the walk moves on), visible again after
+    try:
+        _requeue(poison, incidents, claims, limit, err, deliveries, result, seen, left)
+    finally:
+        for message in left:
+            with contextlib.suppress(AzureError):  # else it reappears when its visibility timeout ends
+                poison.update_message(message, pop_receipt=message.pop_receipt, visibility_timeout=0)
+    return result
+
+
+def _requeue(
+    poison: Any,
+    incidents: Any,
+    claims: ClaimStore,
+    limit: int | None,
+    err: IO[str],
+    deliveries: Any,
+    result: RequeueResult,
+    seen: set[str],
+    left: list[Any],
+) -> None:
     while limit is None or result.requeued < limit:
         batch = list(
             poison.receive_messages(
@@ -211,6 +234,7 @@ def requeue_poison(
             if not is_snapshot(body):
                 err.write(f"poison message {message.id}: not an incident snapshot, left on the poison queue\n")
                 result.left += 1
+                left.append(message)
                 continue
             if deliveries is not None and isinstance(parsed, dict):
                 from .webhook import forget_poisoned
@@ -221,7 +245,6 @@ def requeue_poison(
             result.requeued += 1
             if limit is not None and result.requeued >= limit:
                 break
-    return result
 
 
 def peek_poison(poison: Any, claims: ClaimStore) -> Iterator[dict[str, Any]]:

@@ -160,8 +160,10 @@ def test_poison_incidents_are_requeued_base64_whole_and_only_once(env: Env) -> N
     requeued = sorted(base64.b64decode(m.content) for m in incidents.peek_messages(max_messages=32))
     assert requeued == sorted([small, big])  # what the base64 queue trigger of forward_incident decodes
     again = requeue_poison(poison_q, env.clients.queue(env.names["incidents"], base64=True), env.claims, err=io.StringIO())
-    assert again.requeued == 0  # only the non-snapshot is left, and it stays (hidden for now)
+    assert again.requeued == 0 and again.left == 1  # only the non-snapshot is left, and it stays ...
     assert len(incidents.peek_messages(max_messages=32)) == 2
+    [visible] = poison_q.peek_messages(max_messages=32)  # ... visible at once for `redrive list` and people
+    assert json.loads(visible.content)["messageId"] == "m9"
 
 
 def test_unreachable_storage_exits_3_with_one_line(tmp_path: Path) -> None:

@@ -73,9 +73,11 @@ class Stats:
     per_rule: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
 
     def add(self, name: str, n: int = 1, rule: str | None = None) -> None:
-        self.counts[name] += n
+        counts = self.counts
+        counts[name] = counts.get(name, 0) + n
         if rule is not None:
-            self.per_rule[rule][name] += n
+            per = self.per_rule[rule]
+            per[name] = per.get(name, 0) + n
 
     def __iadd__(self, other: Stats) -> Stats:
         self.counts.update(other.counts)
@@ -191,19 +193,45 @@ SNAPSHOT_ORDER = (
 )
 
 
+MAX_RULE_FIELDS_CACHE = 4096  # rules whose dumped fields are remembered (a rule set holds hundreds)
+_RULE_CACHE: dict[int, tuple[Rule, tuple[Any, ...]]] = {}
+
+
+def _static_fields(rule: Rule) -> tuple[Any, ...]:
+    """What a rule fixes in every snapshot, dumped once per rule object (rules are immutable)."""
+    hit = _RULE_CACHE.get(id(rule))
+    if hit is None or hit[0] is not rule:
+        model = rule.model
+        fields = (
+            rule.id,
+            model.name,
+            model.severity,
+            model.category,
+            [t.model_dump(exclude_none=True) for t in model.tactics],
+            [t.model_dump(exclude_none=True) for t in model.techniques],
+            rule.group_by,
+            model.remediation,
+        )
+        if len(_RULE_CACHE) >= MAX_RULE_FIELDS_CACHE:
+            _RULE_CACHE.clear()
+        hit = _RULE_CACHE[id(rule)] = (rule, fields)
+    return hit[1]
+
+
 def rule_fields(rule: Rule, key: GroupKey) -> RuleFields:
-    """The parts of a snapshot that the rule and the group key fix (not recorded in the outbox)."""
-    model = rule.model
+    """The parts of a snapshot that the rule and the group key fix (not recorded in the outbox).
+    Every call returns its own dicts and lists (snapshots never share them)."""
+    rule_id, name, severity, category, tactics, techniques, group_by, remediation = _static_fields(rule)
     return {
-        "ruleId": rule.id,
+        "ruleId": rule_id,
         "tenantId": key.tenant,
-        "ruleName": model.name,
-        "severity": model.severity,
-        "category": model.category,
-        "tactics": [t.model_dump(exclude_none=True) for t in model.tactics],
-        "techniques": [t.model_dump(exclude_none=True) for t in model.techniques],
-        "groupBy": dict(zip(rule.group_by, key.values, strict=False)),
-        "remediation": model.remediation,
+        "ruleName": name,
+        "severity": severity,
+        "category": category,
+        "tactics": [dict(t) for t in tactics],
+        "techniques": [dict(t) for t in techniques],
+        "groupBy": dict(zip(group_by, key.values, strict=False)),
+        "remediation": remediation,
     }
 
 
@@ -218,9 +246,10 @@ def assemble(fixed: RuleFields, own: Mapping[str, Any]) -> Snapshot:
     return cast(Snapshot, out)
 
 
-def snapshot(rule: Rule, key: GroupKey, incident: Incident, action: str, trigger_events: list[NormalizedEvent]) -> Snapshot:
-    """The incident message: a full snapshot; consumers keep the highest revision per incidentId."""
-    own = {
+def own_fields(incident: Incident, action: str, trigger_events: list[NormalizedEvent]) -> dict[str, Any]:
+    """A snapshot's own fields as its outbox record keeps them (entities compact): exactly
+    ``_own(snapshot(...))``, without assembling the snapshot first."""
+    return {
         "incidentId": incident.incident_id,
         "revision": incident.revision,
         "action": action,
@@ -229,9 +258,13 @@ def snapshot(rule: Rule, key: GroupKey, incident: Incident, action: str, trigger
         "firstSeen": from_ms(incident.first_seen),
         "lastSeen": from_ms(incident.last_seen),
         "triggerEvents": [_event_summary(e) for e in trigger_events[-MAX_TRIGGER_EVENTS:]],
-        "entities": incident.entities or entities.empty(),
+        "entities": entities.compact(entities.expand(incident.entities)),
     }
-    return assemble(rule_fields(rule, key), own)
+
+
+def snapshot(rule: Rule, key: GroupKey, incident: Incident, action: str, trigger_events: list[NormalizedEvent]) -> Snapshot:
+    """The incident message: a full snapshot; consumers keep the highest revision per incidentId."""
+    return assemble(rule_fields(rule, key), own_fields(incident, action, trigger_events))
 
 
 def fit_snapshot(snapshot: Mapping[str, Any], limit: int) -> bytes:
@@ -284,6 +317,17 @@ class _Outbox:
             return []
         fixed = rule_fields(rule, key)
         return [assemble(fixed, own) for pos in sorted(positions) for own in self._records[pos].snapshots]
+
+    @staticmethod
+    def record_own(ids: list[int], owns: list[dict[str, Any]], rule: Rule, key: GroupKey) -> tuple[bytes, list[Snapshot]]:
+        """:meth:`record` of the snapshots whose own fields are ``owns`` (see :func:`own_fields`):
+        the same record and snapshots, without taking the snapshots apart again when they fit."""
+        data = OutboxRecord(ids[-MAX_RECORD_IDS:], owns).encode()
+        fixed = rule_fields(rule, key)
+        snapshots = [assemble(fixed, own) for own in owns]
+        if len(data) <= MAX_RECORD_BYTES - 4:
+            return data, snapshots
+        return _Outbox.record(ids, snapshots)
 
     @staticmethod
     def record(ids: list[int], snapshots: list[Snapshot]) -> tuple[bytes, list[Snapshot]]:
@@ -438,13 +482,14 @@ def apply_events(
         log.warning("rule %s group %s over its window cap: evicted %d oldest entries in this batch", rule.id, group, evicted)
     snapshots = outbox.snapshots(replay, rule, key)
     stats.add("reemitted", len(snapshots), rule=rule.id)
-    fresh = []
+    owns = []
     for inc, action, evidence in touched.values():
         stats.add("incidents_" + action, rule=rule.id)
-        fresh.append(snapshot(rule, key, inc, action, evidence))
-    if fresh:
-        record, fresh = _Outbox.record(applied, fresh)
-        st.add_record(record)
+        owns.append(own_fields(inc, action, evidence))
+    if not owns:
+        return st, snapshots
+    record, fresh = _Outbox.record_own(applied, owns, rule, key)
+    st.add_record(record)
     return st, snapshots + fresh
 
 

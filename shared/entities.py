@@ -47,10 +47,19 @@ _HASH_KEYS = ("sha1", "sha256", "md5")
 
 
 def empty() -> dict[str, Any]:
-    """Entities with nothing in them (the shape every snapshot carries)."""
-    out: dict[str, Any] = {kind: [] for kind in KINDS}
-    out["truncated"] = []
-    return out
+    """Entities with nothing in them (the shape every snapshot carries), in ``KINDS`` order."""
+    return {
+        "hosts": [],
+        "users": [],
+        "ips": [],
+        "files": [],
+        "processes": [],
+        "mailboxes": [],
+        "urls": [],
+        "links": [],
+        "techniques": [],
+        "truncated": [],
+    }
 
 
 def compact(ents: Mapping[str, Any]) -> dict[str, Any]:
@@ -61,10 +70,10 @@ def compact(ents: Mapping[str, Any]) -> dict[str, Any]:
 def expand(ents: Mapping[str, Any] | None) -> dict[str, Any]:
     """The full shape back from :func:`compact` (every kind, in order): ``expand(compact(e)) == e``."""
     out = empty()
-    for key in out:
-        value = (ents or {}).get(key)
-        if isinstance(value, list):
-            out[key] = value
+    if ents:
+        for key, value in ents.items():
+            if key in out and isinstance(value, list):
+                out[key] = value
     return out
 
 
@@ -81,28 +90,55 @@ def _cut(value: Any, limit: int = MAX_TEXT) -> str | None:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
+_DICT_KINDS = frozenset(("files", "processes", "techniques"))  # kinds whose values are dicts (copied out)
+
+
+MAX_IP_CACHE = 4096  # address texts whose parsed form is remembered (a feed repeats a few thousand)
+_IPS: dict[str, str | None] = {}
+
+
+def _ip_shown(text: str) -> str | None:
+    """An address as shown, or None when it is no address or says nothing about an alert."""
+    try:
+        addr = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if addr.is_loopback or addr.is_link_local or addr.is_unspecified or addr.is_multicast:
+        return None  # noise on every device: says nothing about this alert
+    return str(addr)
+
+
 class EntityBag:
-    """Accumulates entities with deduplication and caps; :meth:`to_dict` gives the JSON form."""
+    """Accumulates entities with deduplication and caps; :meth:`to_dict` gives the JSON form.
+
+    ``values`` and the dedup keys hold only the kinds seen so far (a bag is made per group and
+    trigger, and most alerts carry two or three kinds)."""
+
+    __slots__ = ("_keys", "truncated", "values")
 
     def __init__(self) -> None:
-        self.values: dict[str, list[Any]] = {kind: [] for kind in KINDS}
-        self._keys: dict[str, dict[str, int]] = {kind: {} for kind in KINDS}
+        self.values: dict[str, list[Any]] = {}
+        self._keys: dict[str, dict[str, int]] = {}
         self.truncated: set[str] = set()
 
     # -- generic --------------------------------------------------------------------------------
 
     def _append(self, kind: str, key: str, value: Any) -> int | None:
         """Index of the value under ``key`` (added if new and room is left)."""
-        index = self._keys[kind].get(key)
+        keys = self._keys.get(kind)
+        if keys is None:
+            keys = self._keys[kind] = {}
+            self.values[kind] = []
+        index = keys.get(key)
         if index is not None:
             return index
-        limit = MAX_TECHNIQUES if kind == "techniques" else MAX_PER_KIND
-        if len(self.values[kind]) >= limit:
+        values = self.values[kind]
+        if len(values) >= (MAX_TECHNIQUES if kind == "techniques" else MAX_PER_KIND):
             self.truncated.add(kind)
             return None
-        self._keys[kind][key] = len(self.values[kind])
-        self.values[kind].append(value)
-        return len(self.values[kind]) - 1
+        keys[key] = index = len(values)
+        values.append(value)
+        return index
 
     def _add_name(self, kind: str, value: Any, short: str) -> None:
         """Hosts and users: a bare name folds into a qualified one with the same short name."""
@@ -110,7 +146,7 @@ class EntityBag:
         if text is None:
             return
         folded = text.casefold()
-        keys = self._keys[kind]
+        keys = self._keys.get(kind) or {}
         if folded in keys:
             return
         bare = folded == short
@@ -124,7 +160,7 @@ class EntityBag:
             return
         added = self._append(kind, folded, text)
         if added is not None and not bare:
-            keys.setdefault(f"short:{short}", added)
+            self._keys[kind].setdefault(f"short:{short}", added)
 
     # -- kinds ----------------------------------------------------------------------------------
 
@@ -152,14 +188,14 @@ class EntityBag:
         text = _cut(value, 64)
         if text is None:
             return
-        try:
-            addr = ipaddress.ip_address(text.split("%", 1)[0])
-        except ValueError:
-            return
-        if addr.is_loopback or addr.is_link_local or addr.is_unspecified or addr.is_multicast:
-            return  # noise on every device: says nothing about this alert
-        shown = str(addr)
-        self._append("ips", shown, shown)
+        shown = _IPS.get(text, "")
+        if shown == "":
+            shown = _ip_shown(text)
+            if len(_IPS) >= MAX_IP_CACHE:
+                _IPS.clear()  # addresses are input: the cache must not grow with them
+            _IPS[text] = shown
+        if shown is not None:
+            self._append("ips", shown, shown)
 
     def file(self, name: Any = None, path: Any = None, **hashes: Any) -> None:
         entry: dict[str, Any] = {}
@@ -261,8 +297,11 @@ class EntityBag:
             self.truncated.update(k for k in truncated if k in KINDS)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {kind: [dict(v) if isinstance(v, dict) else v for v in self.values[kind]] for kind in KINDS}
-        out["truncated"] = [k for k in KINDS if k in self.truncated]
+        out = empty()
+        for kind, values in self.values.items():
+            out[kind] = [dict(v) for v in values] if kind in _DICT_KINDS else list(values)
+        if self.truncated:
+            out["truncated"] = [k for k in KINDS if k in self.truncated]
         return _fit(out)
 
 

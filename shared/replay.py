@@ -8,12 +8,14 @@ record with its reason. The summary says which rules matched which alerts on whi
 
 from __future__ import annotations
 
+import functools
+import gc
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import IO, Any
+from typing import IO, Any, ParamSpec, TypeVar
 
 import orjson
 
@@ -158,6 +160,32 @@ class _PositionedNormalizer(Normalizer):
         return None  # explaining lists every skipped record with its position: parse them all
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+GC_YOUNG_THRESHOLD = 50_000  # net allocations between young collections while replaying (CPython default 700)
+
+
+def _fewer_collections(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``fn`` with the young-generation GC threshold raised to ``GC_YOUNG_THRESHOLD``.
+
+    A batch keeps its 1,000 parsed records alive until it is processed, so at the default threshold
+    the collector ran every few records and rescanned them (a fifth of the CPU time of an
+    alert-dense replay). Nearly all of it is freed by reference counting; cycles are still
+    collected, only less often. The previous thresholds are restored on return."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        before = gc.get_threshold()
+        gc.set_threshold(max(before[0], GC_YOUNG_THRESHOLD), *before[1:])
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            gc.set_threshold(*before)
+
+    return wrapper
+
+
+@_fewer_collections
 def replay(
     paths: Iterable[str],
     rules: list[Rule],

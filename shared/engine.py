@@ -62,7 +62,13 @@ def to_ms(ts: datetime) -> int:
 
 
 def from_ms(ms: int) -> str:
-    return iso(datetime.fromtimestamp(ms / 1000, tz=timezone.utc))
+    """``iso()`` of an epoch-ms time (already UTC, so without its conversion)."""
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _iso(ts: datetime) -> str:
+    """``iso()``, skipping its conversion for a time that is already UTC (every normalized one)."""
+    return ts.isoformat().replace("+00:00", "Z") if ts.tzinfo is timezone.utc else iso(ts)
 
 
 @dataclass
@@ -80,9 +86,13 @@ class Stats:
             per[name] = per.get(name, 0) + n
 
     def __iadd__(self, other: Stats) -> Stats:
-        self.counts.update(other.counts)
+        counts = self.counts
+        for name, n in other.counts.items():
+            counts[name] = counts.get(name, 0) + n
         for rule, c in other.per_rule.items():
-            self.per_rule[rule].update(c)
+            per = self.per_rule[rule]
+            for name, n in c.items():
+                per[name] = per.get(name, 0) + n
         return self
 
 
@@ -162,7 +172,7 @@ def _aggregate_values(rule: Rule, entries: list[list[Any]]) -> dict[Any, Any]:
 def _event_summary(event: NormalizedEvent) -> TriggerEvent:
     return {
         "eventType": event.event_type,
-        "eventTime": iso(event.event_time),
+        "eventTime": _iso(event.event_time),
         "timeFallback": event.time_fallback,
         "format": event.format,
         "position": event.position,
@@ -715,10 +725,9 @@ class Engine:
         rows: dict[GroupKey, list[NormalizedEvent]] = {}  # AlertEvidence rows per alert
         links: dict[GroupKey, dict[GroupKey, None]] = {}  # alert -> the groups that counted it
         for event in events:
-            if event.kind == EVIDENCE:
-                ekey = evidence_key(event)
-                if ekey is not None:
-                    rows.setdefault(ekey, []).append(event)
+            ekey = evidence_key(event) if event.kind == EVIDENCE or event.format == "streaming" else None  # once per event
+            if event.kind == EVIDENCE and ekey is not None:
+                rows.setdefault(ekey, []).append(event)
             dispatch = self._evidence_dispatch if event.kind == EVIDENCE else self._dispatch
             for rule in dispatch.matching(event.attrs):  # indexed: the same rules as testing every one
                 if event.format == CHAIN_FORMAT and event.attrs.get("ruleId") == rule.id:
@@ -730,10 +739,8 @@ class Engine:
                     continue
                 key = group_key(rule, event)
                 groups.setdefault(key, (rule, []))[1].append(event)
-                if event.kind == ALERT and event.format == "streaming":  # AlertInfo: its entities come apart
-                    ekey = evidence_key(event)
-                    if ekey is not None:
-                        links.setdefault(ekey, {})[key] = None
+                if event.kind == ALERT and ekey is not None:  # streaming AlertInfo: its entities come apart
+                    links.setdefault(ekey, {})[key] = None
         stats.add("groups", len(groups))
         if not groups and not rows:
             return BatchResult([], stats)

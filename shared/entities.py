@@ -78,6 +78,11 @@ def expand(ents: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def _cut(value: Any, limit: int = MAX_TEXT) -> str | None:
+    if type(value) is str:  # the common case first (a record's texts): called dozens of times per event
+        text = value.strip()
+        if not text:
+            return None
+        return text if len(text) <= limit else text[: limit - 1] + "\u2026"
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, (int, float)):

@@ -51,10 +51,10 @@ class RuleSummary:
     hosts: dict[str, None] = field(default_factory=dict)
 
     def add(self, snap: Snapshot) -> None:
-        name = views.alert_name(snap)
-        if snap.get("action") == "created" and name and (name in self.alert_names or len(self.alert_names) < MAX_NAMES_PER_RULE):
+        name = views.alert_name(snap) if snap.get("action") == "created" else ""
+        if name and (name in self.alert_names or len(self.alert_names) < MAX_NAMES_PER_RULE):
             self.alert_names[name] += 1
-        for h in views.hosts(snap):
+        for h in views.hosts(snap) if len(self.hosts) < MAX_NAMES_PER_RULE else ():
             if len(self.hosts) < MAX_NAMES_PER_RULE:
                 self.hosts[h] = None
 

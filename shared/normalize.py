@@ -18,13 +18,17 @@ from dataclasses import dataclass
 from dataclasses import field as dc_field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Union
 
 import orjson
 
 from .errors import RecordError
 
+if TYPE_CHECKING:
+    from .preparse import LineFilter
+
 MAX_RECORD_BYTES = 1 << 20  # one alert record; real alerts are a few KiB, Event Hub caps events at 1 MiB
+READ_BLOCK_BYTES = 1 << 18  # JSON lines files are read in blocks this big and split into lines here
 UTF8_BOM = b"\xef\xbb\xbf"  # Windows tools (PowerShell's Out-File, Notepad) start UTF-8 files with it
 MAX_DOCUMENT_BYTES = 256 << 20  # a whole (non line-delimited) JSON file read at once
 MAX_RAW_BYTES = 4096  # raw record kept as incident evidence
@@ -251,7 +255,7 @@ class Normalizer:
         self.prefilter = prefilter
         self.max_skew = timedelta(seconds=max_skew_s) if max_skew_s is not None else None
         self.max_age = timedelta(seconds=max_age_s) if max_age_s is not None else None
-        self._line_filter: Callable[[bytes], Skipped | None] | None = None
+        self._line_filter: LineFilter | None = None
         self._handlers: dict[str, Callable[[dict[str, Any], str, datetime], Item]] = {
             "graph": self._graph,
             "streaming": self._streaming,
@@ -262,12 +266,12 @@ class Normalizer:
 
     # -- entry points -------------------------------------------------------------------------
 
-    def line_filter(self) -> Callable[[bytes], Skipped | None] | None:
+    def line_filter(self) -> LineFilter | None:
         """The exact pre-parse filter for JSON lines (see ``shared/preparse.py``), if a prefilter is set."""
         if self._line_filter is None and self.prefilter is not None and self.fmt in ("auto", "streaming"):
             from .preparse import LineFilter  # it builds on this module's types
 
-            self._line_filter = LineFilter(self.prefilter).check
+            self._line_filter = LineFilter(self.prefilter)
         return self._line_filter
 
     def from_bytes(self, body: bytes, position: str, arrival: datetime) -> Iterator[Item]:
@@ -652,7 +656,7 @@ def raw_evidence(raw: Any, limit: int = MAX_RAW_BYTES) -> Any:
 
 
 def iter_file(normalizer: Normalizer, stream: BinaryIO, name: str, arrival: Callable[[], datetime]) -> Iterator[Item]:
-    """Stream a file: JSON lines are read line by line (bounded memory); a file whose first line is
+    """Stream a file: JSON lines are read in blocks (bounded memory); a file whose first line is
     not a complete JSON value is read as one document (capped at ``MAX_DOCUMENT_BYTES``)."""
     first = stream.readline(MAX_RECORD_BYTES + 1).removeprefix(UTF8_BOM)
     while first and not first.strip():
@@ -668,36 +672,75 @@ def iter_file(normalizer: Normalizer, stream: BinaryIO, name: str, arrival: Call
         rest = stream.read(MAX_DOCUMENT_BYTES + 1 - len(first))
         yield from normalizer.from_bytes(first + rest, name, arrival())
         return
-    # A line no rule can match is answered by the pre-parse filter: no parse, clock call or position;
-    # such lines are counted per event type and reported as one Skipped(count=n) before the next item.
-    skip = normalizer.line_filter() or (lambda _line: None)
-    skipped_runs: dict[str, int] = {}
-    readline = stream.readline
-    number = 1
-    line: bytes = first
-    while line:
-        if len(line) > MAX_RECORD_BYTES and not line.endswith(b"\n"):
-            yield from _skipped_runs(skipped_runs)
+    yield from _iter_lines(normalizer, stream, first, name, arrival)
+
+
+def _iter_lines(
+    normalizer: Normalizer, stream: BinaryIO, head: bytes, name: str, arrival: Callable[[], datetime]
+) -> Iterator[Item]:
+    """JSON lines, read in blocks of ``READ_BLOCK_BYTES`` and split here (not line by line).
+
+    Lines no rule can match are decided per block by the pre-parse filter (``shared/preparse.py``):
+    no parse into Python objects, clock call or position string; they are counted per event type
+    and reported as ``Skipped(event_type, n)`` before the block's other lines. A line longer than
+    ``MAX_RECORD_BYTES`` is rejected without being held: its bytes are dropped up to its newline.
+    """
+    line_filter = normalizer.line_filter()
+    read = getattr(stream, "read1", stream.read)  # what is there (a pipe) rather than waiting for a full block
+    lines = head.split(b"\n")
+    tail = lines.pop()  # bytes after the last newline seen
+    yield from _block(normalizer, lines, 1, name, arrival, line_filter)
+    number = 1 + len(lines)  # line number of the first line of the next block
+    dropping = False  # inside a line over the cap (already rejected): drop up to its newline
+    while True:
+        chunk = read(READ_BLOCK_BYTES)
+        eof = not chunk
+        if dropping:
+            end = chunk.find(b"\n")
+            if end < 0 and not eof:
+                continue
+            dropping, number, chunk = False, number + 1, chunk[end + 1 :] if end >= 0 else b""
+        lines = chunk.split(b"\n")
+        if tail:  # the line the previous block ended in (not copying the whole block onto it)
+            lines[0] = tail + lines[0]
+        size = len(tail) + len(chunk)
+        tail = b"" if eof else lines.pop()  # at the end of input the last line needs no newline
+        yield from _block(normalizer, lines, number, name, arrival, line_filter, may_be_long=size > MAX_RECORD_BYTES)
+        number += len(lines)
+        if len(tail) > MAX_RECORD_BYTES:
             yield Rejection(f"{name}:{number}", f"record exceeds the {MAX_RECORD_BYTES}-byte cap")
-            while line and not line.endswith(b"\n"):  # skip the rest of the oversized line
-                line = readline(MAX_RECORD_BYTES + 1)
-        elif (skipped := skip(line)) is not None:
-            event_type = skipped.event_type
-            skipped_runs[event_type] = skipped_runs.get(event_type, 0) + 1
-            if not number & 0xFFFF:  # report now and then, so that progress counters move
-                yield from _skipped_runs(skipped_runs)
-        elif line.strip():
-            yield from _skipped_runs(skipped_runs)
-            yield from normalizer.from_line(line, f"{name}:{number}", arrival())
-        number += 1
-        line = readline(MAX_RECORD_BYTES + 1)
-    yield from _skipped_runs(skipped_runs)
+            tail, dropping = b"", True
+        if eof:
+            return
 
 
-def _skipped_runs(runs: dict[str, int]) -> Iterator[Skipped]:
-    for event_type, count in runs.items():
-        yield Skipped(event_type, count)
-    runs.clear()
+def _block(
+    normalizer: Normalizer,
+    lines: list[bytes],
+    number: int,
+    name: str,
+    arrival: Callable[[], datetime],
+    line_filter: LineFilter | None,
+    *,
+    may_be_long: bool = False,
+) -> Iterator[Item]:
+    """The lines of one block: skipped ones counted, the others read in full (or rejected if over the cap)."""
+    if may_be_long:  # rare: a line of this block may be over the cap, so take the lines one by one
+        for i, line in enumerate(lines):
+            if len(line) > MAX_RECORD_BYTES:
+                yield Rejection(f"{name}:{number + i}", f"record exceeds the {MAX_RECORD_BYTES}-byte cap")
+            else:
+                yield from _block(normalizer, [line], number + i, name, arrival, line_filter)
+        return
+    kept: Iterable[int] = range(len(lines))
+    if line_filter is not None:
+        kept, skipped = line_filter.scan(lines)
+        for event_type, count in skipped.items():
+            yield Skipped(event_type, count)
+    for i in kept:
+        line = lines[i]
+        if line.strip():
+            yield from normalizer.from_line(line, f"{name}:{number + i}", arrival())
 
 
 def iter_paths(normalizer: Normalizer, paths: Iterable[str], arrival: Callable[[], datetime]) -> Iterator[Item]:

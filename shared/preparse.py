@@ -22,12 +22,15 @@ The filter is exact, not heuristic. It skips a line only if all of these hold:
 * no enabled rule can match the event type of that table (the same ``wanted(event_type)`` answer the
   normalizer asks the engine for).
 
-``tests/test_preparse.py`` checks this against the full path on generated and damaged lines.
+:meth:`LineFilter.scan` decides a whole block of lines in one loop (no call, generator step or
+position string per skipped line); ``LineFilter(wanted)(line)`` is the same decision for one line.
+``tests/test_preparse.py`` checks both against the full path on generated and damaged lines.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 
 import cysimdjson
 
@@ -36,56 +39,72 @@ from .normalize import EVIDENCE_EVENT_TYPE, Skipped
 _STREAM_PREFIX = "AdvancedHunting-"
 _NOT_FILTERED = "AlertInfo"  # event type depends on properties.Category: always the full path
 _MAX_CACHED = 4096  # distinct categories remembered; beyond that each is decided anew
-_UNDECIDED = Skipped("")
 
 
 class LineFilter:
-    """``filter(line)`` -> the ``Skipped`` the full path would give, or ``None`` (take the full path)."""
+    """Which lines of a block the full path must read, and how many of the others it would skip."""
 
     def __init__(self, wanted: Callable[[str], bool]) -> None:
         self._wanted = wanted
-        self.check = self._compile()
+        self._parse = cysimdjson.JSONParser().parse  # one parser per filter: it reuses its buffers
+        self._skipped_as: dict[str, str] = {}  # category -> event type, for categories no rule can match
+        self._read: set[str] = set()  # categories whose rows take the full path
 
     def __call__(self, line: bytes) -> Skipped | None:
-        return self.check(line)
+        """The ``Skipped`` the full path would give for ``line``, or ``None`` (take the full path)."""
+        kept, skipped = self.scan([line])
+        return None if kept else Skipped(next(iter(skipped)))
 
-    def _decide(self, category: str) -> Skipped | None:
-        if not category.startswith(_STREAM_PREFIX):
+    def _skipped_event_type(self, category: object) -> str | None:
+        """The event type of rows of ``category`` if no rule can match them, else ``None`` (remembered)."""
+        if type(category) is not str or category in self._read:
             return None
-        table = category[len(_STREAM_PREFIX) :]
-        if table == _NOT_FILTERED:
-            return None
+        table = category[len(_STREAM_PREFIX) :] if category.startswith(_STREAM_PREFIX) else _NOT_FILTERED
         event_type = EVIDENCE_EVENT_TYPE if table == "AlertEvidence" else f"MS-Defender-{table}"
-        return None if self._wanted(event_type) else Skipped(event_type)
+        skipped = None if table == _NOT_FILTERED or self._wanted(event_type) else event_type
+        if len(self._skipped_as) + len(self._read) < _MAX_CACHED:
+            if skipped is None:
+                self._read.add(category)
+            else:
+                self._skipped_as[category] = skipped
+        return skipped
 
-    def _compile(self) -> Callable[[bytes], Skipped | None]:
-        """The per-line check as one closure (no attribute look-ups on the hot path)."""
-        parse = cysimdjson.JSONParser().parse  # one parser per filter: it reuses its buffers
+    def scan(self, lines: Sequence[bytes]) -> tuple[list[int], Counter[str]]:
+        """``(indices of the lines to read in full, skipped lines counted by event type)``.
+
+        One loop over the block with everything in locals: the cost of a skipped line is its
+        simdjson parse and a few look-ups.
+        """
+        parse = self._parse
         json_object = cysimdjson.JSONObject
-        by_category: dict[str, Skipped | None] = {}
-        decide = self._decide
-        undecided = _UNDECIDED
-
-        def check(line: bytes) -> Skipped | None:
+        skipped_as = self._skipped_as
+        kept: list[int] = []
+        skipped: list[str] = []
+        keep, skip = kept.append, skipped.append
+        for i, line in enumerate(lines):
             try:
                 doc = parse(line)
-                category = doc.get("category")  # None when absent; AttributeError when not an object
-            except (ValueError, RuntimeError, AttributeError):  # simdjson's errors, UTF-8 ones included
-                return None
-            if type(category) is not str:
-                return None
-            decided = by_category.get(category, undecided)
-            if decided is undecided:
-                decided = decide(category)
-                if len(by_category) < _MAX_CACHED:
-                    by_category[category] = decided
-            if decided is None:
-                return None
+                event_type = skipped_as[doc.get("category")]  # KeyError: not (yet) known as skipped
+            except (ValueError, RuntimeError):  # simdjson's errors, UTF-8 ones included
+                keep(i)
+                continue
+            except AttributeError:  # not an object
+                keep(i)
+                continue
+            except (KeyError, TypeError):  # category absent, not a string, or not decided yet
+                found = self._skipped_event_type(doc.get("category"))
+                if found is None:
+                    keep(i)
+                    continue
+                event_type = found
             keys = list(doc.keys())  # unescaped, duplicates kept
-            if "value" in keys or keys.count("category") != 1 or keys.count("properties") != 1:
-                return None
-            if type(doc.get("properties")) is not json_object:
-                return None
-            return decided
-
-        return check
+            if (
+                keys.count("category") == 1
+                and keys.count("properties") == 1
+                and "value" not in keys
+                and type(doc.get("properties")) is json_object
+            ):
+                skip(event_type)
+            else:
+                keep(i)
+        return kept, Counter(skipped)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 from datetime import datetime, timezone
 from typing import Any
+from unittest import mock
 
 import orjson
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from shared import normalize
 from shared.engine import Engine
 from shared.normalize import Item, NormalizedEvent, Normalizer, Rejection, Skipped, iter_file
 from shared.preparse import LineFilter
@@ -20,6 +22,14 @@ ARRIVAL = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
 TABLES = ["DeviceProcessEvents", "DeviceNetworkEvents", "AlertInfo", "AlertEvidence", "DeviceLogonEvents", "", "X-Y"]
 DEFAULT_RULES = [r for r in load_rules([default_rules_dir()]) if not r.sequence]  # single-subpattern ones
 NASTY = "__nasty__"
+ALERT_ROW = orjson.dumps(
+    {
+        "time": "2026-11-01T00:00:00Z",
+        "tenantId": "t",
+        "category": "AdvancedHunting-AlertInfo",
+        "properties": {"AlertId": "da1", "Title": "x", "Category": "Persistence", "AttackTechniques": '["T (T1053)"]'},
+    }
+)
 
 
 def _table_rule(table: str) -> Rule:
@@ -176,13 +186,7 @@ def _replay(data: bytes, rules: list[Rule], *, use_filter: bool) -> tuple[list[A
 def test_a_replay_gives_the_same_incidents_and_rejections_with_and_without_the_filter(
     rows: list[bytes], readers: set[str]
 ) -> None:
-    alert = {
-        "time": "2026-11-01T00:00:00Z",
-        "tenantId": "t",
-        "category": "AdvancedHunting-AlertInfo",
-        "properties": {"AlertId": "da1", "Title": "x", "Category": "Persistence", "AttackTechniques": '["T (T1053)"]'},
-    }
-    data = b"\n".join([orjson.dumps(alert), *rows, orjson.dumps(alert).replace(b"da1", b"da2")]) + b"\n"
+    data = b"\n".join([ALERT_ROW, *rows, ALERT_ROW.replace(b"da1", b"da2")]) + b"\n"
     rules = [*DEFAULT_RULES, *(_table_rule(t) for t in sorted(readers))]
     with_filter = _replay(data, rules, use_filter=True)
     assert with_filter == _replay(data, rules, use_filter=False)
@@ -208,3 +212,63 @@ def test_skipped_lines_cost_no_clock_call_and_no_parse_of_their_own() -> None:
     skipped = [i for i in items if isinstance(i, Skipped)]
     assert sum(i.count for i in skipped) == 200 and {i.event_type for i in skipped} == {"MS-Defender-DeviceProcessEvents"}
     assert [i.position for i in items if isinstance(i, NormalizedEvent)] == ["in:101"]
+
+
+CAP = 200  # record cap while reading in tiny blocks, so that lines over it are cheap to generate
+
+
+@st.composite
+def file_rows(draw: st.DrawFn) -> bytes:
+    """A row of a JSON lines file: a streaming row, blank, over the (test) cap, or with a CR."""
+    kind = draw(st.sampled_from(["row", "row", "row", "blank", "long", "cr"]))
+    if kind == "blank":
+        return draw(st.sampled_from([b"", b" ", b"\t "]))
+    row = draw(lines())
+    if kind == "long":
+        return row + b" " * (CAP + 1 - len(row)) if len(row) <= CAP else row
+    return row + b"\r" if kind == "cr" else row
+
+
+def _line_by_line(data: bytes, rules: list[Rule]) -> tuple[list[str], dict[str, int], list[dict[str, Any]]]:
+    """The oracle: split on newlines, reject lines over the cap, parse every other non-blank line."""
+    engine = Engine(rules, MemoryStateStore(), lambda: ARRIVAL)
+    normalizer = Normalizer(prefilter=engine.could_match)
+    items: list[Item] = []
+    for number, line in enumerate(data.split(b"\n")[: -1 if data.endswith(b"\n") else None], 1):
+        if len(line) > CAP:
+            items.append(Rejection(f"in:{number}", f"record exceeds the {CAP}-byte cap"))
+        elif line.strip():
+            items += normalizer.from_line(line, f"in:{number}", ARRIVAL)
+    return _outcome(items, engine)
+
+
+def _outcome(items: list[Item], engine: Engine) -> tuple[list[str], dict[str, int], list[dict[str, Any]]]:
+    """What a reader's items come to: events and rejections in order, skipped counts, incidents."""
+    shown = [
+        f"{i.position} {i.identity}" if isinstance(i, NormalizedEvent) else str(i) for i in items if not isinstance(i, Skipped)
+    ]
+    skipped: dict[str, int] = {}
+    for i in items:
+        if isinstance(i, Skipped):
+            skipped[i.event_type] = skipped.get(i.event_type, 0) + i.count
+    events = [i for i in items if isinstance(i, NormalizedEvent)]
+    return shown, skipped, engine.process(events).incidents
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(file_rows(), max_size=10), st.integers(1, 300), st.booleans(), st.sets(st.sampled_from(TABLES)))
+@example([b"x" * 450, b'{"eventType":"y","eventId":"e"}'], 7, True, set())  # over the cap across many blocks
+@example(
+    [b'{"category":"AdvancedHunting-DeviceProcessEvents","properties":{}}' + b" " * CAP], 64, False, set()
+)  # skippable but over
+@example([b'{"eventType":"y","eventId":"e"}'], 1, True, set())  # one byte per block
+def test_reading_in_blocks_of_any_size_gives_what_reading_line_by_line_gives(
+    rows: list[bytes], block: int, newline_at_end: bool, readers: set[str]
+) -> None:
+    data = b"\n".join([ALERT_ROW, *rows]) + (b"\n" if newline_at_end else b"")
+    rules = [*DEFAULT_RULES, *(_table_rule(t) for t in sorted(readers))]
+    engine = Engine(rules, MemoryStateStore(), lambda: ARRIVAL)
+    normalizer = Normalizer(prefilter=engine.could_match)
+    with mock.patch.object(normalize, "READ_BLOCK_BYTES", block), mock.patch.object(normalize, "MAX_RECORD_BYTES", CAP):
+        read = _outcome(list(iter_file(normalizer, io.BytesIO(data), "in", lambda: ARRIVAL)), engine)
+        assert read == _line_by_line(data, rules)

@@ -17,7 +17,7 @@ import re
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import orjson
 
@@ -74,7 +74,7 @@ def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-class _Group:
+class Group:
     __slots__ = ("display", "incident", "newest", "window")
 
     def __init__(self, display: tuple[str, ...]) -> None:
@@ -84,39 +84,131 @@ class _Group:
         self.incident: list[Any] | None = None  # [id, revision, first, last, last_trigger, window_start, count, attrs]
 
 
+class Spec(NamedTuple):
+    """What the loop needs of one rule: its condition (code, from ``CONDITIONS``) and its metadata."""
+
+    rule_id: str
+    cond: Callable[[str, frozenset[str]], bool]
+    group_by: tuple[str, ...]
+    mapping: tuple[tuple[str, str | None, bool], ...]
+    window_ms: int
+    lifetime_ms: int
+
+    def data(self) -> dict[str, Any]:
+        """JSON form (without the condition), for a flow running in another interpreter."""
+        return {k: v for k, v in self._asdict().items() if k != "cond"}
+
+    @classmethod
+    def of(cls, data: dict[str, Any]) -> Spec:
+        mapping = tuple((name, attr, agg) for name, attr, agg in data["mapping"])
+        return cls(
+            data["rule_id"], CONDITIONS[data["rule_id"]], tuple(data["group_by"]), mapping, data["window_ms"], data["lifetime_ms"]
+        )
+
+
+def specs_of(rules: list[Any]) -> list[Spec]:
+    return [
+        Spec(
+            rule.id,
+            CONDITIONS[rule.id],
+            tuple(rule.group_by),
+            tuple((m.incident_attr, m.attr, m.aggregate is not None) for m in rule.mappings),
+            rule.window_s * 1000,
+            rule.lifetime_s * 1000,
+        )
+        for rule in rules
+        if rule.model.enabled
+    ]
+
+
+def parse_alert(line: bytes | str) -> tuple[str, frozenset[str], int, int, dict[str, Any]] | None:
+    """(event type, techniques, event time ms, identity hash, attributes) of a streaming AlertInfo
+    row, else None: the normalizer's mapping for this one table, written out."""
+    rec = orjson.loads(line)
+    if rec.get("category") != "AdvancedHunting-AlertInfo":
+        return None
+    props = rec["properties"]
+    category = props.get("Category") or ""
+    et = (
+        "MS-Defender-Endpoint-Alert"
+        + ("-" + "".join(p[:1].upper() + p[1:] for p in _SPLIT.split(category) if p) if category else "")
+    ).lower()
+    tset = frozenset(t.lower() for t in _techniques(props.get("AttackTechniques")))
+    ts = props.get("Timestamp") or rec.get("time")
+    t = int(datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() * 1000)
+    content = orjson.dumps(props, option=orjson.OPT_SORT_KEYS, default=str)
+    identity = f"stream:AlertInfo:{props.get('AlertId') or ''}:{hashlib.blake2b(content, digest_size=16).hexdigest()}"
+    ident = int.from_bytes(hashlib.blake2b(identity.encode(), digest_size=8).digest(), "big", signed=True)
+    attrs = {"alertName": props.get("Title") or "", "alertIdStr": props["AlertId"], "tenantId": rec.get("tenantId") or ""}
+    return et, tset, t, ident, attrs
+
+
+def group_values(spec: Spec, attrs: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(display values, case-folded values) of the group an event falls in."""
+    values = tuple(str(attrs.get(a, "")) for a in spec.group_by)
+    if "tenantId" not in spec.group_by:  # the engine keys every group by tenant too
+        values += (attrs["tenantId"],)
+    return values, tuple(v.lower() for v in values)
+
+
+def step(g: Group, spec: Spec, norm: tuple[str, ...], t: int, ident: int) -> str | None:
+    """Apply one event to its group: ``created``/``updated`` when it triggers, None when it is a
+    duplicate or late (then nothing changes)."""
+    window_ms = spec.window_ms
+    if any(e[1] == ident for e in g.window) or t < g.newest - window_ms:
+        return None
+    g.window.append((t, ident))
+    if t > g.newest:
+        g.newest = t
+    while g.window and g.window[0][0] < g.newest - window_ms:
+        g.window.popleft()
+    by = dict(zip(spec.group_by, g.display, strict=False))
+    mapped = {name: (len(g.window) if agg else by.get(attr or "", "")) for name, attr, agg in spec.mapping}
+    inc = g.incident
+    if inc is not None and t - inc[4] > spec.lifetime_ms:
+        inc = None
+    if inc is None:
+        key_text = spec.rule_id + "\x1f" + "\x1f".join(norm)
+        inc_id = "inc-" + hashlib.blake2b(f"{key_text}\x1e{t}".encode(), digest_size=12).hexdigest()
+        g.incident = [inc_id, 1, t, t, t, t, 1, mapped]
+        return "created"
+    inc[1] += 1
+    if t - inc[5] > window_ms:
+        inc[6] += 1
+        inc[5] = t
+    inc[3], inc[4], inc[7] = max(inc[3], t), max(inc[4], t), mapped
+    return "updated"
+
+
+def snapshot(spec: Spec, g: Group, action: str) -> dict[str, Any]:
+    """The compact snapshot of a group's incident (the fields the benchmark compares)."""
+    inc = g.incident
+    assert inc is not None
+    return {
+        "incidentId": inc[0],
+        "revision": inc[1],
+        "action": action,
+        "ruleId": spec.rule_id,
+        "groupBy": dict(zip(spec.group_by, g.display, strict=False)),
+        "attributes": inc[7],
+        "triggerCount": inc[6],
+        "firstSeen": _iso(inc[2]),
+        "lastSeen": _iso(inc[3]),
+    }
+
+
 def run(path: str, rules: list[Any], out: IO[bytes]) -> int:
-    """Correlate ``path``; returns the number of records read."""
-    specs = []
-    for rule in rules:
-        if not rule.model.enabled:
-            continue
-        mapping = [(m.incident_attr, m.attr, m.aggregate is not None) for m in rule.mappings]
-        specs.append((rule.id, CONDITIONS[rule.id], tuple(rule.group_by), mapping, rule.window_s * 1000, rule.lifetime_s * 1000))
-    groups: dict[tuple[str, tuple[str, ...]], _Group] = {}
-    touched: dict[str, tuple[str, _Group, dict[str, Any], str]] = {}
+    """Correlate ``path``; returns the number of records read. One snapshot per touched incident per
+    1,000 records (its action the first of them)."""
+    specs = specs_of(rules)
+    groups: dict[tuple[str, tuple[str, ...]], Group] = {}
+    touched: dict[str, tuple[Spec, Group, str]] = {}
     records = 0
-    loads, blake2b, dumps = orjson.loads, hashlib.blake2b, orjson.dumps
+    dumps = orjson.dumps
 
     def flush() -> None:
-        for rule_id, g, by, action in touched.values():
-            inc = g.incident
-            assert inc is not None
-            out.write(
-                dumps(
-                    {
-                        "incidentId": inc[0],
-                        "revision": inc[1],
-                        "action": action,
-                        "ruleId": rule_id,
-                        "groupBy": by,
-                        "attributes": inc[7],
-                        "triggerCount": inc[6],
-                        "firstSeen": _iso(inc[2]),
-                        "lastSeen": _iso(inc[3]),
-                    }
-                )
-                + b"\n"
-            )
+        for spec, g, action in touched.values():
+            out.write(dumps(snapshot(spec, g, action)) + b"\n")
         touched.clear()
 
     with open(path, "rb") as stream:
@@ -126,58 +218,22 @@ def run(path: str, rules: list[Any], out: IO[bytes]) -> int:
                 flush()
             if b'"AdvancedHunting-AlertInfo"' not in line:
                 continue
-            rec = loads(line)
-            if rec.get("category") != "AdvancedHunting-AlertInfo":
+            parsed = parse_alert(line)
+            if parsed is None:
                 continue
-            props = rec["properties"]
-            category = props.get("Category") or ""
-            et = (
-                "MS-Defender-Endpoint-Alert"
-                + ("-" + "".join(p[:1].upper() + p[1:] for p in _SPLIT.split(category) if p) if category else "")
-            ).lower()
-            techs = _techniques(props.get("AttackTechniques"))
-            tset = frozenset(t.lower() for t in techs)
-            ts = props.get("Timestamp") or rec.get("time")
-            t = int(datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() * 1000)
-            content = dumps(props, option=orjson.OPT_SORT_KEYS, default=str)
-            identity = f"stream:AlertInfo:{props.get('AlertId') or ''}:{blake2b(content, digest_size=16).hexdigest()}"
-            ident = int.from_bytes(blake2b(identity.encode(), digest_size=8).digest(), "big", signed=True)
-            attrs = {"alertName": props.get("Title") or "", "alertIdStr": props["AlertId"], "tenantId": rec.get("tenantId") or ""}
-            for rule_id, cond, group_by, mapping, window_ms, lifetime_ms in specs:
-                if not cond(et, tset):
+            et, tset, t, ident, attrs = parsed
+            for spec in specs:
+                if not spec.cond(et, tset):
                     continue
-                values = tuple(str(attrs.get(a, "")) for a in group_by)
-                if "tenantId" not in group_by:  # the engine keys every group by tenant too
-                    values += (attrs["tenantId"],)
-                norm = tuple(v.lower() for v in values)
-                g = groups.get((rule_id, norm))
+                values, norm = group_values(spec, attrs)
+                g = groups.get((spec.rule_id, norm))
                 if g is None:
-                    g = groups[(rule_id, norm)] = _Group(values)
-                if any(e[1] == ident for e in g.window) or t < g.newest - window_ms:
-                    continue  # duplicate or late
-                g.window.append((t, ident))
-                if t > g.newest:
-                    g.newest = t
-                while g.window and g.window[0][0] < g.newest - window_ms:
-                    g.window.popleft()
-                by = dict(zip(group_by, g.display, strict=False))
-                mapped = {name: (len(g.window) if agg else by.get(attr or "", "")) for name, attr, agg in mapping}
-                inc = g.incident
-                if inc is not None and t - inc[4] > lifetime_ms:
-                    inc = None
-                if inc is None:
-                    key_text = rule_id + "\x1f" + "\x1f".join(norm)
-                    inc_id = "inc-" + blake2b(f"{key_text}\x1e{t}".encode(), digest_size=12).hexdigest()
-                    g.incident = [inc_id, 1, t, t, t, t, 1, mapped]
-                    action = "created"
-                else:
-                    inc[1] += 1
-                    if t - inc[5] > window_ms:
-                        inc[6] += 1
-                        inc[5] = t
-                    inc[3], inc[4], inc[7] = max(inc[3], t), max(inc[4], t), mapped
-                    prior = touched.get(inc[0])
-                    action = prior[3] if prior else "updated"
-                touched[g.incident[0]] = (rule_id, g, by, action)
+                    g = groups[(spec.rule_id, norm)] = Group(values)
+                action = step(g, spec, norm, t, ident)
+                if action is None:
+                    continue
+                assert g.incident is not None
+                prior = touched.get(g.incident[0])
+                touched[g.incident[0]] = (spec, g, prior[2] if prior else action)
     flush()
     return records

@@ -54,7 +54,7 @@ def forward_incident(message: func.QueueMessage) -> None:
 @app.function_name("poll_graph_alerts")
 @app.timer_trigger(arg_name="timer", schedule="%GRAPH_POLL_SCHEDULE%", run_on_startup=False, use_monitor=True)
 def poll_graph_alerts(timer: func.TimerRequest) -> None:
-    """Poll Graph alerts_v2 for each tenant in GRAPH_TENANTS and publish them to the alerts hub."""
+    """Poll Graph alerts_v2 and incidents (GRAPH_RESOURCES) for each tenant in GRAPH_TENANTS; publish to the alerts hub."""
     graph = get_graph_runtime()
     if graph is not None:  # off unless GRAPH_TENANTS is configured
         graph.run()

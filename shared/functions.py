@@ -463,7 +463,9 @@ def build_graph_runtime(env: dict[str, str] | None = None) -> GraphRuntime | Non
             eventhub_name=graph.eventhub_name,
             credential=identity.ManagedIdentityCredential(client_id=settings.managed_identity_client_id),
         )
-    poller = GraphPoller(cached, TableCursorStore(table), eventhub_publisher(producer), base_url=graph.base_url)
+    poller = GraphPoller(
+        cached, TableCursorStore(table), eventhub_publisher(producer), base_url=graph.base_url, resources=graph.resources
+    )
     return GraphRuntime(poller, graph.tenants, producer.close)
 
 

@@ -1,10 +1,13 @@
-"""The Graph data source: poll ``security/alerts_v2`` per tenant and publish to the alerts Event Hub.
+"""The Graph data source: poll ``security/alerts_v2`` (and ``security/incidents``) per tenant and publish
+to the alerts Event Hub.
 
 Both data sources then take one path: the correlator reads Graph alerts from the same hub as
 Defender's streaming export.
 
 * Per tenant, ``GET /v1.0/security/alerts_v2?$filter=lastUpdateDateTime ge <cursor>`` ordered by
-  ``lastUpdateDateTime``, following ``@odata.nextLink``.
+  ``lastUpdateDateTime``, following ``@odata.nextLink``; with ``GRAPH_RESOURCES`` including
+  ``incidents``, the same for ``security/incidents`` (own cursor; no ``$orderby``, which is not
+  documented there), so that FortiSIEM's incident rule (``M365Defender-Incident``) has input.
 * 429 and 5xx honour ``Retry-After`` (fractional seconds or a date; non-finite values refused),
   else exponential backoff with jitter; no single wait passes ``MAX_WAIT_S`` and no run passes its
   time budget (the tenant fails with the reason and is polled next run); a 401 refreshes the token
@@ -50,9 +53,13 @@ GRAPH_SCOPE = "https://graph.microsoft.com/.default"
 GRAPH_BASE_URL = "https://graph.microsoft.com/v1.0"
 REQUESTS_PER_MINUTE = 150  # Graph security API limit per app per tenant
 PAGE_SIZE = 100
+INCIDENT_PAGE_SIZE = 50  # the documented maximum $top of security/incidents
 MAX_PAGES_PER_RUN = 200  # a run stops after this many pages; the cursor carries on next time
 RUN_BUDGET_S = 240.0  # one run of every tenant, well inside the 10-minute function timeout
 MAX_WAIT_S = 60.0  # the longest single Retry-After/backoff wait a tenant may take
+ALERTS, INCIDENTS = "alerts_v2", "incidents"
+RESOURCES = (ALERTS, INCIDENTS)  # polled collections under /security (incidents: FortiSIEM's incident rule)
+PERMISSIONS = {ALERTS: "SecurityAlert.Read.All", INCIDENTS: "SecurityIncident.Read.All"}
 MAX_REQUEST_S = 60.0  # one request, headers to last byte (the read timeout bounds each read, not the total)
 MAX_PAGE_BYTES = 32 << 20  # one alerts_v2 page of PAGE_SIZE alerts is far below this; a larger body is refused
 
@@ -78,23 +85,28 @@ class Publisher(Protocol):
 
 
 class CursorStore(Protocol):
-    def load(self, tenant: str) -> tuple[str | None, list[str]]:
-        """The tenant's cursor (ISO time) and the identities already published at that time."""
+    def load(self, tenant: str, resource: str = ALERTS) -> tuple[str | None, list[str]]:
+        """The tenant's cursor for ``resource`` (ISO time) and the identities already published at that time."""
         ...
 
-    def save(self, tenant: str, cursor: str, boundary: list[str]) -> None: ...
+    def save(self, tenant: str, cursor: str, boundary: list[str], resource: str = ALERTS) -> None: ...
+
+
+def _cursor_key(tenant: str, resource: str) -> str:
+    """alerts_v2 cursors keep the tenant alone as their key (as before incidents were polled)."""
+    return tenant if resource == ALERTS else f"{tenant}~{resource}"  # "~" is never in a tenant (settings)
 
 
 @dataclass
 class MemoryCursorStore:
     data: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
 
-    def load(self, tenant: str) -> tuple[str | None, list[str]]:
-        cursor, boundary = self.data.get(tenant, (None, []))
+    def load(self, tenant: str, resource: str = ALERTS) -> tuple[str | None, list[str]]:
+        cursor, boundary = self.data.get(_cursor_key(tenant, resource), (None, []))
         return cursor, list(boundary)
 
-    def save(self, tenant: str, cursor: str, boundary: list[str]) -> None:
-        self.data[tenant] = (cursor, list(boundary))
+    def save(self, tenant: str, cursor: str, boundary: list[str], resource: str = ALERTS) -> None:
+        self.data[_cursor_key(tenant, resource)] = (cursor, list(boundary))
 
 
 MAX_BOUNDARY_IDENTITIES = 500
@@ -117,13 +129,13 @@ class TableCursorStore(TableBacked):
 
     PARTITION = "graph-cursor"
 
-    def load(self, tenant: str) -> tuple[str | None, list[str]]:
+    def load(self, tenant: str, resource: str = ALERTS) -> tuple[str | None, list[str]]:
         from azure.core.exceptions import ResourceNotFoundError
 
         self._ensure()
         with self.azure_errors("graph cursor read"):
             try:
-                entity = self.table.get_entity(self.PARTITION, _row_key(tenant))
+                entity = self.table.get_entity(self.PARTITION, _row_key(tenant, resource))
             except ResourceNotFoundError:
                 return None, []
         try:
@@ -132,15 +144,16 @@ class TableCursorStore(TableBacked):
             boundary = []  # an unreadable boundary only costs re-publishing (recognised downstream)
         return entity.get("cursor"), [str(b) for b in boundary] if isinstance(boundary, list) else []
 
-    def save(self, tenant: str, cursor: str, boundary: list[str]) -> None:
+    def save(self, tenant: str, cursor: str, boundary: list[str], resource: str = ALERTS) -> None:
         from azure.data.tables import UpdateMode
 
         self._ensure()
         # One poller per tenant at a time (the timer trigger is a singleton), so a plain upsert is safe here.
         entity = {
             "PartitionKey": self.PARTITION,
-            "RowKey": _row_key(tenant),
+            "RowKey": _row_key(tenant, resource),
             "tenant": tenant,
+            "resource": resource,
             "cursor": cursor,
             "boundary": _bounded_boundary(boundary),
         }
@@ -148,8 +161,9 @@ class TableCursorStore(TableBacked):
             self.table.upsert_entity(entity, mode=UpdateMode.REPLACE)
 
 
-def _row_key(tenant: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", tenant)[:200]
+def _row_key(tenant: str, resource: str = ALERTS) -> str:
+    key = re.sub(r"[^A-Za-z0-9_.-]", "_", tenant)[:200]
+    return key if resource == ALERTS else f"{key}~{resource}"  # "~" never survives the substitution
 
 
 class RateLimiter:
@@ -206,9 +220,11 @@ def graph_session(retries: int = 3, backoff_s: float = 0.5) -> requests.Session:
     return session
 
 
-def identity_of(alert: dict[str, Any]) -> str:
-    """The same identity the normalizer gives a Graph alert (``graph:<id>:<lastUpdateDateTime>``)."""
-    return f"graph:{alert.get('id')}:{alert.get('lastUpdateDateTime') or alert.get('createdDateTime')}"
+def identity_of(item: dict[str, Any], resource: str = ALERTS) -> str:
+    """The same identity the normalizer gives a Graph alert (``graph:<id>:<lastUpdateDateTime>``) or
+    incident (``graph-incident:...``)."""
+    prefix = "graph" if resource == ALERTS else "graph-incident"
+    return f"{prefix}:{item.get('id')}:{item.get('lastUpdateDateTime') or item.get('createdDateTime')}"
 
 
 def _origin(url: str) -> tuple[str, str, int] | None:
@@ -255,6 +271,7 @@ def retry_after_seconds(value: str | None) -> float | None:
 @dataclass
 class PollResult:
     tenant: str
+    resource: str = ALERTS
     published: int = 0
     pages: int = 0
     duplicates: int = 0
@@ -288,7 +305,12 @@ class GraphPoller:
         budget_s: float = RUN_BUDGET_S,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        resources: Sequence[str] = (ALERTS,),
     ) -> None:
+        unknown = [r for r in resources if r not in RESOURCES]
+        if unknown or not resources:
+            raise GraphError(f"Graph resources {list(resources)!r}: each must be one of {', '.join(RESOURCES)}")
+        self.resources = tuple(dict.fromkeys(resources))
         self.credential_for = credential_for
         self.cursors = cursors
         self.publisher = publisher
@@ -307,28 +329,33 @@ class GraphPoller:
         self._deadline = math.inf
 
     def poll_all(self, tenants: Iterable[str]) -> list[PollResult]:
-        """Poll every tenant within ``budget_s``; one tenant's failure does not stop the others."""
+        """Poll every tenant (each of its resources) within ``budget_s``; one failure does not stop
+        the others: a tenant's incidents failing (a missing permission) leaves its alerts polled."""
         self._deadline = self.monotonic() + self.budget_s
         results = []
         try:
             for tenant in tenants:
-                if self.monotonic() >= self._deadline:
-                    reason = f"the run's time budget ({self.budget_s:g}s) was spent before this tenant; polled next run"
-                    log.error("graph poll of tenant %s skipped: %s", tenant, reason)
-                    results.append(PollResult(tenant, error=reason))
-                    continue
-                try:
-                    results.append(self.poll(tenant))
-                except Exception as exc:  # isolation: any failure of one tenant is that tenant's result
-                    reason = str(exc) if isinstance(exc, GraphError) else f"{type(exc).__name__}: {exc}"
-                    log.error("graph poll of tenant %s failed: %s", tenant, reason)
-                    results.append(PollResult(tenant, error=reason))
+                for resource in self.resources:
+                    results.append(self._poll_isolated(tenant, resource))
         finally:
             self._deadline = math.inf
         return results
 
-    def poll(self, tenant: str) -> PollResult:
-        """Publish every alert updated since the tenant's cursor, then move the cursor.
+    def _poll_isolated(self, tenant: str, resource: str) -> PollResult:
+        what = tenant if resource == ALERTS else f"{tenant} ({resource})"
+        if self.monotonic() >= self._deadline:
+            reason = f"the run's time budget ({self.budget_s:g}s) was spent before this tenant; polled next run"
+            log.error("graph poll of tenant %s skipped: %s", what, reason)
+            return PollResult(tenant, resource, error=reason)
+        try:
+            return self.poll(tenant, resource)
+        except Exception as exc:  # isolation: any failure of one tenant is that tenant's result
+            reason = str(exc) if isinstance(exc, GraphError) else f"{type(exc).__name__}: {exc}"
+            log.error("graph poll of tenant %s failed: %s", what, reason)
+            return PollResult(tenant, resource, error=reason)
+
+    def poll(self, tenant: str, resource: str = ALERTS) -> PollResult:
+        """Publish every alert (or incident) updated since the tenant's cursor, then move the cursor.
 
         The cursor moves only once the whole page sequence is published, to the newest
         ``lastUpdateDateTime`` seen (never past the time of this poll), so the order in which the
@@ -338,9 +365,9 @@ class GraphPoller:
         Raises: GraphError (the cursor stays where it was; the next run re-reads and the correlator
         counts each alert version once), or the publisher's or cursor store's error.
         """
-        result = PollResult(tenant)
+        result = PollResult(tenant, resource)
         poll_time = self.clock()
-        stored, boundary = self.cursors.load(tenant)
+        stored, boundary = self.cursors.load(tenant, resource)
         start = _time_of(stored) if stored else None
         if start is None:
             start, boundary = poll_time - self.lookback, []
@@ -351,13 +378,17 @@ class GraphPoller:
         newest = start
         late: list[tuple[datetime, str]] = []  # (time, identity) of everything seen at or after the start
         ascending, previous = True, None
-        query = urlencode({"$filter": f"lastUpdateDateTime ge {cursor}", "$orderby": "lastUpdateDateTime asc", "$top": PAGE_SIZE})
-        url: str | None = f"{self.base_url}/security/alerts_v2?{query}"
+        params: dict[str, Any] = {"$filter": f"lastUpdateDateTime ge {cursor}"}
+        if resource == ALERTS:  # works on alerts_v2 in practice; not documented for incidents (order is not needed)
+            params["$orderby"] = "lastUpdateDateTime asc"
+        params["$top"] = PAGE_SIZE if resource == ALERTS else INCIDENT_PAGE_SIZE
+        query = urlencode(params)
+        url: str | None = f"{self.base_url}/security/{resource}?{query}"
         token = self._token(tenant)
         # the run's time budget bounds the pages too, not only the waits: a slow service never runs a
         # tenant (and the tenants after it) past the function timeout; ascending pages keep their progress
         while url and result.pages < MAX_PAGES_PER_RUN and self.monotonic() < self._deadline:
-            page, token = self._get(tenant, url, token)
+            page, token = self._get(tenant, url, token, resource)
             result.pages += 1
             alerts = page.get("value")
             if not isinstance(alerts, list):
@@ -366,7 +397,7 @@ class GraphPoller:
             for alert in alerts:
                 if not isinstance(alert, dict):
                     continue
-                ident = identity_of(alert)
+                ident = identity_of(alert, resource)
                 when = _time_of(alert.get("lastUpdateDateTime"))
                 if when is not None:
                     late.append((when, ident))
@@ -396,10 +427,12 @@ class GraphPoller:
             new_boundary = list(boundary) + new_boundary
         result.cursor = iso(new)
         if result.cursor != stored or new_boundary != boundary:
-            self.cursors.save(tenant, result.cursor, list(dict.fromkeys(new_boundary)))  # after every page was published
+            # after every page was published
+            self.cursors.save(tenant, result.cursor, list(dict.fromkeys(new_boundary)), resource)
         log.info(
-            "graph poll %s: %d published, %d duplicates, %d page(s), cursor %s",
+            "graph poll %s %s: %d published, %d duplicates, %d page(s), cursor %s",
             tenant,
+            resource,
             result.published,
             result.duplicates,
             result.pages,
@@ -440,7 +473,7 @@ class GraphPoller:
             raise GraphError(f"{why}: waiting {seconds:g}s exceeds the {limit:.0f}s left for this run; polled again next run")
         self.sleep(seconds)
 
-    def _get(self, tenant: str, url: str, token: str) -> tuple[dict[str, Any], str]:
+    def _get(self, tenant: str, url: str, token: str, resource: str = ALERTS) -> tuple[dict[str, Any], str]:
         refreshed = False
         failures = 0
         while True:
@@ -472,16 +505,18 @@ class GraphPoller:
                 after = retry_after_seconds(response.headers.get("Retry-After"))
                 if after is None:
                     after = min(self.max_wait_s, self.backoff_s * 2 ** (failures - 1) * (1 + random.random() / 2))
-                self._wait(after, f"HTTP {status} from alerts_v2")
+                self._wait(after, f"HTTP {status} from {resource}")
                 continue
+            if status == 403:
+                raise GraphError(f"HTTP 403 from {resource}: the app needs the {PERMISSIONS[resource]} permission in this tenant")
             if status != 200:
-                raise GraphError(f"HTTP {status} from alerts_v2")
+                raise GraphError(f"HTTP {status} from {resource}")
             try:
                 page = orjson.loads(body)
             except orjson.JSONDecodeError:
-                raise GraphError("malformed JSON in the alerts_v2 response") from None
+                raise GraphError(f"malformed JSON in the {resource} response") from None
             if not isinstance(page, dict):
-                raise GraphError("alerts_v2 response is not a JSON object")
+                raise GraphError(f"{resource} response is not a JSON object")
             return page, token
 
     def _body(self, response: requests.Response, deadline: float) -> bytes:
@@ -494,9 +529,9 @@ class GraphPoller:
         while chunk := response.raw.read1(1 << 16, decode_content=True):  # one socket read at most
             size += len(chunk)
             if size > MAX_PAGE_BYTES:
-                raise GraphError(f"alerts_v2 response larger than {MAX_PAGE_BYTES} bytes; refused")
+                raise GraphError(f"response larger than {MAX_PAGE_BYTES} bytes; refused")
             if self.monotonic() > deadline:
-                raise GraphError("alerts_v2 response still arriving at the request's time limit; polled again next run")
+                raise GraphError("response still arriving at the request's time limit; polled again next run")
             chunks.append(chunk)
         return b"".join(chunks)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import RuleError
-from .normalize import EVIDENCE_EVENT_TYPE
+from .normalize import EVIDENCE_EVENT_TYPE, INCIDENT_EVENT_TYPE
 from .query import Node, parse_query, partial_eval
 from .rules import Rule, default_groups
 
@@ -79,6 +79,7 @@ SAMPLE_EVENT_TYPES = tuple(
     [f"{prefix}{suffix}" for prefix in ("M365Defender-Alert", "MS-Defender-Endpoint-Alert", "Microsoft-WinDefATP-Alert")
      for suffix in ("", *(f"-{c}" for c in ALERT_CATEGORIES))]
     + [f"MS-Defender-{t}" for t in STREAMING_TABLES]
+    + [INCIDENT_EVENT_TYPE]  # Graph security/incidents (GRAPH_RESOURCES)
 )  # fmt: skip
 EVIDENCE_ONLY_ATTRS = ("EntityType", "EvidenceRole", "EvidenceDirection")
 
@@ -176,7 +177,8 @@ def lint_data(data: dict[str, Any], path: str, rule_ids: Iterable[str] = ()) -> 
                     "never-matches",
                     f"no event type the normalizer produces can match this query{hint}; produced types are "
                     "M365Defender-Alert-<Category>, MS-Defender-Endpoint-Alert-<Category>, "
-                    "Microsoft-WinDefATP-Alert-<Category>, MS-Defender-Endpoint-AlertEvidence (only for rules "
+                    "Microsoft-WinDefATP-Alert-<Category>, M365Defender-Incident (Graph incidents), "
+                    "MS-Defender-Endpoint-AlertEvidence (only for rules "
                     "declaring alertEvidence: events), MS-Defender-<Table> and the ids of the other loaded rules "
                     "(chained incidents)",
                 )

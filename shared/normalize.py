@@ -44,6 +44,7 @@ FORMATS = ("auto", "graph", "streaming", "mde", "siem", "normalized")
 
 ALERT, EVIDENCE, OTHER = "alert", "evidence", "event"
 EVIDENCE_EVENT_TYPE = "MS-Defender-Endpoint-AlertEvidence"
+INCIDENT_EVENT_TYPE = "M365Defender-Incident"  # a Graph security/incidents object (FortiSIEM's incident rule)
 
 _TECHNIQUE = re.compile(r"^T\d{4}(?:\.\d{3})?$")
 _TECHNIQUE_IN_TEXT = re.compile(r"\((T\d{4}(?:\.\d{3})?)\)")
@@ -208,6 +209,14 @@ def _pascal(text: str) -> str:
     return "".join(part[:1].upper() + part[1:] for part in re.split(r"[\s_/]+", text) if part)
 
 
+def is_graph_incident(rec: dict[str, Any]) -> bool:
+    """A Graph ``security/incidents`` object (by its type, or by the fields only incidents have)."""
+    otype = rec.get("@odata.type")
+    if isinstance(otype, str):
+        return otype.endswith("security.incident")
+    return "incidentWebUrl" in rec and "displayName" in rec and "title" not in rec
+
+
 def detect_format(rec: Any) -> str | None:
     """Which wire format a single record is in, or None."""
     if not isinstance(rec, dict):
@@ -216,6 +225,8 @@ def detect_format(rec: Any) -> str | None:
     if isinstance(category, str) and category.startswith(_STREAM_PREFIX) and "properties" in rec:
         return "streaming"
     otype = rec.get("@odata.type")
+    if is_graph_incident(rec):
+        return "graph"
     if (
         (isinstance(otype, str) and otype.endswith("security.alert"))
         or "providerAlertId" in rec
@@ -407,6 +418,8 @@ class Normalizer:
 
     def _graph(self, rec: dict[str, Any], position: str, arrival: datetime) -> Item:
         fmt = "graph"
+        if is_graph_incident(rec):
+            return self._graph_incident(rec, position, arrival)
         attrs, _ = self._alert_head(rec, fmt, "M365Defender-Alert", "category", "id")
         if isinstance(attrs, Skipped):
             return attrs
@@ -428,6 +441,29 @@ class Normalizer:
         version = _text(rec, "lastUpdateDateTime", fmt) or _text(rec, "createdDateTime", fmt)
         when, fallback = self._time(attrs, version, arrival)
         identity = f"graph:{alert_id}:{version or content_hash(rec)}"
+        return NormalizedEvent(attrs, identity, when, fallback, ALERT, fmt, position, rec)
+
+    def _graph_incident(self, rec: dict[str, Any], position: str, arrival: datetime) -> Item:
+        """A Graph ``security/incidents`` object: event type ``M365Defender-Incident`` (what
+        FortiSIEM's incident rule matches), the incident's title, id, severity and status."""
+        fmt = "graph"
+        event_type = INCIDENT_EVENT_TYPE
+        if self._skip(event_type):
+            return Skipped(event_type)
+        incident_id = _text(rec, "id", fmt, required=True)
+        attrs: dict[str, Any] = {"eventType": event_type, "incidentExtTicketId": incident_id}
+        _put(attrs, "incidentTitle", _text(rec, "displayName", fmt))
+        _put(attrs, "tenantId", _text(rec, "tenantId", fmt))
+        _severity(attrs, rec.get("severity"))
+        _put(attrs, "incidentStatus", _text(rec, "status", fmt))
+        _put(attrs, "incidentClassification", _text(rec, "classification", fmt))
+        _put(attrs, "incidentDetermination", _text(rec, "determination", fmt))
+        _put(attrs, "incidentWebUrl", _text(rec, "incidentWebUrl", fmt))
+        _put(attrs, "assignedTo", _text(rec, "assignedTo", fmt))
+        _put(attrs, "incidentCreatedTime", _text(rec, "createdDateTime", fmt))
+        version = _text(rec, "lastUpdateDateTime", fmt) or _text(rec, "createdDateTime", fmt)
+        when, fallback = self._time(attrs, version, arrival)
+        identity = f"graph-incident:{incident_id}:{version or content_hash(rec)}"
         return NormalizedEvent(attrs, identity, when, fallback, ALERT, fmt, position, rec)
 
     def _mde(self, rec: dict[str, Any], position: str, arrival: datetime) -> Item:

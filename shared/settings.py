@@ -317,6 +317,7 @@ class GraphSettings(BaseModel):
     certificate_path: str | None
     cursor_table: str
     base_url: str
+    resources: tuple[str, ...] = ("alerts_v2", "incidents")
     eventhub_namespace: str | None
     eventhub_connection: SecretStr | None
     eventhub_name: str
@@ -349,6 +350,11 @@ def load_graph_settings(env: Mapping[str, str] | None = None) -> GraphSettings:
 
     checked_url(base_url, allow_http=True, where="app setting GRAPH_BASE_URL")  # http only to loopback (emulators)
     client_secret = source.get("GRAPH_CLIENT_SECRET")
+    resources = tuple(
+        dict.fromkeys(r.strip() for r in source.text("GRAPH_RESOURCES", "alerts_v2,incidents").split(",") if r.strip())
+    )
+    if not resources or any(r not in ("alerts_v2", "incidents") for r in resources):
+        raise SettingsError("app setting GRAPH_RESOURCES: a comma-separated list of alerts_v2 and incidents")
     return GraphSettings(
         tenants=tenants,
         auth=auth,
@@ -357,6 +363,7 @@ def load_graph_settings(env: Mapping[str, str] | None = None) -> GraphSettings:
         certificate_path=source.get("GRAPH_CERTIFICATE_PATH"),
         cursor_table=source.name("GRAPH_CURSOR_TABLE", "graphcursors", TABLE_NAME, "table"),
         base_url=base_url,
+        resources=resources,
         eventhub_namespace=namespace,
         eventhub_connection=SecretStr(connection) if connection else None,
         eventhub_name=source.text("ALERTS_EVENTHUB_NAME", ""),

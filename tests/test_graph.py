@@ -54,6 +54,8 @@ class GraphEmulator:
 
     def __init__(self, page_size: int = 2) -> None:
         self.alerts: dict[str, list[dict[str, Any]]] = {}
+        self.incidents: dict[str, list[dict[str, Any]]] = {}  # served at /security/incidents
+        self.forbidden: set[str] = set()  # resources answering 403 (a permission not granted)
         self.descending = False  # a service that ignores $orderby and returns newest first
         self.next_link_base: str | None = None  # where nextLink points (default: this server)
         self.faults: list[tuple[str, Any]] = []  # consumed one per request: ("429", retry_after|None), ("503", None), ...
@@ -103,11 +105,17 @@ class GraphEmulator:
                     self.wfile.write(b'{"value": [ {"id": "x"')
                     return
                 tenant = token.split(":")[0]
+                resource = urlsplit(self.path).path.rsplit("/", 1)[-1]
+                if resource in emu.forbidden:
+                    self.send_response(403)
+                    self.end_headers()
+                    return
                 query = parse_qs(urlsplit(self.path).query)
                 since = query["$filter"][0].split(" ge ")[1]
                 skip = int(query.get("$skip", ["0"])[0])
+                source = emu.incidents if resource == "incidents" else emu.alerts
                 items = sorted(
-                    (a for a in emu.alerts.get(tenant, []) if a["lastUpdateDateTime"] >= since),
+                    (a for a in source.get(tenant, []) if a["lastUpdateDateTime"] >= since),
                     key=lambda a: a["lastUpdateDateTime"],
                     reverse=emu.descending,
                 )
@@ -116,7 +124,7 @@ class GraphEmulator:
                 if skip + page_size < len(items):
                     nxt = dict(query)
                     nxt["$skip"] = [str(skip + page_size)]
-                    body["@odata.nextLink"] = f"{emu.next_link_base or emu.base_url}/security/alerts_v2?" + "&".join(
+                    body["@odata.nextLink"] = f"{emu.next_link_base or emu.base_url}/security/{resource}?" + "&".join(
                         f"{k}={v[0]}" for k, v in nxt.items()
                     )
                 data = json.dumps(body).encode()
@@ -311,11 +319,11 @@ def test_crash_before_the_cursor_save_re_publishes_but_never_skips(emu: GraphEmu
     class Flaky(MemoryCursorStore):
         fail = True
 
-        def save(self, tenant: str, cursor: str, boundary: list[str]) -> None:
+        def save(self, tenant: str, cursor: str, boundary: list[str], resource: str = "alerts_v2") -> None:
             if self.fail:
                 self.fail = False
                 raise RuntimeError("crash before the cursor was saved")
-            super().save(tenant, cursor, boundary)
+            super().save(tenant, cursor, boundary, resource)
 
     cursors = Flaky()
     poller, published, _ = make_poller(emu, cursors=cursors)
@@ -540,6 +548,77 @@ def test_a_boundary_of_long_identities_still_fits_one_table_property_keeping_the
     assert len(entity["boundary"]) <= 30_000 < len(orjson.dumps(idents[-500:]))  # Table: 32K UTF-16 characters
     cursor, kept = store.load("t")
     assert cursor == "2026-11-20T09:00:06Z" and kept and kept == idents[-len(kept) :]  # the newest are kept
+
+
+@pytest.mark.azurite
+def test_an_incidents_cursor_is_kept_apart_from_the_alerts_cursor_of_the_same_tenant(azurite: Azurite, table_name: str) -> None:
+    store = TableCursorStore(TableClient.from_connection_string(azurite.connection_string, table_name))
+    store.save("t1", "2026-11-20T09:00:06Z", ["graph:a:1"])
+    store.save("t1", "2026-11-20T10:00:00Z", ["graph-incident:7:1"], "incidents")
+    assert store.load("t1") == ("2026-11-20T09:00:06Z", ["graph:a:1"])  # alerts: the key it always had
+    assert store.load("t1", "incidents") == ("2026-11-20T10:00:00Z", ["graph-incident:7:1"])
+    assert store.load("t1_incidents") == (None, [])  # no tenant name reaches the incidents key
+
+
+def incident(tenant: str, n: int, severity: str = "high") -> dict[str, Any]:
+    updated = (T0 + timedelta(seconds=n)).isoformat().replace("+00:00", "Z")
+    return {
+        "@odata.type": "#microsoft.graph.security.incident",
+        "id": f"{tenant}-{n}",
+        "tenantId": tenant,
+        "displayName": f"Multi-stage incident {n}",
+        "severity": severity,
+        "status": "active",
+        "incidentWebUrl": f"https://security.microsoft.com/incidents/{n}?tid={tenant}",
+        "createdDateTime": T0.isoformat().replace("+00:00", "Z"),
+        "lastUpdateDateTime": updated,
+    }
+
+
+def test_incidents_are_polled_beside_alerts_with_their_own_cursor(emu: GraphEmulator) -> None:
+    emu.alerts["tA"] = [alert("tA", n) for n in range(3)]
+    emu.incidents["tA"] = [incident("tA", n) for n in range(5)]
+    poller, published, _ = make_poller(emu, resources=("alerts_v2", "incidents"))
+    results = poller.poll_all(["tA"])
+    assert [(r.resource, r.published, r.error) for r in results] == [("alerts_v2", 3, None), ("incidents", 5, None)]
+    assert sorted(published.ids("tA")) == sorted([f"datA_{n}" for n in range(3)] + [f"tA-{n}" for n in range(5)])
+    assert any("/security/incidents?" in path and "%24orderby" not in path for path, _ in emu.requests)
+    again = poller.poll_all(["tA"])  # each overlap recognised by its own identities
+    assert [r.published for r in again] == [0, 0] and [r.duplicates for r in again] == [1, 1]
+    emu.incidents["tA"].append(incident("tA", 9))
+    assert [r.published for r in poller.poll_all(["tA"])] == [0, 1]
+
+
+def test_a_missing_incident_permission_fails_only_the_incidents_and_names_the_permission(emu: GraphEmulator) -> None:
+    emu.alerts["tA"] = [alert("tA", 0)]
+    emu.incidents["tA"] = [incident("tA", 0)]
+    emu.forbidden.add("incidents")
+    poller, published, _ = make_poller(emu, resources=("alerts_v2", "incidents"))
+    alerts, incidents = poller.poll_all(["tA"])
+    assert alerts.error is None and published.ids("tA") == ["datA_0"]
+    assert incidents.error and "SecurityIncident.Read.All" in incidents.error
+
+
+def test_a_polled_graph_incident_fires_fortisiems_incident_rule_unless_its_severity_is_low() -> None:
+    rules = load_rules([default_rules_dir() / "PH_RULE_MS_DefEndpoint_Incident_Generic.yaml"])
+    engine = Engine(rules, MemoryStateStore(), clock=lambda: T0 + timedelta(minutes=5))
+    normalizer = Normalizer()
+    events = [
+        normalizer.normalize(incident("tA", n, severity), "graph", T0 + timedelta(minutes=5))
+        for n, severity in [(1, "high"), (2, "low"), (3, "medium")]
+    ]
+    assert all(isinstance(e, NormalizedEvent) for e in events)
+    snaps = engine.process(events).incidents  # type: ignore[arg-type]
+    assert sorted(s["attributes"]["incidentExtTicketId"] for s in snaps) == ["tA-1", "tA-3"]
+    assert {s["tenantId"] for s in snaps} == {"tA"} and all(s["attributes"]["incidentTitle"] for s in snaps)
+
+
+def test_graph_resources_setting_is_validated_and_defaults_to_alerts_and_incidents() -> None:
+    base = {"GRAPH_TENANTS": "t1", "ALERTS_EVENTHUB": "Endpoint=sb://x/", "ALERTS_EVENTHUB_NAME": "alerts"}
+    assert load_graph_settings(base).resources == ("alerts_v2", "incidents")
+    assert load_graph_settings({**base, "GRAPH_RESOURCES": "alerts_v2"}).resources == ("alerts_v2",)
+    with pytest.raises(SettingsError, match="GRAPH_RESOURCES"):
+        load_graph_settings({**base, "GRAPH_RESOURCES": "alerts"})
 
 
 def test_graph_error_is_a_correlator_error() -> None:

@@ -66,7 +66,7 @@ def test_an_evidence_query_matches_when_the_rule_declares_alert_evidence_events(
 @pytest.mark.parametrize(
     ("query", "named"),
     [
-        ('eventType = "M365Defender-Incident"', "M365Defender-Incident"),
+        ('eventType = "M365Defender-Incident-Closed"', "M365Defender-Incident-Closed"),
         ('eventType = "Win-Security-4698"', "Win-Security-4698"),
         ('eventType CONTAIN "Evidence"', "Evidence"),  # evidence rows reach only rules declaring alertEvidence: events
         ('eventType = "MS-Defender-Endpoint-Alert-Execution" AND eventType = "M365Defender-Alert"', "M365Defender-Alert"),
@@ -79,6 +79,10 @@ def test_a_query_no_produced_event_type_can_match_is_warned(query: str, named: s
     assert len(never) == 1
     assert str(never[0]).startswith("r.yaml: subpatterns[0].query: warning [never-matches]: ")
     assert repr(named) in never[0].message
+
+
+def test_graph_incidents_are_a_produced_event_type_so_the_shipped_incident_rule_is_not_warned() -> None:
+    assert "never-matches" not in codes('eventType CONTAIN "M365Defender-Incident" AND eventSeverityCat IN ("high")')
 
 
 def test_evidence_columns_without_declaring_alert_evidence_events_are_warned() -> None:

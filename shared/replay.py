@@ -38,6 +38,9 @@ from .snapshot import Snapshot
 from .state import MemoryStateStore, StateStore
 
 REPLAY_BATCH = 1000  # events per engine batch: one load and one save per touched group per batch
+# Group states a replay keeps in memory; less recently written ones wait in a temporary file (deleted
+# when the replay's store is collected, at the latest at exit), so memory stays flat however long the input.
+REPLAY_HOT_GROUPS = 20_000
 MAX_EXPLAINED = 2000  # explain lines kept per kind of reason; further ones are counted
 MAX_TIMELINE_ALERTS = 5000  # alert dots kept for the HTML timeline
 MAX_NAMES_PER_RULE = 20  # alert names and hosts listed per rule in the summary
@@ -207,7 +210,7 @@ def replay(
     writes nothing there (the caller renders ``summary.incidents``). ``keep`` keeps the latest
     snapshots and the alert timeline (for a table or an HTML report).
     """
-    engine = Engine(rules, store or MemoryStateStore(), clock)
+    engine = Engine(rules, store if store is not None else MemoryStateStore(hot_limit=REPLAY_HOT_GROUPS), clock)
     normalizer_cls = _PositionedNormalizer if explain else Normalizer
     normalizer = normalizer_cls(fmt=fmt, prefilter=engine.could_match, max_skew_s=DEFAULT_MAX_SKEW_S, max_age_s=DEFAULT_MAX_AGE_S)
     summary = ReplaySummary(rule_names={r.id: r.model.name for r in rules}, explaining=explain)

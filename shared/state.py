@@ -15,8 +15,13 @@ still load: no eviction mark, no outbox, no tenant.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import os
+import sqlite3
 import struct
+import tempfile
 import threading
+import weakref
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -316,21 +321,33 @@ class MemoryStateStore:
     """The embedded default store: a dict of serialized states with version counters.
 
     States are stored serialized, exactly as the Table store stores them, so both behave alike.
+
+    ``hot_limit`` bounds the states held in memory: beyond it, the least recently written states move
+    to a private on-disk SQLite file (deleted when the store is closed or collected) and come back
+    when read. Nothing is dropped or changed by the move (same bytes, version, expiry and due time),
+    so a store with a limit answers every call exactly as one without; ``replay`` sets one so that a
+    long replay runs in bounded memory. ``None``: everything stays in memory.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, hot_limit: int | None = None, spill_dir: str | None = None) -> None:
         self._data: dict[GroupKey, tuple[bytes, bytes, int, int]] = {}  # key -> (state, outbox, version, expires_at)
-        self._due: dict[GroupKey, int] = {}  # key -> due_at (event time), for groups that have one
+        self._due: dict[GroupKey, int] = {}  # key -> due_at (event time), for in-memory groups that have one
         self._progress: dict[str, tuple[int, int]] = {}  # partition -> (event ms, wall ms)
         self._lock = threading.Lock()
         self.calls = {"load": 0, "save": 0, "purge": 0}
+        if hot_limit is not None and hot_limit < 1:
+            raise ValueError(f"hot_limit must be at least 1, not {hot_limit}")
+        self.hot_limit = hot_limit
+        self._spill_dir = spill_dir
+        self._spill: _Spill | None = None  # opened on the first move to disk
 
     def load(self, keys: Sequence[GroupKey], now_ms: int) -> dict[GroupKey, Loaded]:
         self.calls["load"] += 1
         out: dict[GroupKey, Loaded] = {}
         with self._lock:
+            spilled = self._spill.get([k for k in keys if k not in self._data]) if self._spill else {}
             for key in keys:
-                stored = self._data.get(key)
+                stored = self._data.get(key) or spilled.get(key)
                 if stored is None:
                     out[key] = Loaded(None, None)
                 elif stored[3] <= now_ms:
@@ -343,22 +360,40 @@ class MemoryStateStore:
         self.calls["save"] += 1
         conflicts: list[GroupKey] = []
         with self._lock:
+            on_disk = self._spill.versions([c.key for c in changes if c.key not in self._data]) if self._spill else {}
             for change in changes:
                 current = self._data.get(change.key)
-                current_token = current[2] if current else None
+                current_token = current[2] if current else on_disk.get(change.key)
                 if current_token != change.token:
                     conflicts.append(change.key)
                     continue
                 self._due.pop(change.key, None)
+                if change.key in on_disk:  # comes back to memory (or is deleted)
+                    assert self._spill is not None
+                    self._spill.delete(change.key)
+                    del on_disk[change.key]
                 if change.state is None:
                     self._data.pop(change.key, None)
                 else:
                     version = (current_token or 0) + 1
+                    self._data.pop(change.key, None)  # re-inserted last: the dict's order is the write order
                     self._data[change.key] = (change.state.encode(), change.state.outbox_bytes(), version, change.expires_at)
                     if change.due_at is not None:
                         self._due[change.key] = change.due_at
+            if self.hot_limit is not None and len(self._data) > self.hot_limit:
+                self._move_to_disk(len(self._data) - self.hot_limit + self.hot_limit // 10)
         if conflicts:
             raise KeysConflict(conflicts)
+
+    def _move_to_disk(self, n: int) -> None:
+        """Move the ``n`` least recently written states to the spill file (under the lock)."""
+        if self._spill is None:
+            self._spill = _Spill(self._spill_dir)
+        keys = list(itertools.islice(self._data, n))
+        self._spill.put([(k, self._data[k], self._due.get(k)) for k in keys])
+        for k in keys:
+            del self._data[k]
+            self._due.pop(k, None)
 
     def purge_expired(self, now_ms: int) -> int:
         self.calls["purge"] += 1
@@ -367,18 +402,22 @@ class MemoryStateStore:
             for k in dead:
                 del self._data[k]
                 self._due.pop(k, None)
-        return len(dead)
+            return len(dead) + (self._spill.purge(now_ms) if self._spill else 0)
 
     def load_due(self, progress_ms: int, now_ms: int, limit: int) -> dict[GroupKey, Loaded]:
+        """Due groups in the order they were last written (states on disk were written before any in memory)."""
         self.calls["load"] += 1
         out: dict[GroupKey, Loaded] = {}
         with self._lock:
+            for data, outbox, version in self._spill.due(progress_ms, now_ms, limit) if self._spill else ():
+                state = GroupState.decode(data, outbox)
+                out[state.key] = Loaded(state, version)
             for key, due in self._due.items():
+                if len(out) >= limit:
+                    break
                 stored = self._data[key]
                 if due <= progress_ms and stored[3] > now_ms:
                     out[key] = Loaded(GroupState.decode(stored[0], stored[1]), stored[2])
-                    if len(out) >= limit:
-                        break
         return out
 
     def save_progress(self, partition: str, event_ms: int, wall_ms: int) -> None:
@@ -389,5 +428,99 @@ class MemoryStateStore:
         with self._lock:
             return dict(self._progress)
 
+    def close(self) -> None:
+        """Delete the spill file, if any (the in-memory states stay)."""
+        with self._lock:
+            if self._spill is not None:
+                self._spill.close()
+                self._spill = None
+
+    @property
+    def on_disk(self) -> int:
+        """How many states are in the spill file."""
+        with self._lock:
+            return len(self._spill) if self._spill else 0
+
     def __len__(self) -> int:
-        return len(self._data)
+        with self._lock:
+            return len(self._data) + (len(self._spill) if self._spill else 0)
+
+
+_SPILL_CHUNK = 500  # keys per SQLite query (its default limit on bound parameters is 32,766)
+
+
+def _spill_key(key: GroupKey) -> bytes:
+    """A key's identity as stored in the spill file: the rule and the case-folded values, as JSON."""
+    return orjson.dumps([key.rule_id, key.norm])
+
+
+class _Spill:
+    """States moved out of memory: one table of a private SQLite file in a temporary directory.
+
+    Rows hold exactly what the in-memory dict holds (state, outbox, version, expiry, due time); the
+    file is scratch space (no journal, no fsync) and is deleted on ``close`` or when collected."""
+
+    def __init__(self, directory: str | None) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="correlator-spill-", dir=directory)
+        self._db = sqlite3.connect(os.path.join(self._dir.name, "states.sqlite"), check_same_thread=False, isolation_level=None)
+        self._db.executescript(
+            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-4096;"
+            "CREATE TABLE g (k BLOB PRIMARY KEY, s BLOB, o BLOB, v INTEGER, x INTEGER, d INTEGER, n INTEGER) WITHOUT ROWID;"
+            "CREATE INDEX g_due ON g (n) WHERE d IS NOT NULL;"
+        )
+        self._count = 0
+        self._moved = 0  # states ever moved here: their write order
+        self._finalizer = weakref.finalize(self, _Spill._cleanup, self._db, self._dir)
+
+    @staticmethod
+    def _cleanup(db: sqlite3.Connection, directory: tempfile.TemporaryDirectory[str]) -> None:
+        db.close()
+        directory.cleanup()
+
+    def _rows(self, sql: str, keys: Sequence[GroupKey]) -> dict[GroupKey, Any]:
+        by_id = {_spill_key(k): k for k in keys}
+        ids = list(by_id)
+        out: dict[GroupKey, Any] = {}
+        for i in range(0, len(ids), _SPILL_CHUNK):
+            chunk = ids[i : i + _SPILL_CHUNK]
+            for row in self._db.execute(sql.format(",".join("?" * len(chunk))), chunk):
+                out[by_id[row[0]]] = row[1:]
+        return out
+
+    def get(self, keys: Sequence[GroupKey]) -> dict[GroupKey, tuple[bytes, bytes, int, int]]:
+        if not keys or not self._count:
+            return {}
+        return {k: tuple(r) for k, r in self._rows("SELECT k, s, o, v, x FROM g WHERE k IN ({})", keys).items()}  # type: ignore[misc]
+
+    def versions(self, keys: Sequence[GroupKey]) -> dict[GroupKey, int]:
+        if not keys or not self._count:
+            return {}
+        return {k: r[0] for k, r in self._rows("SELECT k, v FROM g WHERE k IN ({})", keys).items()}
+
+    def put(self, rows: Sequence[tuple[GroupKey, tuple[bytes, bytes, int, int], int | None]]) -> None:
+        first = self._moved
+        self._db.executemany(
+            "INSERT INTO g VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(_spill_key(k), *v, due, first + i) for i, (k, v, due) in enumerate(rows)],
+        )
+        self._count += len(rows)
+        self._moved += len(rows)
+
+    def delete(self, key: GroupKey) -> None:
+        self._count -= self._db.execute("DELETE FROM g WHERE k = ?", (_spill_key(key),)).rowcount
+
+    def purge(self, now_ms: int) -> int:
+        gone = self._db.execute("DELETE FROM g WHERE x <= ?", (now_ms,)).rowcount
+        self._count -= gone
+        return gone
+
+    def due(self, progress_ms: int, now_ms: int, limit: int) -> list[tuple[bytes, bytes, int]]:
+        # in write order, as the in-memory groups are listed (all of them were written later)
+        sql = "SELECT s, o, v FROM g WHERE d IS NOT NULL AND d <= ? AND x > ? ORDER BY n LIMIT ?"
+        return [tuple(r) for r in self._db.execute(sql, (progress_ms, now_ms, limit))]  # type: ignore[misc]
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __len__(self) -> int:
+        return self._count

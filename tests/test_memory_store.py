@@ -1,13 +1,148 @@
 from __future__ import annotations
 
+import io
+import os
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import orjson
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
-from shared.state import MemoryStateStore
+from shared.replay import replay
+from shared.rules import default_rules_dir, load_rules
+from shared.state import Change, GroupKey, MemoryStateStore
 
-from .store_contract import StoreContract
+from .store_contract import NOW, StoreContract, state_for
+from .test_engine import T0, _run_exactly_once, deliveries, tenant_streams
 
 
 class TestMemoryStore(StoreContract):
     @pytest.fixture
     def store(self) -> MemoryStateStore:
         return MemoryStateStore()
+
+
+class TestMemoryStoreSpillingEveryState(StoreContract):
+    """The same contract when every state but the last written one lives in the spill file."""
+
+    @pytest.fixture
+    def store(self) -> Iterator[MemoryStateStore]:
+        store = MemoryStateStore(hot_limit=1)
+        yield store
+        store.close()
+
+
+def test_states_beyond_the_hot_limit_move_to_disk_and_come_back_unchanged(tmp_path: Path) -> None:
+    store = MemoryStateStore(hot_limit=10, spill_dir=str(tmp_path))
+    keys = [GroupKey("R", (f"Host{i}", "t")) for i in range(100)]
+    store.save([Change(k, state_for(k, 2), None, NOW + 60_000, due_at=NOW + i) for i, k in enumerate(keys)])
+    assert store.on_disk >= 90 and len(store) == 100
+    loaded = store.load([GroupKey("R", (f"HOST{i}", "T")) for i in range(100)], NOW)  # case-insensitive on disk too
+    assert [v.state.to_bytes() for v in loaded.values()] == [state_for(k, 2).to_bytes() for k in keys]  # type: ignore[union-attr]
+    assert len(store.load_due(NOW + 49, NOW, 1000)) == 50 and len(store.load_due(NOW + 99, NOW, 7)) == 7
+    # a write through a stale token conflicts on disk as in memory; the fresh one brings the state back
+    first = keys[0]
+    token = loaded[GroupKey("R", ("HOST0", "T"))].token
+    store.save([Change(first, state_for(first, 3), token, NOW + 60_000)])
+    assert store.load([first], NOW)[first].state.to_bytes() == state_for(first, 3).to_bytes()  # type: ignore[union-attr]
+    assert len(store) == 100
+    assert store.purge_expired(NOW + 60_000) == 100 and len(store) == 0
+
+
+def test_closing_the_store_deletes_its_spill_file(tmp_path: Path) -> None:
+    store = MemoryStateStore(hot_limit=1, spill_dir=str(tmp_path))
+    keys = [GroupKey("R", (str(i),)) for i in range(3)]
+    store.save([Change(k, state_for(k), None, NOW + 60_000) for k in keys])
+    assert os.listdir(tmp_path)
+    store.close()
+    assert not os.listdir(tmp_path)
+
+
+@settings(max_examples=80)
+@given(tenant_streams, deliveries, st.sampled_from([1, 2, 3]))
+def test_a_spilling_store_delivers_what_one_clean_pass_delivers(
+    stream: list[tuple[int, int, int]], plan: list[Any], hot_limit: int
+) -> None:
+    """Redeliveries, failures at every point and a racing second instance, with states on disk."""
+    _run_exactly_once(MemoryStateStore(hot_limit=hot_limit), stream, plan)
+
+
+LATER = T0 + timedelta(days=30)  # arrival after every event time (times ahead of arrival are clamped)
+RULES = load_rules([default_rules_dir()])  # every default rule: sequences, absences (due times), the join
+CATEGORIES = ["Persistence", "CredentialAccess", "Execution", "Discovery"]
+TECHNIQUES = [["T1053.005"], ["T1003.001"], ["T1059.001"], []]
+
+# (alert, category, host, seconds from the previous record: negative = late, status, delivered again?)
+records = st.lists(
+    st.tuples(
+        st.integers(0, 5),
+        st.integers(0, 3),
+        st.integers(0, 2),
+        st.integers(-900, 16000),
+        st.sampled_from(["new", "new", "inProgress"]),
+        st.booleans(),
+    ),
+    min_size=1,
+    max_size=30,
+)
+
+
+def _lines(spec: list[tuple[int, int, int, int, str, bool]]) -> bytes:
+    out, t = [], 0
+    for i, (alert_n, category, host, gap, status, again) in enumerate(spec):
+        t = max(0, t + gap)
+        rec = {
+            "eventType": f"M365Defender-Alert-{CATEGORIES[category]}",
+            "alertName": f"Suspicious {CATEGORIES[category]} activity",
+            "alertIdStr": f"da{alert_n}",
+            "tenantId": "t1",
+            "hostName": f"host{host}",
+            "attackTactic": CATEGORIES[category],
+            "attackTechniqueId": TECHNIQUES[category],
+            "eventSeverityCat": "HIGH",
+            "alertStatus": status,
+            "eventId": str(i),
+            "eventTime": (T0 + timedelta(seconds=t)).isoformat(),
+        }
+        out.append(orjson.dumps(rec))
+        if again:
+            out.append(out[max(0, len(out) - 4)])  # a redelivery of a recent record
+    return b"\n".join(out) + b"\n"
+
+
+def _replayed(path: Path, store: MemoryStateStore, batch: int) -> bytes:
+    sink = io.BytesIO()
+    with mock.patch("shared.replay.REPLAY_BATCH", batch):
+        replay([str(path)], RULES, out=sink, err=io.StringIO(), store=store, clock=lambda: LATER)
+    return sink.getvalue()
+
+
+@settings(max_examples=60)
+@given(records, st.integers(1, 4), st.sampled_from([1, 3]))
+@example(
+    [(0, 0, 0, 0, "new", False), (0, 0, 0, -100, "new", True), (1, 1, 0, 600, "new", True), (0, 0, 0, 16000, "inProgress", True)],
+    1,
+    1,
+)
+@example(
+    [(0, 0, 0, 0, "new", False)] * 5 + [(2, 0, 0, 0, "new", False), (0, 0, 0, 5998, "new", False), (0, 0, 0, 8230, "new", False)],
+    1,
+    1,
+)
+def test_replay_with_states_on_disk_emits_byte_identical_snapshots(
+    tmp_path_factory: pytest.TempPathFactory, spec: list[tuple[int, int, int, int, str, bool]], batch: int, hot_limit: int
+) -> None:
+    """Late records inside and beyond the window, redeliveries, absences firing as event time moves."""
+    path = tmp_path_factory.mktemp("spill") / "alerts.jsonl"
+    path.write_bytes(_lines(spec))
+    spilling = MemoryStateStore(hot_limit=hot_limit)
+    expected = _replayed(path, MemoryStateStore(), batch)
+    assert expected  # the stream makes incidents
+    assert _replayed(path, spilling, batch) == expected
+    assert spilling.on_disk > 0 or len(spilling) <= hot_limit
+    spilling.close()

@@ -19,6 +19,7 @@ import itertools
 import os
 import sqlite3
 import struct
+import sys
 import tempfile
 import threading
 import weakref
@@ -66,8 +67,9 @@ class GroupKey:
     _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        norm = tuple(v.lower() for v in self.values)
-        object.__setattr__(self, "norm", norm)
+        norm = tuple(map(_folded, self.values))
+        # a key of values without capitals shares its tuple: stores keep one key per open group
+        object.__setattr__(self, "norm", self.values if norm == self.values else norm)
         object.__setattr__(self, "_hash", hash((self.rule_id, norm)))
 
     def __hash__(self) -> int:
@@ -82,6 +84,13 @@ class GroupKey:
         the separator ``\\x1f`` (or the escape ``\\x1b``) is escaped, so no two keys share a text;
         every other value is written as is (so ids and storage keys of such keys never change)."""
         return self.rule_id + "\x1f" + "\x1f".join(_unambiguous(v) for v in self.norm)
+
+
+def _folded(value: str) -> str:
+    """``value.lower()``; the value itself when that changes nothing, else interned (names repeat
+    across groups), so open groups do not hold a second copy of each value."""
+    low = value.lower()
+    return value if low == value else sys.intern(low)
 
 
 def _unambiguous(value: str) -> str:
@@ -330,7 +339,7 @@ class MemoryStateStore:
     """
 
     def __init__(self, hot_limit: int | None = None, spill_dir: str | None = None) -> None:
-        self._data: dict[GroupKey, tuple[bytes, bytes, int, int]] = {}  # key -> (state, outbox, version, expires_at)
+        self._data: dict[GroupKey, bytes] = {}  # key -> the state packed with its version and expiry (_pack)
         self._due: dict[GroupKey, int] = {}  # key -> due_at (event time), for in-memory groups that have one
         self._progress: dict[str, tuple[int, int]] = {}  # partition -> (event ms, wall ms)
         self._lock = threading.Lock()
@@ -347,13 +356,13 @@ class MemoryStateStore:
         with self._lock:
             spilled = self._spill.get([k for k in keys if k not in self._data]) if self._spill else {}
             for key in keys:
-                stored = self._data.get(key) or spilled.get(key)
-                if stored is None:
+                packed = self._data.get(key) or spilled.get(key)
+                if packed is None:
                     out[key] = Loaded(None, None)
-                elif stored[3] <= now_ms:
-                    out[key] = Loaded(None, stored[2])  # expired: ignored, but the token still guards it
-                else:
-                    out[key] = Loaded(GroupState.decode(stored[0], stored[1]), stored[2])
+                    continue
+                version, expires_at, _ = _HEAD.unpack_from(packed)
+                # expired: ignored, but the token still guards it
+                out[key] = Loaded(_unpack(key.rule_id, key.norm, packed) if expires_at > now_ms else None, version)
         return out
 
     def save(self, changes: Sequence[Change]) -> None:
@@ -363,7 +372,7 @@ class MemoryStateStore:
             on_disk = self._spill.versions([c.key for c in changes if c.key not in self._data]) if self._spill else {}
             for change in changes:
                 current = self._data.get(change.key)
-                current_token = current[2] if current else on_disk.get(change.key)
+                current_token = _HEAD.unpack_from(current)[0] if current else on_disk.get(change.key)
                 if current_token != change.token:
                     conflicts.append(change.key)
                     continue
@@ -377,7 +386,7 @@ class MemoryStateStore:
                 else:
                     version = (current_token or 0) + 1
                     self._data.pop(change.key, None)  # re-inserted last: the dict's order is the write order
-                    self._data[change.key] = (change.state.encode(), change.state.outbox_bytes(), version, change.expires_at)
+                    self._data[change.key] = _pack(change.key, change.state, version, change.expires_at)
                     if change.due_at is not None:
                         self._due[change.key] = change.due_at
             if self.hot_limit is not None and len(self._data) > self.hot_limit:
@@ -398,7 +407,7 @@ class MemoryStateStore:
     def purge_expired(self, now_ms: int) -> int:
         self.calls["purge"] += 1
         with self._lock:
-            dead = [k for k, v in self._data.items() if v[3] <= now_ms]
+            dead = [k for k, v in self._data.items() if _HEAD.unpack_from(v)[1] <= now_ms]
             for k in dead:
                 del self._data[k]
                 self._due.pop(k, None)
@@ -409,15 +418,15 @@ class MemoryStateStore:
         self.calls["load"] += 1
         out: dict[GroupKey, Loaded] = {}
         with self._lock:
-            for data, outbox, version in self._spill.due(progress_ms, now_ms, limit) if self._spill else ():
-                state = GroupState.decode(data, outbox)
-                out[state.key] = Loaded(state, version)
+            for rule_id, norm, packed in self._spill.due(progress_ms, now_ms, limit) if self._spill else ():
+                state = _unpack(rule_id, norm, packed)
+                out[state.key] = Loaded(state, _HEAD.unpack_from(packed)[0])
             for key, due in self._due.items():
                 if len(out) >= limit:
                     break
-                stored = self._data[key]
-                if due <= progress_ms and stored[3] > now_ms:
-                    out[key] = Loaded(GroupState.decode(stored[0], stored[1]), stored[2])
+                version, expires_at, _ = _HEAD.unpack_from(self._data[key])
+                if due <= progress_ms and expires_at > now_ms:
+                    out[key] = Loaded(_unpack(key.rule_id, key.norm, self._data[key]), version)
         return out
 
     def save_progress(self, partition: str, event_ms: int, wall_ms: int) -> None:
@@ -427,6 +436,21 @@ class MemoryStateStore:
     def load_progress(self) -> dict[str, tuple[int, int]]:
         with self._lock:
             return dict(self._progress)
+
+    def stored(self, key: GroupKey) -> tuple[bytes, bytes, int, int]:
+        """What the Table store would hold for ``key``: (encoded state, outbox, version, expiry). For tests."""
+        with self._lock:
+            packed = self._data.get(key) or (self._spill.get([key]).get(key) if self._spill else None)
+        if packed is None:
+            raise KeyError(key)
+        state = _unpack(key.rule_id, key.norm, packed)
+        version, expires_at, _ = _HEAD.unpack_from(packed)
+        return state.encode(), state.outbox_bytes(), version, expires_at
+
+    def put_stored(self, key: GroupKey, data: bytes, outbox: bytes, version: int, expires_at: int) -> None:
+        """Store an encoded state (any encoding version) as is, bypassing the token check. For tests."""
+        with self._lock:
+            self._data[key] = _pack(key, GroupState.decode(data, outbox), version, expires_at)
 
     def close(self) -> None:
         """Delete the spill file, if any (the in-memory states stay)."""
@@ -444,6 +468,32 @@ class MemoryStateStore:
     def __len__(self) -> int:
         with self._lock:
             return len(self._data) + (len(self._spill) if self._spill else 0)
+
+
+_HEAD = struct.Struct(">qqI")  # a packed state: version, expiry (epoch ms), length of the deflated state JSON
+# Text a state JSON repeats, for the deflate dictionary of packed states (with the group's own rule
+# id and values appended): in-memory only, so it may change between releases.
+_STATE_ZDICT = _ZDICT + b'{"v":2,"r":"e":[[,"n":"i":["inc-",1,"x":0,"ie":{"techniques":[{"id":"T1'
+
+
+def _state_zdict(rule_id: str, norm: tuple[str, ...]) -> bytes:
+    return _STATE_ZDICT + b'"' + '","'.join(norm).encode(errors="surrogatepass") + b'"' + rule_id.encode()
+
+
+def _pack(key: GroupKey, state: GroupState, version: int, expires_at: int) -> bytes:
+    """What the in-memory store keeps per group: one bytes object (no tuple, no int objects), the
+    state JSON deflated against a dictionary holding the group's own key, then the outbox as is."""
+    packer = zlib.compressobj(6, zlib.DEFLATED, -15, zdict=_state_zdict(key.rule_id, key.norm))
+    body = packer.compress(state.to_bytes()) + packer.flush()
+    return _HEAD.pack(version, expires_at, len(body)) + body + state.outbox_bytes()
+
+
+def _unpack(rule_id: str, norm: tuple[str, ...], packed: bytes) -> GroupState:
+    n = _HEAD.unpack_from(packed)[2]
+    start = _HEAD.size
+    unpacker = zlib.decompressobj(-15, zdict=_state_zdict(rule_id, norm))
+    data = unpacker.decompress(packed[start : start + n]) + unpacker.flush()
+    return GroupState.from_bytes(data, packed[start + n :])
 
 
 _SPILL_CHUNK = 500  # keys per SQLite query (its default limit on bound parameters is 32,766)
@@ -465,7 +515,7 @@ class _Spill:
         self._db = sqlite3.connect(os.path.join(self._dir.name, "states.sqlite"), check_same_thread=False, isolation_level=None)
         self._db.executescript(
             "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-4096;"
-            "CREATE TABLE g (k BLOB PRIMARY KEY, s BLOB, o BLOB, v INTEGER, x INTEGER, d INTEGER, n INTEGER) WITHOUT ROWID;"
+            "CREATE TABLE g (k BLOB PRIMARY KEY, b BLOB, v INTEGER, x INTEGER, d INTEGER, n INTEGER) WITHOUT ROWID;"
             "CREATE INDEX g_due ON g (n) WHERE d IS NOT NULL;"
         )
         self._count = 0
@@ -487,21 +537,21 @@ class _Spill:
                 out[by_id[row[0]]] = row[1:]
         return out
 
-    def get(self, keys: Sequence[GroupKey]) -> dict[GroupKey, tuple[bytes, bytes, int, int]]:
+    def get(self, keys: Sequence[GroupKey]) -> dict[GroupKey, bytes]:
         if not keys or not self._count:
             return {}
-        return {k: tuple(r) for k, r in self._rows("SELECT k, s, o, v, x FROM g WHERE k IN ({})", keys).items()}  # type: ignore[misc]
+        return {k: r[0] for k, r in self._rows("SELECT k, b FROM g WHERE k IN ({})", keys).items()}
 
     def versions(self, keys: Sequence[GroupKey]) -> dict[GroupKey, int]:
         if not keys or not self._count:
             return {}
         return {k: r[0] for k, r in self._rows("SELECT k, v FROM g WHERE k IN ({})", keys).items()}
 
-    def put(self, rows: Sequence[tuple[GroupKey, tuple[bytes, bytes, int, int], int | None]]) -> None:
+    def put(self, rows: Sequence[tuple[GroupKey, bytes, int | None]]) -> None:
         first = self._moved
         self._db.executemany(
-            "INSERT INTO g VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(_spill_key(k), *v, due, first + i) for i, (k, v, due) in enumerate(rows)],
+            "INSERT INTO g VALUES (?, ?, ?, ?, ?, ?)",
+            [(_spill_key(k), b, *_HEAD.unpack_from(b)[:2], due, first + i) for i, (k, b, due) in enumerate(rows)],
         )
         self._count += len(rows)
         self._moved += len(rows)
@@ -514,10 +564,14 @@ class _Spill:
         self._count -= gone
         return gone
 
-    def due(self, progress_ms: int, now_ms: int, limit: int) -> list[tuple[bytes, bytes, int]]:
+    def due(self, progress_ms: int, now_ms: int, limit: int) -> list[tuple[str, tuple[str, ...], bytes]]:
         # in write order, as the in-memory groups are listed (all of them were written later)
-        sql = "SELECT s, o, v FROM g WHERE d IS NOT NULL AND d <= ? AND x > ? ORDER BY n LIMIT ?"
-        return [tuple(r) for r in self._db.execute(sql, (progress_ms, now_ms, limit))]  # type: ignore[misc]
+        sql = "SELECT k, b FROM g WHERE d IS NOT NULL AND d <= ? AND x > ? ORDER BY n LIMIT ?"
+        out = []
+        for k, b in self._db.execute(sql, (progress_ms, now_ms, limit)):
+            rule_id, norm = orjson.loads(k)
+            out.append((rule_id, tuple(norm), b))
+        return out
 
     def close(self) -> None:
         self._finalizer()

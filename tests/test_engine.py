@@ -311,7 +311,8 @@ def test_huge_group_by_values_are_bounded_but_stay_distinct() -> None:
     assert a["incidentId"] != b["incidentId"]
     assert len(a["attributes"]["alertName"]) <= 512
     key = next(iter(tl.store._data))
-    assert len(tl.store._data[key][0]) < 4096
+    stored = tl.store.load([key], 0)[key].state
+    assert stored is not None and len(stored.encode()) < 4096
 
 
 # -- properties --------------------------------------------------------------------------------
@@ -535,7 +536,7 @@ def test_an_open_incident_of_a_version_1_state_keeps_its_id() -> None:
         {"r": key.rule_id, "k": list(key.values), "e": [[to_ms_(0), 1]], "n": to_ms_(0), "i": ["inc-old", 1, to_ms_(0),
          to_ms_(0), to_ms_(0), to_ms_(0), 1, {"incidentCount": 1}], "x": 0}
     )  # fmt: skip
-    tl.store._data[key] = (v1, b"", 1, 10**15)
+    tl.store.put_stored(key, v1, b"", 1, 10**15)
     [snap] = tl.feed(alert("v2", at=5))
     assert (snap["incidentId"], snap["revision"], snap["tenantId"]) == ("inc-old", 2, "tenant-a")
 
@@ -569,7 +570,7 @@ def test_the_outbox_fits_its_table_property_and_re_emits_exactly_what_was_emitte
     tl = Timeline([rule])
     lost = tl.feed(*batch)
     assert len(lost) == 12 and any("triggerEventsTrimmed" in s for s in lost)
-    assert len(next(iter(tl.store._data.values()))[1]) <= OUTBOX_PROPERTIES * OUTBOX_PROPERTY_BYTES
+    assert len(tl.store.stored(next(iter(tl.store._data)))[1]) <= OUTBOX_PROPERTIES * OUTBOX_PROPERTY_BYTES
     assert _bytes(tl.feed(*batch)) == _bytes(lost)
 
 
@@ -588,7 +589,7 @@ def test_a_replay_batch_of_a_thousand_episodes_of_one_group_fits_the_outbox_prop
     tl = Timeline([EPISODIC])
     first = tl.feed(*batch)
     assert len({s["incidentId"] for s in first}) == 1000
-    assert len(next(iter(tl.store._data.values()))[1]) <= OUTBOX_PROPERTIES * OUTBOX_PROPERTY_BYTES
+    assert len(tl.store.stored(next(iter(tl.store._data)))[1]) <= OUTBOX_PROPERTIES * OUTBOX_PROPERTY_BYTES
     again = tl.feed(*batch)  # retried after its save: every snapshot comes back byte for byte
     assert _bytes(again) == _bytes(first)
 

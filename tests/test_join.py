@@ -214,7 +214,7 @@ def test_an_alert_with_a_flood_of_evidence_keeps_its_state_and_snapshot_small() 
     assert len(orjson.dumps(ent)) <= entities.MAX_ENTITIES_BYTES
     assert {"hosts", "users", "processes", "files", "ips"} <= set(ent["truncated"])
     for key in memory._data:  # the group and the alert's evidence state stay within one Table property
-        assert len(memory._data[key][0]) <= MAX_STATE_BYTES
+        assert len(memory.stored(key)[0]) <= MAX_STATE_BYTES
 
 
 @pytest.mark.azurite

@@ -210,7 +210,10 @@ def replay(
     writes nothing there (the caller renders ``summary.incidents``). ``keep`` keeps the latest
     snapshots and the alert timeline (for a table or an HTML report).
     """
-    engine = Engine(rules, store if store is not None else MemoryStateStore(hot_limit=REPLAY_HOT_GROUPS), clock)
+    own_store = None
+    if store is None:
+        store = own_store = MemoryStateStore(hot_limit=REPLAY_HOT_GROUPS)
+    engine = Engine(rules, store, clock)
     normalizer_cls = _PositionedNormalizer if explain else Normalizer
     normalizer = normalizer_cls(fmt=fmt, prefilter=engine.could_match, max_skew_s=DEFAULT_MAX_SKEW_S, max_age_s=DEFAULT_MAX_AGE_S)
     summary = ReplaySummary(rule_names={r.id: r.model.name for r in rules}, explaining=explain)
@@ -286,6 +289,8 @@ def replay(
         if not alert.get("host"):
             alert["host"] = summary.alert_hosts.get(str(alert.get("alertId")), "")
     out.flush()
+    if own_store is not None:
+        own_store.close()  # deletes its spill file now (after an error: when collected, at the latest at exit)
     return summary
 
 

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from shared import state as state_module
 from shared.replay import replay
 from shared.rules import default_rules_dir, load_rules
 from shared.state import Change, GroupKey, MemoryStateStore
@@ -146,3 +147,26 @@ def test_replay_with_states_on_disk_emits_byte_identical_snapshots(
     assert _replayed(path, spilling, batch) == expected
     assert spilling.on_disk > 0 or len(spilling) <= hot_limit
     spilling.close()
+
+
+def test_a_replay_leaves_no_spill_file_behind(tmp_path: Path) -> None:
+    path = tmp_path / "alerts.jsonl"
+    path.write_bytes(_lines([(i, i % 4, 0, 60, "new", False) for i in range(6)]))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    seen: list[int] = []
+    real_put = state_module._Spill.put
+
+    def put(self: Any, rows: Any) -> None:  # records that states did move to disk
+        seen.append(len(rows))
+        real_put(self, rows)
+
+    with (
+        mock.patch("tempfile.tempdir", str(scratch)),
+        mock.patch("shared.replay.REPLAY_HOT_GROUPS", 1),
+        mock.patch("shared.replay.REPLAY_BATCH", 1),
+        mock.patch("shared.state._Spill.put", put),
+    ):
+        replay([str(path)], RULES, out=io.BytesIO(), err=io.StringIO(), clock=lambda: LATER)
+    assert sum(seen) > 0
+    assert not list(scratch.iterdir())

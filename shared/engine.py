@@ -16,7 +16,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import orjson
 
@@ -135,9 +135,11 @@ def group_key(rule: Rule, event: NormalizedEvent) -> GroupKey:
     distinct values stay distinct, and no alert can make its group's state too big to store.
     """
     # Interned: alert names and tenants repeat across many groups, whose keys a store keeps.
-    values = [sys.intern(_group_value(event.attrs.get(attr))) for attr in rule.group_by]
-    tenant = sys.intern(_group_value(event.attrs.get(TENANT_ATTR)))
-    if TENANT_ATTR not in rule.group_by:
+    group_by = _static_fields(rule).group_by  # the property builds a new tuple per call
+    attrs = event.attrs
+    values = [sys.intern(_group_value(attrs.get(attr))) for attr in group_by]
+    tenant = sys.intern(_group_value(attrs.get(TENANT_ATTR)))
+    if TENANT_ATTR not in group_by:
         values.append(tenant)
     return GroupKey(rule.id, tuple(values), tenant)
 
@@ -204,15 +206,28 @@ SNAPSHOT_ORDER = (
 
 
 MAX_RULE_FIELDS_CACHE = 4096  # rules whose dumped fields are remembered (a rule set holds hundreds)
-_RULE_CACHE: dict[int, tuple[Rule, tuple[Any, ...]]] = {}
 
 
-def _static_fields(rule: Rule) -> tuple[Any, ...]:
+class _RuleStatic(NamedTuple):
+    rule_id: str
+    name: str
+    severity: int
+    category: str
+    tactics: list[dict[str, Any]]
+    techniques: list[dict[str, Any]]
+    group_by: tuple[str, ...]
+    remediation: str
+
+
+_RULE_CACHE: dict[int, tuple[Rule, _RuleStatic]] = {}
+
+
+def _static_fields(rule: Rule) -> _RuleStatic:
     """What a rule fixes in every snapshot, dumped once per rule object (rules are immutable)."""
     hit = _RULE_CACHE.get(id(rule))
     if hit is None or hit[0] is not rule:
         model = rule.model
-        fields = (
+        fields = _RuleStatic(
             rule.id,
             model.name,
             model.severity,
@@ -576,7 +591,7 @@ def _insert_sorted(entries: list[list[Any]], entry: list[Any]) -> None:
 
 
 def _map_attributes(rule: Rule, key: GroupKey, values: dict[Any, Any]) -> dict[str, Any]:
-    by_attr = dict(zip(rule.group_by, key.values, strict=False))
+    by_attr = dict(zip(_static_fields(rule).group_by, key.values, strict=False))
     out: dict[str, Any] = {}
     for m in rule.mappings:
         if m.aggregate is not None:

@@ -479,7 +479,7 @@ def apply_events(
                 window_start=t,
                 trigger_count=1,
                 attributes=attributes,
-                entities=bag.to_dict(),
+                entities=bag.to_dict(copy=False),  # the bag is replaced below
             )
             action = "created"
         else:
@@ -490,7 +490,7 @@ def apply_events(
             inc.last_seen = max(inc.last_seen, t)
             inc.last_trigger = max(inc.last_trigger, t)
             inc.attributes = attributes
-            inc.entities = entities.merge(inc.entities, bag.to_dict())
+            inc.entities = entities.merge(inc.entities, bag.to_dict(copy=False))
             prior = touched.get(inc.incident_id)
             action = prior[1] if prior else "updated"
         st.incident = inc
@@ -498,7 +498,7 @@ def apply_events(
         evidence = (prev[2] if prev else []) + [event]
         touched[inc.incident_id] = (inc, action, evidence[-MAX_TRIGGER_EVENTS:])
         bag = entities.EntityBag()  # the trigger took what was pending
-    st.pending = bag.to_dict() if any(bag.values.values()) else None
+    st.pending = bag.to_dict(copy=False) if any(bag.values.values()) else None
     _join(st, joined, outbox, replay, applied, touched, lifetime_ms, stats, rule.id)
     evicted += _fit(st)
     if evicted:
@@ -545,7 +545,7 @@ def _join(
         new_ids.append(ident)
     if inc is None or not new_ids:
         return
-    merged = entities.merge(inc.entities, bag.to_dict())
+    merged = entities.merge(inc.entities, bag.to_dict(copy=False))
     if merged == (inc.entities or entities.empty()):
         return  # nothing new: no revision
     inc.entities = merged

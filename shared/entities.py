@@ -44,6 +44,8 @@ PORTAL = "https://security.microsoft.com"
 _TECHNIQUE = re.compile(r"^T\d{4}(?:\.\d{3})?$")
 _NAMED_TECHNIQUE = re.compile(r"^(.*?)\s*\((T\d{4}(?:\.\d{3})?)\)\s*$")
 _HASH_KEYS = ("sha1", "sha256", "md5")
+_HEX_HASH = re.compile(r"[0-9A-Fa-f]{32,128}")
+_USER_SEP = re.compile(r"[\\@]")
 
 
 def empty() -> dict[str, Any]:
@@ -182,7 +184,7 @@ class EntityBag:
         if name_text is None:
             return
         if "\\" in name_text or "@" in name_text:
-            short = re.split(r"[\\@]", name_text)[1 if "\\" in name_text else 0]
+            short = _USER_SEP.split(name_text)[1 if "\\" in name_text else 0]
             self._add_name("users", name_text, short.casefold())
         elif domain_text:
             self._add_name("users", f"{domain_text}\\{name_text}", name_text.casefold())
@@ -211,7 +213,7 @@ class EntityBag:
             entry["path"] = path_text
         for key in _HASH_KEYS:
             h = _cut(hashes.get(key), 128)
-            if h and re.fullmatch(r"[0-9A-Fa-f]{32,128}", h):
+            if h and _HEX_HASH.fullmatch(h):
                 entry[key] = h.lower()
         if not entry.get("name") and not any(k in entry for k in _HASH_KEYS):
             return
@@ -301,10 +303,12 @@ class EntityBag:
         if isinstance(truncated, list):
             self.truncated.update(k for k in truncated if k in KINDS)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, copy: bool = True) -> dict[str, Any]:
+        """The JSON form; ``copy=False`` hands over the bag's own lists and dicts (for a bag that is
+        dropped right after, so nothing can change them behind the result)."""
         out = empty()
         for kind, values in self.values.items():
-            out[kind] = [dict(v) for v in values] if kind in _DICT_KINDS else list(values)
+            out[kind] = ([dict(v) for v in values] if kind in _DICT_KINDS else list(values)) if copy else values
         if self.truncated:
             out["truncated"] = [k for k in KINDS if k in self.truncated]
         return _fit(out)
@@ -539,7 +543,7 @@ def extract(event: NormalizedEvent) -> dict[str, Any]:
     """The entities of one event."""
     bag = EntityBag()
     collect(bag, event)
-    return bag.to_dict()
+    return bag.to_dict(copy=False)
 
 
 def merge(*parts: Mapping[str, Any] | None, events: Iterable[NormalizedEvent] = ()) -> dict[str, Any]:
@@ -549,7 +553,7 @@ def merge(*parts: Mapping[str, Any] | None, events: Iterable[NormalizedEvent] = 
         bag.add(part)
     for event in events:
         collect(bag, event)
-    return bag.to_dict()
+    return bag.to_dict(copy=False)
 
 
 def first(entities: Mapping[str, Any] | None, kind: str) -> str:

@@ -662,6 +662,9 @@ def apply_evidence(
     for link in links:
         if (link.rule_id, link.values, link.tenant) not in stored and len(st.links) < MAX_JOIN_LINKS:
             st.links.append([link.rule_id, list(link.values), link.tenant])
+            if len(st.to_bytes()) > MAX_STATE_BYTES:  # long group values: the state must stay writable
+                st.links.pop()  # this group gets no later evidence; its alert's state never fails a write
+                break
             changed = True
     return st, changed
 

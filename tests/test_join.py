@@ -4,6 +4,7 @@ guarantees as the windows)."""
 
 from __future__ import annotations
 
+import random
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from shared import entities
 from shared.engine import JOIN_HOLD_S, JOIN_RULE_ID, Engine
 from shared.normalize import NormalizedEvent, Normalizer, iter_paths
-from shared.rules import default_rules_dir, load_rules
+from shared.rules import default_rules_dir, load_rules, parse_rule_text
 from shared.state import MAX_STATE_BYTES, MemoryStateStore, StateStore
 
 from .test_table_store import store  # noqa: F401  (the Azurite table store fixture)
@@ -215,6 +216,43 @@ def test_an_alert_with_a_flood_of_evidence_keeps_its_state_and_snapshot_small() 
     assert {"hosts", "users", "processes", "files", "ips"} <= set(ent["truncated"])
     for key in memory._data:  # the group and the alert's evidence state stay within one Table property
         assert len(memory.stored(key)[0]) <= MAX_STATE_BYTES
+
+
+def test_an_alert_counted_by_many_groups_of_long_values_keeps_its_join_state_within_one_table_property() -> None:
+    """16 AlertInfo rows of one alert, each opening a group of a rule grouping by five long, incompressible
+    values, and 1,000 evidence rows: the alert's join state must still fit one Table property, or its
+    write (and so the batch) would fail on every retry."""
+    rnd = random.Random(7)
+
+    def noise(n: int) -> str:
+        return "".join(chr(rnd.randrange(0x10000, 0x10FFFF)) for _ in range(n))
+
+    generic = (default_rules_dir() / f"{GENERIC}.yaml").read_text().split("\nsource:\n")[0]
+    wide = parse_rule_text(generic.replace("  - alertName\n", "  - alertName\n  - serviceSource\n  - detectionSource\n"))
+    alert_id, tenant = noise(512), noise(512)
+    props = {"Timestamp": "2026-07-18T14:00:00Z", "AlertId": alert_id, "Category": "Execution"}
+    infos = [
+        {
+            "category": "AdvancedHunting-AlertInfo",
+            "tenantId": tenant,
+            "properties": {**props, "Title": noise(512), "ServiceSource": noise(512), "DetectionSource": noise(512)},
+        }
+        for _ in range(16)
+    ]
+    rows = [
+        {
+            "category": "AdvancedHunting-AlertEvidence",
+            "tenantId": tenant,
+            "properties": {**props, "EntityType": "User", "AccountName": noise(64)},
+        }
+        for _ in range(1000)
+    ]
+    normalizer = Normalizer()
+    events = [e for rec in [*infos, *rows] if isinstance(e := normalizer.normalize(rec, "p", T0), NormalizedEvent)]
+    memory = MemoryStateStore()
+    assert len(Engine([wide], memory, lambda: T0).process(events).incidents) == 16
+    [join_state] = [v[0] for k, v in memory._data.items() if k.rule_id == JOIN_RULE_ID]
+    assert len(join_state) <= MAX_STATE_BYTES
 
 
 @pytest.mark.azurite

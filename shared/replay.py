@@ -113,7 +113,7 @@ class ReplaySummary:
                 out.append(f"      alerts (incidents created): {names}")
             if rs is not None and rs.hosts:
                 out.append(f"      hosts: {', '.join(rs.hosts)}")
-        return out
+        return [views.printable(line) for line in out]  # names and hosts come from alert data
 
     def explain_lines(self) -> list[str]:
         out = []
@@ -123,7 +123,7 @@ class ReplaySummary:
             out += [f"  {line}" for line in lines]
             if more:
                 out.append(f"  ... {more} more")
-        return out
+        return [views.printable(line) for line in out]
 
     def explain(self, reason: str, line: str) -> None:
         kept = self.explained.setdefault(reason, [])

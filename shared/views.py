@@ -8,11 +8,22 @@ still read well. Used by ``replay --output table``, the HTML report, the receive
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 MAX_KEPT_INCIDENTS = 5000  # incidents a replay keeps for its table/report; more are counted, not shown
+
+
+# Control characters (C0, DEL, C1) and bidirectional overrides: from alert data they could move the
+# cursor, retitle or clear a terminal, forge a line, or reorder what an analyst reads.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal line: every control or bidi character shown as ``\\uXXXX``."""
+    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _events(snap: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -181,7 +192,7 @@ COLUMNS = (  # key, heading, max width (0: never cut)
 
 
 def _fit_cell(text: str, width: int) -> str:
-    text = " ".join(text.split())  # no newlines or tabs inside a cell
+    text = printable(" ".join(text.split()))  # no newlines, tabs or terminal controls inside a cell
     if width <= 0 or len(text) <= width:
         return text
     return text[: max(1, width - 1)] + "\u2026"
@@ -214,7 +225,7 @@ def render_table(snapshots: Iterable[Mapping[str, Any]], width: int | None = Non
     header = [(key, heading) for key, heading, _ in COLUMNS]
     lines.append("  ".join(_fit_cell(h, widths[k]).ljust(widths[k]) if k != "link" else h for k, h in header).rstrip())
     for r in rows:
-        cells = [_fit_cell(r[k], widths[k]).ljust(widths[k]) if k != "link" else r[k] for k, _, _ in COLUMNS]
+        cells = [_fit_cell(r[k], widths[k]).ljust(widths[k]) if k != "link" else printable(r[k]) for k, _, _ in COLUMNS]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines) + "\n"
 
@@ -254,7 +265,7 @@ def receiver_line(snap: Mapping[str, Any]) -> str:
     url = link(snap)
     if url:
         parts.append(url)
-    return " ".join(parts)
+    return printable(" ".join(parts))
 
 
 def entity_lines(snap: Mapping[str, Any], indent: str = "    ") -> list[str]:
@@ -276,4 +287,4 @@ def entity_lines(snap: Mapping[str, Any], indent: str = "    ") -> list[str]:
     for p in _entity(snap, "processes"):
         if isinstance(p, Mapping):
             out.append(f"{indent}process: {p.get('commandLine') or p.get('name')}")
-    return out
+    return [printable(line) for line in out]

@@ -15,6 +15,7 @@ import pytest
 
 from shared import views
 from shared.html_report import SEVERITY_COLOURS, render_html
+from shared.replay import ReplaySummary, RuleSummary
 
 
 def snap(
@@ -92,6 +93,25 @@ def test_cells_never_break_a_line_whatever_the_input_holds() -> None:
     hostile = snap(host="evil\nhost\r\tname", user="a\x0bb")
     lines = views.render_table([hostile], width=200).splitlines()
     assert len(lines) == 2 and "evil host name" in lines[1]
+
+
+def test_alert_data_cannot_drive_the_terminal_or_forge_a_line_in_the_table_or_the_receiver() -> None:
+    hostile = snap(host="evil\x1b]0;pwned\x07\x1b[2J", user="\u202eresu", link="https://x/\x1b[8m\nRECEIVED inc-fake")
+    hostile["entities"]["processes"] = [{"commandLine": "cmd\nRECEIVED inc-forged rev 1 created sev 10\x1b[1A\x9b2K"}]
+    table = views.render_table([hostile], width=200)
+    lines = [views.receiver_line(hostile), *views.entity_lines(hostile)]
+    for text in [table, *lines]:
+        assert not any(ch in text for ch in "\x1b\x07\x9b\u202e")
+    assert len(table.splitlines()) == 2
+    assert all("\n" not in line for line in lines) and not any(line.startswith("RECEIVED inc-f") for line in lines)
+    assert "evil\\u001b]0;pwned" in lines[0] and "cmd\\u000aRECEIVED inc-forged" in "".join(lines)
+    summary = ReplaySummary(explaining=True)
+    summary.stats.add("matched", rule="PH_RULE_X")
+    summary.rules["PH_RULE_X"] = RuleSummary()
+    summary.rules["PH_RULE_X"].add(hostile)
+    summary.explain("rejected", "f.json:1: bad \x1b[2J record")
+    for line in summary.lines() + summary.explain_lines():
+        assert "\x1b" not in line and "\n" not in line
 
 
 def test_snapshots_without_entities_fall_back_to_attributes_and_trigger_events() -> None:

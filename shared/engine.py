@@ -590,13 +590,22 @@ def _insert_sorted(entries: list[list[Any]], entry: list[Any]) -> None:
     entries.insert(i, entry)
 
 
+def mapped_number(value: Any) -> Any:
+    """An aggregate as an incident attribute: a whole float as an int, but only within JSON's 64-bit
+    integers (``MAX(riskScore)`` of an alert saying ``1e20`` stays a float: an int that large cannot be
+    encoded, and the batch would fail on every retry)."""
+    if isinstance(value, float) and value.is_integer() and -(2**63) <= value < 2**63:
+        return int(value)
+    return value
+
+
 def _map_attributes(rule: Rule, key: GroupKey, values: dict[Any, Any]) -> dict[str, Any]:
     by_attr = dict(zip(_static_fields(rule).group_by, key.values, strict=False))
     out: dict[str, Any] = {}
     for m in rule.mappings:
         if m.aggregate is not None:
             v = values.get(m.aggregate)
-            out[m.incident_attr] = int(v) if isinstance(v, float) and v.is_integer() else v
+            out[m.incident_attr] = mapped_number(v)
         else:
             out[m.incident_attr] = by_attr.get(m.attr or "", "")
     return out

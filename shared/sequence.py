@@ -35,7 +35,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import entities
-from .engine import MAX_TRIGGER_EVENTS, TENANT_ATTR, Stats, _group_value, _Outbox, incident_id, snapshot, to_ms
+from .engine import (
+    MAX_TRIGGER_EVENTS,
+    TENANT_ATTR,
+    Stats,
+    _group_value,
+    _Outbox,
+    incident_id,
+    mapped_number,
+    snapshot,
+    to_ms,
+)
 from .normalize import NormalizedEvent
 from .pattern import Absent, AllOf, AnyOf, PatternNode, Sub, Then
 from .query import CrossCompare, Ref
@@ -262,7 +272,7 @@ def _attributes(rule: Rule, match: Match) -> dict[str, Any]:
         sub = rule.subs[m.sub]
         if m.aggregate is not None:
             v = _aggregate_values(sub, entries).get(m.aggregate)
-            out[m.incident_attr] = int(v) if isinstance(v, float) and v.is_integer() else v
+            out[m.incident_attr] = mapped_number(v)
         else:
             vals = _group_values(rule, m.sub, entries) or {}
             out[m.incident_attr] = vals.get((m.attr or "").lower())

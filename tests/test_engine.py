@@ -327,6 +327,23 @@ streams = st.lists(
 )
 
 
+@pytest.mark.parametrize("clear", ["", "clear: {after: 600}\n"])  # the classic path and shared/sequence.py
+@pytest.mark.parametrize("score", ["1e20", "-1e300", "9223372036854775807"])
+def test_an_aggregate_beyond_64_bit_integers_is_mapped_as_a_number_and_never_fails_the_batch(clear: str, score: str) -> None:
+    rule = parse_rule_text(
+        "id: BIG_SUM\nname: big\nseverity: 5\ncategory: Security\ntimeWindow: 60\nsubpatterns:\n"
+        '  - {name: s, query: eventType CONTAIN "Alert", groupBy: [hostName], aggregateConstraint: COUNT(*) >= 1}\n'
+        "incidentAttributes: {hostName: s.hostName, total: s.SUM(riskScore)}\n" + clear,
+        "big.yaml",
+    )
+    rec = {"eventType": "M365Defender-Alert-X", "alertIdStr": "a1", "tenantId": "t", "hostName": "h", "eventId": "e1"}
+    line = orjson.dumps({**rec, "eventTime": "2026-03-01T00:00:00Z"})[:-1] + b',"riskScore":' + score.encode() + b"}"
+    [event] = Normalizer(fmt="normalized").from_bytes(line, "f", T0)
+    assert isinstance(event, NormalizedEvent)
+    [snap] = Engine([rule], MemoryStateStore(), lambda: T0).process([event]).incidents
+    assert snap["attributes"]["total"] == float(score)
+
+
 def _events(stream: list[tuple[int, int, int]]) -> list[NormalizedEvent]:
     out, t = [], 0
     for alert_n, version, gap in stream:

@@ -499,11 +499,12 @@ def _compile_exception(index: int, exc: RuleExceptionModel, model: RuleModel, gr
         query = Query.parse(exc.query, groups)
     except RuleError as err:
         raise err.located(file=path, field=where) from None
-    known = {k.lower() for k in model.incident_attributes} | {"tenantid"}
+    known = {*model.incident_attributes, "tenantId"}  # exactly as matched: attribute names are case-sensitive
     for attr in _attrs(query.tree):
-        if attr.lower() not in known:
+        if attr not in known:
             raise RuleError(
-                f"{attr!r} is not an incident attribute (known: {', '.join([*model.incident_attributes, 'tenantId'])})",
+                f"{attr!r} is not an incident attribute (names are case-sensitive; known: "
+                f"{', '.join([*model.incident_attributes, 'tenantId'])})",
                 file=path,
                 field=where,
                 text=exc.query,

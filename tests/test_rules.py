@@ -245,6 +245,11 @@ def test_single_subpattern_rule_without_new_fields_keeps_the_classic_path() -> N
             'query: host = "lab-host"',
             r"exceptions\[0\]\.query: 'host' is not an incident attribute",
         ),
+        (  # matching is case-sensitive: an exception on 'hostname' would silently never hold
+            'query: hostName = "lab-host"',
+            'query: hostname = "lab-host"',
+            r"exceptions\[0\]\.query: 'hostname' is not an incident attribute \(names are case-sensitive",
+        ),
         ("  after: 600", "  after: 0", r"clear\.after: Input should be greater than 0"),
         ("clear:\n  after: 600\n", "clear: {}\n", r"multi.yaml: clear: a clear condition needs 'after'"),
         ("- name: cred", "- name: persist", r"subpatterns\[1\]\.name: subpattern name 'persist' repeats"),

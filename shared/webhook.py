@@ -212,10 +212,10 @@ def _facts(snapshot: Mapping[str, Any]) -> list[tuple[str, str]]:
     return facts
 
 
-def _who_line(snapshot: Mapping[str, Any], link: Callable[[str], str]) -> str:
+def _who_line(snapshot: Mapping[str, Any], link: Callable[[str], str], text: Callable[[str], str] = str) -> str:
     """``Host fin-ws-017 · User CONTOSO\\j.doe · <link>``: the first thing a reader sees under the title."""
     url = _alert_url(snapshot)
-    parts = [f"Host {views.host(snapshot) or '-'}", f"User {views.user(snapshot) or '-'}"]
+    parts = [f"Host {text(views.host(snapshot) or '-')}", f"User {text(views.user(snapshot) or '-')}"]
     if url:
         parts.append(link(url))
     return " \u00b7 ".join(parts)
@@ -250,10 +250,22 @@ def teams_payload(snapshot: Snapshot) -> bytes:
     return data
 
 
+def _slack(text: str) -> str:
+    """Text for Slack's ``mrkdwn`` (and its ``text`` fallback): ``&``, ``<``, ``>`` escaped as Slack
+    requires, so alert data can neither mention ``<!channel>`` nor add a ``<url|link>``."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _slack_link(url: str) -> str:
+    return "<" + url.replace("<", "%3C").replace(">", "%3E").replace("|", "%7C") + "|Open in Defender>"
+
+
 def slack_payload(snapshot: Snapshot) -> bytes:
     """Slack Block Kit message for an incoming webhook (``text`` is the notification fallback)."""
-    who = _who_line(snapshot, lambda url: f"<{url}|Open in Defender>")
-    fields = [{"type": "mrkdwn", "text": f"*{k}*\n{v}"[:2000]} for k, v in _facts(snapshot)[2:]][:10]  # Slack: at most 10 fields
+    who = _who_line(snapshot, _slack_link, _slack)
+    fields = [{"type": "mrkdwn", "text": f"*{_slack(k)}*\n{_slack(v)}"[:2000]} for k, v in _facts(snapshot)[2:]][
+        :10
+    ]  # at most 10
     blocks: list[dict[str, Any]] = [
         {"type": "header", "text": {"type": "plain_text", "text": _title(snapshot)[:150], "emoji": False}},
         {"type": "section", "text": {"type": "mrkdwn", "text": who[:3000]}},
@@ -261,7 +273,7 @@ def slack_payload(snapshot: Snapshot) -> bytes:
     ]
     remediation = str(snapshot.get("remediation", ""))
     if remediation:
-        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": remediation[:2000]}]})
+        blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": _slack(remediation)[:2000]}]})
     url = _alert_url(snapshot)
     if url:
         blocks.append(
@@ -270,7 +282,7 @@ def slack_payload(snapshot: Snapshot) -> bytes:
                 "elements": [{"type": "button", "text": {"type": "plain_text", "text": "Open in Defender"}, "url": url}],
             }
         )
-    fallback = f"{_title(snapshot)} ({_who_line(snapshot, lambda url: url)})"
+    fallback = _slack(f"{_title(snapshot)} ({_who_line(snapshot, lambda url: url)})")
     return orjson.dumps({"text": fallback[:3000], "blocks": blocks})
 
 

@@ -27,6 +27,20 @@ def test_slack_message_opens_with_host_user_and_the_defender_link() -> None:
     assert "fin-ws-017.contoso.local" in message["text"] and "CONTOSO\\j.doe" in message["text"]  # the notification text
 
 
+def test_slack_message_never_lets_alert_data_mention_the_channel_or_add_a_link() -> None:
+    hostile = snap(host="<!channel> <https://evil.example/reset|Reset your password>", user="a&b>c")
+    hostile["attributes"]["alertName"] = "x <!here>"
+    hostile["entities"]["links"] = ["https://security.microsoft.com/alerts/da1|<!everyone>"]
+    message = json.loads(slack_payload(hostile))
+    who = message["blocks"][1]["text"]["text"]
+    fields = [f["text"] for f in message["blocks"][2]["fields"]]
+    for text in [who, message["text"], *fields]:
+        assert "<!" not in text and "<https://evil" not in text
+    assert who.startswith("Host &lt;!channel&gt; &lt;https://evil.example/reset|Reset your password&gt; \u00b7 User a&amp;b&gt;c")
+    assert who.endswith("<https://security.microsoft.com/alerts/da1%7C%3C!everyone%3E|Open in Defender>")
+    assert "x &lt;!here&gt;" in "".join(fields)
+
+
 def test_cards_without_entities_still_name_host_and_user_from_the_attributes() -> None:
     old = snap()
     del old["entities"]

@@ -251,7 +251,7 @@ def test_an_alert_counted_by_many_groups_of_long_values_keeps_its_join_state_wit
     events = [e for rec in [*infos, *rows] if isinstance(e := normalizer.normalize(rec, "p", T0), NormalizedEvent)]
     memory = MemoryStateStore()
     assert len(Engine([wide], memory, lambda: T0).process(events).incidents) == 16
-    [join_state] = [v[0] for k, v in memory._data.items() if k.rule_id == JOIN_RULE_ID]
+    [join_state] = [memory.stored(k)[0] for k in memory._data if k.rule_id == JOIN_RULE_ID]
     assert len(join_state) <= MAX_STATE_BYTES
 
 

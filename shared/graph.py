@@ -60,7 +60,7 @@ MAX_WAIT_S = 60.0  # the longest single Retry-After/backoff wait a tenant may ta
 ALERTS, INCIDENTS = "alerts_v2", "incidents"
 RESOURCES = (ALERTS, INCIDENTS)  # polled collections under /security (incidents: FortiSIEM's incident rule)
 PERMISSIONS = {ALERTS: "SecurityAlert.Read.All", INCIDENTS: "SecurityIncident.Read.All"}
-MAX_REQUEST_S = 60.0  # one request, headers to last byte (the read timeout bounds each read, not the total)
+MAX_REQUEST_S = 60.0  # a response body is read within this of the request's start (reads alone bound only each read)
 MAX_PAGE_BYTES = 32 << 20  # one alerts_v2 page of PAGE_SIZE alerts is far below this; a larger body is refused
 
 
@@ -478,8 +478,8 @@ class GraphPoller:
         failures = 0
         while True:
             self.limiter.acquire(tenant)
-            # each read waits at most timeout_s (less when the run's budget is nearly spent); the whole
-            # request, headers to last byte, at most MAX_REQUEST_S: the run ends within budget + that
+            # each read waits at most timeout_s (less when the run's budget is nearly spent); the body is
+            # read within MAX_REQUEST_S of the start (headers are bounded by the read timeout only)
             started = self.monotonic()
             deadline = started + MAX_REQUEST_S
             timeout = max(1.0, min(self.timeout_s, self._deadline - started))

@@ -165,8 +165,9 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
         { name: 'WEBHOOK_MAX_DEQUEUE_COUNT', value: '5' }
         { name: 'DELIVERY_TABLE', value: 'webhookdeliveries' }
         { name: 'INCIDENTS_POISON_QUEUE', value: 'incidents-poison' }
-        // Graph alerts_v2 poller
+        // Graph poller (alerts_v2 and incidents)
         { name: 'GRAPH_TENANTS', value: graphTenants }
+        { name: 'GRAPH_RESOURCES', value: 'alerts_v2,incidents' }
         { name: 'GRAPH_AUTH', value: graphAuth }
         { name: 'GRAPH_CLIENT_ID', value: graphClientId }
         { name: 'GRAPH_POLL_SCHEDULE', value: '0 */5 * * * *' }

@@ -499,7 +499,7 @@ def apply_events(
         touched[inc.incident_id] = (inc, action, evidence[-MAX_TRIGGER_EVENTS:])
         bag = entities.EntityBag()  # the trigger took what was pending
     st.pending = bag.to_dict(copy=False) if any(bag.values.values()) else None
-    _join(st, joined, outbox, replay, applied, touched, lifetime_ms, stats, rule.id)
+    _join(st, joined, outbox, replay, applied, touched, (window_ms, lifetime_ms), stats, rule.id)
     evicted += _fit(st)
     if evicted:
         stats.add("evicted", evicted, rule=rule.id)
@@ -525,11 +525,15 @@ def _join(
     replay: set[int],
     applied: list[int],
     touched: dict[str, tuple[Incident, str, list[NormalizedEvent]]],
-    lifetime_ms: int,
+    spans: tuple[int, int],
     stats: Stats,
     rule_id: str,
 ) -> None:
-    """Fold AlertEvidence rows that arrived after their alert into the group's open incident."""
+    """Fold AlertEvidence rows that arrived after their alert into the group's open incident, only
+    when the row's alert belongs to that incident's episode: a row carries its alert's time, and an
+    alert of an earlier episode is older than the open one's start by more than the window (episodes
+    are separated by the incident lifetime), so it never enriches a later incident of the group."""
+    window_ms, lifetime_ms = spans
     inc = st.incident
     bag = entities.EntityBag()
     new_ids = []
@@ -539,8 +543,9 @@ def _join(
         if pos is not None:  # this row already enriched the incident: re-emit that snapshot
             replay.add(pos)
             continue
-        if inc is None or to_ms(row.event_time) - inc.last_trigger > lifetime_ms:
-            continue  # no open incident to enrich
+        t = to_ms(row.event_time)
+        if inc is None or t - inc.last_trigger > lifetime_ms or t < inc.first_seen - window_ms:
+            continue  # no open incident to enrich, or the alert was counted in an earlier episode
         entities.collect(bag, row)
         new_ids.append(ident)
     if inc is None or not new_ids:

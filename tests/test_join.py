@@ -179,6 +179,42 @@ def test_every_snapshot_carries_entities_of_the_documented_shape(samples: Path) 
     assert graph["hosts"] == ["alex-2"] and graph["users"][0] == "rob@m7kni.io"
 
 
+def test_late_evidence_of_an_alert_from_an_earlier_episode_never_enriches_the_groups_later_incident() -> None:
+    """Alert X opens an incident at 14:00, alert Y of the same group a new one at 14:20 (lifetime 5 min);
+    X's evidence arriving then belongs to X's closed incident, not to Y's."""
+    rule = parse_rule_text(
+        "id: BYNAME\nname: n\nseverity: 5\ncategory: Security\ntimeWindow: 300\nincidentLifetime: 300\nsubpatterns:\n"
+        "  - {name: s, query: 'eventType CONTAIN \"Alert-Execution\"', groupBy: [alertName, tenantId],\n"
+        "     aggregateConstraint: 'COUNT(*) >= 1'}\n"
+        "incidentAttributes: {alertName: s.alertName}\n"
+    )
+
+    def row(category: str, alert: str, at: str, **props: str) -> dict[str, Any]:
+        base = {"Timestamp": f"2026-07-18T{at}:00Z", "AlertId": alert}
+        if category == "AlertInfo":
+            base.update(Title="Same name", Category="Execution")
+        return {"category": f"AdvancedHunting-{category}", "tenantId": "t", "properties": {**base, **props}}
+
+    normalizer = Normalizer()
+    events = {
+        name: e
+        for name, rec in {
+            "x": row("AlertInfo", "X", "14:00"),
+            "y": row("AlertInfo", "Y", "14:20"),
+            "x_host": row("AlertEvidence", "X", "14:00", EntityType="Machine", DeviceName="host-of-x"),
+            "y_host": row("AlertEvidence", "Y", "14:20", EntityType="Machine", DeviceName="host-of-y"),
+        }.items()
+        if isinstance(e := normalizer.normalize(rec, "p", T0), NormalizedEvent)
+    }
+    engine = Engine([rule], MemoryStateStore(), lambda: T0)
+    [x] = engine.process([events["x"]]).incidents
+    [y] = engine.process([events["y"]]).incidents
+    assert x["incidentId"] != y["incidentId"]
+    assert engine.process([events["x_host"]]).incidents == []  # X's incident is closed: nothing to enrich
+    [enriched] = engine.process([events["y_host"]]).incidents  # Y's own evidence still enriches Y
+    assert enriched["incidentId"] == y["incidentId"] and enriched["entities"]["hosts"] == ["host-of-y"]
+
+
 def test_an_alert_with_a_flood_of_evidence_keeps_its_state_and_snapshot_small() -> None:
     rows = [
         {

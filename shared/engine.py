@@ -105,11 +105,12 @@ _SHORTENED = re.compile(r"\.\.\.#[0-9a-fA-F]{16}\Z")
 def _bounded(value: str) -> str:
     """A group-by value as stored: values up to ``MAX_GROUP_VALUE_CHARS`` unchanged; longer ones (and
     any value that looks like a shortened one, so none can pose as another) become the first 492
-    characters of their case-folded form + ``...#`` + BLAKE2b-64 of the whole case-folded value.
-    Grouping is case-insensitive, so values that differ only in case stay one group."""
+    characters of their lower-cased form + ``...#`` + BLAKE2b-64 of the whole lower-cased value.
+    Grouping is case-insensitive (``str.lower``, as ``GroupKey`` compares), so values that differ
+    only in case stay one group, long or short."""
     if len(value) <= MAX_GROUP_VALUE_CHARS and not (value[-20:-16] == "...#" and _SHORTENED.search(value)):
         return value
-    folded = value.casefold()
+    folded = value.lower()
     digest = hashlib.blake2b(folded.encode(errors="surrogatepass"), digest_size=8).hexdigest()
     return f"{folded[: MAX_GROUP_VALUE_CHARS - 20]}...#{digest}"
 

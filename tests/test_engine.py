@@ -653,6 +653,11 @@ def test_long_values_that_differ_only_in_case_are_one_group_like_short_ones() ->
     assert group_key(EPISODIC, alert("x", name=upper)) == group_key(EPISODIC, alert("y", name=lower))
     assert group_key(EPISODIC, alert("x", name="Short")) == group_key(EPISODIC, alert("y", name="short"))
     assert group_key(EPISODIC, alert("x", name="Short")).values[0] == "Short"  # short values kept as written
+    long_sharp, long_ss = "Persistence straße " + "x" * 600, "PERSISTENCE STRASSE " + "X" * 600
+    short_sharp, short_ss = "Persistence straße", "PERSISTENCE STRASSE"  # lower() keeps ß: two groups, long or short
+    assert (group_key(EPISODIC, alert("x", name=long_sharp)) == group_key(EPISODIC, alert("y", name=long_ss))) == (
+        group_key(EPISODIC, alert("x", name=short_sharp)) == group_key(EPISODIC, alert("y", name=short_ss))
+    )
 
 
 # -- exactly once under redelivery and failures, on both stores -----------------------------------

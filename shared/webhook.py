@@ -221,6 +221,12 @@ def _who_line(snapshot: Mapping[str, Any], link: Callable[[str], str], text: Cal
     return " \u00b7 ".join(parts)
 
 
+def _teams(text: str) -> str:
+    """Text for an Adaptive Card, whose TextBlocks and facts render markdown: a ``](`` in alert data is
+    split by a zero-width space, so ``[Reset password](https://evil)`` shows as text, not a link."""
+    return text.replace("](", "]\u200b(")
+
+
 def teams_payload(snapshot: Snapshot) -> bytes:
     """An Adaptive Card (1.4) in the message envelope that Teams workflow webhooks accept."""
     card: dict[str, Any] = {
@@ -228,8 +234,8 @@ def teams_payload(snapshot: Snapshot) -> bytes:
         "type": "AdaptiveCard",
         "version": "1.4",
         "body": [
-            {"type": "TextBlock", "text": _title(snapshot)[:300], "weight": "Bolder", "size": "Medium", "wrap": True},
-            {"type": "FactSet", "facts": [{"title": k, "value": v} for k, v in _facts(snapshot)]},
+            {"type": "TextBlock", "text": _teams(_title(snapshot)[:300]), "weight": "Bolder", "size": "Medium", "wrap": True},
+            {"type": "FactSet", "facts": [{"title": _teams(k), "value": _teams(v)} for k, v in _facts(snapshot)]},
             {"type": "TextBlock", "text": str(snapshot.get("remediation", ""))[:1000], "wrap": True, "isSubtle": True},
         ],
         "msteams": {"width": "Full"},

@@ -41,6 +41,17 @@ def test_slack_message_never_lets_alert_data_mention_the_channel_or_add_a_link()
     assert "x &lt;!here&gt;" in "".join(fields)
 
 
+def test_teams_card_never_renders_a_markdown_link_from_alert_data() -> None:
+    hostile = snap(host="[Reset your password](https://evil.example/reset)", user="u")
+    hostile["attributes"]["alertName"] = "see [here](https://evil.example)"
+    card = json.loads(teams_payload(hostile))["attachments"][0]["content"]
+    texts = [card["body"][0]["text"], *(f["value"] for f in card["body"][1]["facts"] if f["title"] != "Defender")]
+    assert not any("](" in t for t in texts)
+    assert card["body"][1]["facts"][0]["value"] == "[Reset your password]\u200b(https://evil.example/reset)"
+    defender = next(f["value"] for f in card["body"][1]["facts"] if f["title"] == "Defender")
+    assert defender == "[Open the alert](https://security.microsoft.com/alerts/da1?tid=t1)"  # our own link stays a link
+
+
 def test_cards_without_entities_still_name_host_and_user_from_the_attributes() -> None:
     old = snap()
     del old["entities"]

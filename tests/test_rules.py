@@ -311,6 +311,28 @@ def test_validate_command_prints_every_error_and_exits_1(tmp_path: Path) -> None
     assert run_cli("validate").returncode == 0
 
 
+def test_validate_and_test_rules_understand_exception_periods_and_the_evidence_declaration(tmp_path: Path) -> None:
+    exception = '\nexceptions:\n  - {query: hostName = "lab", periods: [{days: [Sat, Sun], from: "00:00", to: "24:00"}]}\n'
+    bad = with_change("timeWindow: 60", "timeWindow: 60\nalertEvidence: events") + exception.replace('"00:00"', '"0:00"')
+    (tmp_path / "bad.yaml").write_text(bad)
+    result = run_cli("validate", str(tmp_path))
+    assert result.returncode == 1
+    assert "bad.yaml: alertEvidence: 'events' declares" in result.stderr
+    (tmp_path / "bad.yaml").write_text(MINIMAL + exception.lstrip("\n").replace('"00:00"', '"0:00"'))
+    assert "bad.yaml: exceptions[0].periods[0].from: '0:00' is not a time of day" in run_cli("validate", str(tmp_path)).stderr
+    tests = (
+        "tests:\n"
+        "  - {name: weekend, start: '2026-05-02T09:00:00Z', events: [{at: 0, event: {eventType: x, hostName: lab}},"
+        " {at: 1, event: {eventType: x, hostName: lab}}], expect: {incidents: 0}}\n"
+        "  - {name: weekday, start: '2026-05-01T09:00:00Z', events: [{at: 0, event: {eventType: x, hostName: lab}},"
+        " {at: 1, event: {eventType: x, hostName: lab}}], expect: {incidents: 1}}\n"
+    )
+    (tmp_path / "bad.yaml").write_text(MINIMAL + exception.lstrip("\n") + tests)
+    ran = run_cli("test-rules", str(tmp_path))
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "PASS TEST_RULE :: weekend" in ran.stdout and "2 passed, 0 failed" in ran.stdout
+
+
 def test_test_rules_command_reports_failures_with_the_mismatch(tmp_path: Path) -> None:
     failing = MINIMAL + textwrap.dedent(
         """\

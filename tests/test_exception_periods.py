@@ -8,6 +8,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from shared.engine import Engine
 from shared.errors import RuleError
@@ -172,3 +174,32 @@ def test_rule_tests_can_start_their_timeline_at_a_chosen_event_time() -> None:
     rule = replace(base, model=model)
     results = run_rule_tests([rule])
     assert [(r.case, r.passed) for r in results] == [("saturday", True), ("friday", True)]
+
+
+@given(
+    st.integers(0, 4 * 365 * 24 * 60).map(
+        lambda m: datetime(2025, 1, 1, tzinfo=timezone.utc) + timedelta(minutes=m, seconds=m % 60)
+    ),
+    st.frozensets(st.integers(0, 6), min_size=1),
+    st.integers(0, 24 * 60 - 1),
+    st.integers(1, 24 * 60),
+    st.sampled_from(["UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata"]),
+)
+@example(datetime(2026, 5, 2, 5, 59, 59, tzinfo=timezone.utc), frozenset({4}), 22 * 60, 6 * 60, "UTC")
+def test_a_daily_span_holds_exactly_inside_the_local_interval_starting_on_a_listed_day(
+    at: datetime, days: frozenset[int], lo: int, hi: int, zone_name: str
+) -> None:
+    """Oracle: for the local calendar day and the one before, the wall-clock interval
+    [day + from, day (+1 if over midnight) + to) on a listed weekday contains the local time."""
+    if lo == hi:
+        return
+    tz = zone(zone_name)
+    local = at.astimezone(tz).replace(tzinfo=None, second=0, microsecond=0)
+    inside = False
+    for back in (0, 1):
+        day = local.date() - timedelta(days=back)
+        midnight = datetime.combine(day, datetime.min.time())
+        start = midnight + timedelta(minutes=lo)
+        end = midnight + timedelta(days=1 if hi <= lo else 0, minutes=hi)
+        inside = inside or (day.weekday() in days and start <= local < end)
+    assert Period(tz=tz, days=days, daily=(lo, hi)).contains(ms(at)) == inside

@@ -481,6 +481,7 @@ def apply_events(
                 trigger_count=1,
                 attributes=attributes,
                 entities=bag.to_dict(copy=False),  # the bag is replaced below
+                unannounced=bool(rule.exceptions),  # until a revision passes the rule's exceptions
             )
             action = "created"
         else:
@@ -510,6 +511,12 @@ def apply_events(
     stats.add("reemitted", len(snapshots), rule=rule.id)
     owns = []
     for inc, action, evidence in touched.values():
+        if rule.exceptions:  # decided before the outbox records, so a re-emission is what was emitted
+            if rule.excepted(inc.attributes, key.tenant, inc.last_seen):
+                stats.add("excepted", rule=rule.id)
+                continue
+            if inc.unannounced:  # every earlier revision was excepted: this is the first anyone sees
+                action, inc.unannounced = "created", False
         stats.add("incidents_" + action, rule=rule.id)
         owns.append(own_fields(inc, action, evidence))
     if not owns:

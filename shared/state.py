@@ -110,6 +110,9 @@ class Incident:
     trigger_count: int
     attributes: dict[str, Any]
     entities: dict[str, Any] | None = None  # stored beside the list (state key "ie"): older readers ignore it
+    # No revision emitted yet: every one so far matched a rule exception (state key "iu", written only
+    # while true, so states of rules without exceptions keep their bytes; absent in older states = emitted)
+    unannounced: bool = False
 
     def to_list(self) -> list[Any]:
         return [
@@ -210,6 +213,8 @@ class GroupState:
         # Entities and join links are optional keys: a state without them encodes as before.
         if self.incident is not None and self.incident.entities:  # only the kinds that hold values
             doc["ie"] = {k: v for k, v in self.incident.entities.items() if v}
+        if self.incident is not None and self.incident.unannounced:
+            doc["iu"] = 1
         if self.pending:
             doc["p"] = {k: v for k, v in self.pending.items() if v}
         if self.links:
@@ -245,6 +250,8 @@ class GroupState:
         incident = Incident.from_list(d["i"]) if d.get("i") else None
         if incident is not None and d.get("ie"):
             incident.entities = expand(d["ie"])  # every kind, in order, as the snapshot shows it
+        if incident is not None and d.get("iu"):
+            incident.unannounced = True
         values = tuple(d["k"])
         tenant = d.get("t", values[-1] if version > 1 and values else "")
         key = GroupKey(d["r"], values, tenant)

@@ -121,6 +121,32 @@ class TestEngine:
         assert len(emitted(rule, at_end, wall=FRI)) == 1
 
 
+class TestFirstEmission:
+    def test_an_incident_excepted_at_creation_is_announced_as_created_when_it_first_passes(self) -> None:
+        import orjson
+
+        rule = single(WEEKEND)
+        sunday_night = SAT + timedelta(days=1, hours=23, minutes=59, seconds=30)
+        engine = Engine([rule], MemoryStateStore(), lambda: sunday_night)
+        assert engine.process([ev(PERSIST, sunday_night)]).incidents == []  # excepted: nothing emitted
+        monday = ev(PERSIST, sunday_night + timedelta(seconds=40))
+        [first] = engine.process([monday]).incidents
+        assert (first["revision"], first["action"]) == (2, "created")  # a created-only target hears of it
+        [again] = engine.process([monday]).incidents  # the batch redelivered: the same bytes, still created
+        assert orjson.dumps(again) == orjson.dumps(first)
+        [later] = engine.process([ev(PERSIST, sunday_night + timedelta(seconds=50))]).incidents
+        assert (later["revision"], later["action"]) == (3, "updated")
+
+    def test_states_of_rules_without_exceptions_keep_their_bytes(self) -> None:
+        plain = replace(single(WEEKEND), exceptions=())
+        store = MemoryStateStore()
+        Engine([plain], store, lambda: SAT).process([ev(PERSIST, SAT)])
+        [key] = list(store._data)
+        state = store.load([key], ms(SAT))[key].state
+        assert state is not None and state.incident is not None and not state.incident.unannounced
+        assert b'"iu"' not in state.to_bytes()
+
+
 class TestPeriod:
     def test_a_span_over_midnight_belongs_to_the_day_it_starts_on(self) -> None:
         p = Period(tz=timezone.utc, days=frozenset({4}), daily=(22 * 60, 6 * 60))  # Fri 22:00 - Sat 06:00

@@ -298,7 +298,7 @@ class _Run:
         if inc is not None and at - inc.last_trigger > rule.lifetime_s * 1000:
             inc = None
         if inc is None:
-            inc = Incident(incident_id(st.key, at), 1, first, at, at, at, 1, attributes)
+            inc = Incident(incident_id(st.key, at), 1, first, at, at, at, 1, attributes, unannounced=bool(self.rule.exceptions))
             action = "created"
         else:
             inc.revision += 1
@@ -540,6 +540,8 @@ def _emit(rule: Rule, key: GroupKey, touched: list[tuple[Incident, str, list[Nor
         if rule.excepted(inc.attributes, tenant, inc.last_seen):
             stats.add("excepted", rule=rule.id)
             continue
+        if inc.unannounced:  # every earlier revision was excepted: this is the first anyone sees
+            action, inc.unannounced = "created", False
         stats.add("incidents_" + action, rule=rule.id)
         out.append(snapshot(rule, key, inc, action, evidence))
     return out

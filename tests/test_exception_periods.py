@@ -137,6 +137,14 @@ class TestFirstEmission:
         [later] = engine.process([ev(PERSIST, sunday_night + timedelta(seconds=50))]).incidents
         assert (later["revision"], later["action"]) == (3, "updated")
 
+    def test_a_multi_subpattern_incident_excepted_at_creation_is_announced_as_created_too(self) -> None:
+        rule = multi(WEEKEND)
+        sunday_night = SAT + timedelta(days=1, hours=23, minutes=59)
+        engine = Engine([rule], MemoryStateStore(), lambda: sunday_night)
+        assert engine.process([ev(PERSIST, sunday_night), ev(CRED, sunday_night + timedelta(seconds=30))]).incidents == []
+        [first] = engine.process([ev(CRED, sunday_night + timedelta(seconds=70))]).incidents  # Monday 00:00:10
+        assert (first["revision"], first["action"]) == (2, "created")
+
     def test_states_of_rules_without_exceptions_keep_their_bytes(self) -> None:
         plain = replace(single(WEEKEND), exceptions=())
         store = MemoryStateStore()

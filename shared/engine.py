@@ -624,15 +624,6 @@ def _map_attributes(rule: Rule, key: GroupKey, values: dict[Any, Any]) -> dict[s
     return out
 
 
-def _excepted(rule: Rule, snap: Snapshot, stats: Stats) -> bool:
-    tenant = snap.get("tenantId") or next((v for k, v in snap["groupBy"].items() if k.lower() == "tenantid"), None)
-    last_seen = datetime.fromisoformat(snap["lastSeen"].replace("Z", "+00:00"))  # exception periods: event time
-    if rule.excepted(snap["attributes"], tenant, to_ms(last_seen)):
-        stats.add("excepted", rule=rule.id)
-        return True
-    return False
-
-
 def expires_at(rule: Rule, now_ms: int) -> int:
     """Wall-clock time after which an idle group can be purged: neither its window nor its
     incident can change any more once both the window and the incident lifetime have passed."""
@@ -825,9 +816,9 @@ class Engine:
                     )
                 else:  # no AlertEvidence in play: the plain core
                     new_state, snaps = apply_events(rule, key, current.state, group_events, group_stats)
-                changed = bool(group_events or snaps)  # a group read only for late evidence may have nothing new
-                if rule.exceptions and not rule.sequence:
-                    snaps = [s for s in snaps if not _excepted(rule, s, group_stats)]
+                # a group read only for late evidence may have nothing new; exceptions were decided in the
+                # core (apply_events, sequence), before the outbox recorded what is emitted
+                changed = bool(group_events or snaps or group_stats.counts.get("excepted"))
                 if changed:
                     due = self._sequence.due_at(rule, new_state) if rule.sequence else None
                     changes.append(Change(key, new_state, current.token, expires_at(rule, now_ms), due))

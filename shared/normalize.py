@@ -209,6 +209,18 @@ def _pascal(text: str) -> str:
     return "".join(part[:1].upper() + part[1:] for part in re.split(r"[\s_/]+", text) if part)
 
 
+_GRAPH_INCIDENT_FIELDS = (  # (attribute, Graph incident property), copied as text when present
+    ("incidentTitle", "displayName"),
+    ("tenantId", "tenantId"),
+    ("incidentStatus", "status"),
+    ("incidentClassification", "classification"),
+    ("incidentDetermination", "determination"),
+    ("incidentWebUrl", "incidentWebUrl"),
+    ("assignedTo", "assignedTo"),
+    ("incidentCreatedTime", "createdDateTime"),
+)
+
+
 def is_graph_incident(rec: dict[str, Any]) -> bool:
     """A Graph ``security/incidents`` object (by its type, or by the fields only incidents have)."""
     otype = rec.get("@odata.type")
@@ -452,15 +464,9 @@ class Normalizer:
             return Skipped(event_type)
         incident_id = _text(rec, "id", fmt, required=True)
         attrs: dict[str, Any] = {"eventType": event_type, "incidentExtTicketId": incident_id}
-        _put(attrs, "incidentTitle", _text(rec, "displayName", fmt))
-        _put(attrs, "tenantId", _text(rec, "tenantId", fmt))
+        for attr, key in _GRAPH_INCIDENT_FIELDS:
+            _put(attrs, attr, _text(rec, key, fmt))
         _severity(attrs, rec.get("severity"))
-        _put(attrs, "incidentStatus", _text(rec, "status", fmt))
-        _put(attrs, "incidentClassification", _text(rec, "classification", fmt))
-        _put(attrs, "incidentDetermination", _text(rec, "determination", fmt))
-        _put(attrs, "incidentWebUrl", _text(rec, "incidentWebUrl", fmt))
-        _put(attrs, "assignedTo", _text(rec, "assignedTo", fmt))
-        _put(attrs, "incidentCreatedTime", _text(rec, "createdDateTime", fmt))
         version = _text(rec, "lastUpdateDateTime", fmt) or _text(rec, "createdDateTime", fmt)
         when, fallback = self._time(attrs, version, arrival)
         identity = f"graph-incident:{incident_id}:{version or content_hash(rec)}"

@@ -279,12 +279,13 @@ def own_fields(incident: Incident, action: str, trigger_events: list[NormalizedE
         "incidentId": incident.incident_id,
         "revision": incident.revision,
         "action": action,
-        "attributes": dict(incident.attributes),
+        # copies: a saved state belongs to its store, which may keep the object (MemoryStateStore)
+        "attributes": {k: list(v) if type(v) is list else v for k, v in incident.attributes.items()},
         "triggerCount": incident.trigger_count,
         "firstSeen": from_ms(incident.first_seen),
         "lastSeen": from_ms(incident.last_seen),
         "triggerEvents": [_event_summary(e) for e in trigger_events[-MAX_TRIGGER_EVENTS:]],
-        "entities": entities.compact(entities.expand(incident.entities)),
+        "entities": entities.copied(incident.entities),
     }
 
 

@@ -69,6 +69,20 @@ def compact(ents: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in ents.items() if v}
 
 
+def copied(ents: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``compact(expand(ents))`` with lists and dicts of its own (sharing nothing with ``ents``)."""
+    out: dict[str, Any] = {}
+    if ents:
+        for kind in _ORDER:
+            values = ents.get(kind)
+            if values and isinstance(values, list):
+                out[kind] = [dict(x) if type(x) is dict else x for x in values]
+    return out
+
+
+_ORDER = (*KINDS, "truncated")  # the keys of empty(), in order
+
+
 def expand(ents: Mapping[str, Any] | None) -> dict[str, Any]:
     """The full shape back from :func:`compact` (every kind, in order): ``expand(compact(e)) == e``."""
     out = empty()

@@ -43,6 +43,7 @@ OUTBOX_PROPERTY_BYTES = 63 * 1024  # one Table binary property holds at most 64 
 OUTBOX_PROPERTIES = 8  # the newest batch's record may span this many properties (a backfill of one group)
 MAX_RECORD_BYTES = OUTBOX_PROPERTIES * OUTBOX_PROPERTY_BYTES - MAX_OUTBOX_BYTES - 8  # one batch's record
 MAX_OUTBOX_RECORDS = 32  # batches whose emissions a group remembers
+LIVE_STATES = 20_000  # states the in-memory store keeps as objects (the most recently written)
 
 
 def deflate(data: bytes, level: int = 6, raw: bool = False, zdict: bytes = b"") -> bytes:
@@ -209,6 +210,31 @@ class GroupState:
     pending: dict[str, Any] | None = None  # entities of counted events that no trigger has taken yet
     links: list[list[Any]] = field(default_factory=list)  # alert evidence groups: [rule id, values, tenant] of its groups
 
+    def copy(self) -> GroupState:
+        """An independent copy, equal to ``from_bytes(to_bytes())`` with the same outbox (whose
+        records are bytes): every list and dict is new, copied through JSON as a stored state is."""
+        inc = self.incident
+        ents = {k: v for k, v in inc.entities.items() if v} if inc is not None and inc.entities else None
+        pending = {k: v for k, v in self.pending.items() if v} if self.pending else None
+        entries, mark, attributes, ents, ext, pending, links = orjson.loads(
+            orjson.dumps([self.entries, self.mark, inc.attributes if inc else None, ents, self.ext, pending, self.links])
+        )
+        if inc is not None:
+            inc = Incident(
+                inc.incident_id,
+                inc.revision,
+                inc.first_seen,
+                inc.last_seen,
+                inc.last_trigger,
+                inc.window_start,
+                inc.trigger_count,
+                attributes,
+                expand(ents) if ents else None,
+                inc.unannounced,
+            )
+        pending = expand(pending) if pending else None
+        return GroupState(self.key, entries, self.newest, inc, self.evicted, mark, list(self.outbox), ext, pending, links)
+
     def to_bytes(self) -> bytes:
         doc: dict[str, Any] = {
             "v": STATE_VERSION,
@@ -303,7 +329,8 @@ class StateStore(Protocol):
         ...
 
     def save(self, changes: Sequence[Change]) -> None:
-        """Write ``changes`` conditionally on their tokens.
+        """Write ``changes`` conditionally on their tokens. The states given belong to the store from
+        then on (the in-memory store keeps the objects): callers do not change them afterwards.
 
         Raises:
             ConcurrencyConflict: some keys were changed by another writer; ``.keys`` lists them,
@@ -357,9 +384,16 @@ class MemoryStateStore:
     when read. Nothing is dropped or changed by the move (same bytes, version, expiry and due time),
     so a store with a limit answers every call exactly as one without; ``replay`` sets one so that a
     long replay runs in bounded memory. ``None``: everything stays in memory.
+
+    The ``live_limit`` most recently written states are kept as objects (a state object passed to
+    ``save`` belongs to the store from then on; ``load`` hands out copies, see ``GroupState.copy``),
+    and packed only when newer writes push them out: a group touched by batch after batch is not
+    deflated and inflated for every batch. What any call answers is the same either way.
     """
 
-    def __init__(self, hot_limit: int | None = None, spill_dir: str | None = None) -> None:
+    def __init__(self, hot_limit: int | None = None, spill_dir: str | None = None, live_limit: int = LIVE_STATES) -> None:
+        # Tiers, each key in one, older writes below newer ones: spill file < _data < _live.
+        self._live: dict[GroupKey, tuple[GroupState, int, int]] = {}  # key -> (state, version, expiry)
         self._data: dict[GroupKey, bytes] = {}  # key -> the state packed with its version and expiry (_pack)
         self._due: dict[GroupKey, int] = {}  # key -> due_at (event time), for in-memory groups that have one
         self._progress: dict[str, tuple[int, int]] = {}  # partition -> (event ms, wall ms)
@@ -368,6 +402,7 @@ class MemoryStateStore:
         if hot_limit is not None and hot_limit < 1:
             raise ValueError(f"hot_limit must be at least 1, not {hot_limit}")
         self.hot_limit = hot_limit
+        self.live_limit = max(0, min(live_limit, hot_limit if hot_limit is not None else live_limit))
         self._spill_dir = spill_dir
         self._spill: _Spill | None = None  # opened on the first move to disk
 
@@ -375,8 +410,13 @@ class MemoryStateStore:
         self.calls["load"] += 1
         out: dict[GroupKey, Loaded] = {}
         with self._lock:
-            spilled = self._spill.get([k for k in keys if k not in self._data]) if self._spill else {}
+            spilled = self._spill.get([k for k in keys if k not in self._data and k not in self._live]) if self._spill else {}
             for key in keys:
+                live = self._live.get(key)
+                if live is not None:
+                    state, version, expires_at = live
+                    out[key] = Loaded(state.copy() if expires_at > now_ms else None, version)
+                    continue
                 packed = self._data.get(key) or spilled.get(key)
                 if packed is None:
                     out[key] = Loaded(None, None)
@@ -390,10 +430,18 @@ class MemoryStateStore:
         self.calls["save"] += 1
         conflicts: list[GroupKey] = []
         with self._lock:
-            on_disk = self._spill.versions([c.key for c in changes if c.key not in self._data]) if self._spill else {}
+            on_disk = (
+                self._spill.versions([c.key for c in changes if c.key not in self._data and c.key not in self._live])
+                if self._spill
+                else {}
+            )
             for change in changes:
+                live = self._live.get(change.key)
                 current = self._data.get(change.key)
-                current_token = _HEAD.unpack_from(current)[0] if current else on_disk.get(change.key)
+                if live is not None:
+                    current_token: int | None = live[1]
+                else:
+                    current_token = _HEAD.unpack_from(current)[0] if current else on_disk.get(change.key)
                 if current_token != change.token:
                     conflicts.append(change.key)
                     continue
@@ -402,21 +450,30 @@ class MemoryStateStore:
                     assert self._spill is not None
                     self._spill.delete(change.key)
                     del on_disk[change.key]
-                if change.state is None:
-                    self._data.pop(change.key, None)
-                else:
-                    version = (current_token or 0) + 1
-                    self._data.pop(change.key, None)  # re-inserted last: the dict's order is the write order
-                    self._data[change.key] = _pack(change.key, change.state, version, change.expires_at)
+                self._data.pop(change.key, None)
+                self._live.pop(change.key, None)  # re-inserted last: the dicts' order is the write order
+                if change.state is not None:
+                    self._live[change.key] = (change.state, (current_token or 0) + 1, change.expires_at)
                     if change.due_at is not None:
                         self._due[change.key] = change.due_at
-            if self.hot_limit is not None and len(self._data) > self.hot_limit:
-                self._move_to_disk(len(self._data) - self.hot_limit + self.hot_limit // 10)
+            if len(self._live) > self.live_limit:
+                self._pack_oldest(len(self._live) - self.live_limit)
+            if self.hot_limit is not None and len(self._data) + len(self._live) > self.hot_limit:
+                self._move_to_disk(len(self._data) + len(self._live) - self.hot_limit + self.hot_limit // 10)
         if conflicts:
             raise KeysConflict(conflicts)
 
+    def _pack_oldest(self, n: int) -> None:
+        """Pack the ``n`` least recently written live states (under the lock); they are newer than
+        every packed one, so they go after them."""
+        for key in list(itertools.islice(self._live, n)):
+            state, version, expires_at = self._live.pop(key)
+            self._data[key] = _pack(key, state, version, expires_at)
+
     def _move_to_disk(self, n: int) -> None:
         """Move the ``n`` least recently written states to the spill file (under the lock)."""
+        if len(self._data) < n:
+            self._pack_oldest(n - len(self._data))
         if self._spill is None:
             self._spill = _Spill(self._spill_dir)
         keys = list(itertools.islice(self._data, n))
@@ -432,6 +489,11 @@ class MemoryStateStore:
             for k in dead:
                 del self._data[k]
                 self._due.pop(k, None)
+            dead_live = [k for k, v in self._live.items() if v[2] <= now_ms]
+            for k in dead_live:
+                del self._live[k]
+                self._due.pop(k, None)
+            dead += dead_live
             return len(dead) + (self._spill.purge(now_ms) if self._spill else 0)
 
     def load_due(self, progress_ms: int, now_ms: int, limit: int) -> dict[GroupKey, Loaded]:
@@ -445,6 +507,11 @@ class MemoryStateStore:
             for key, due in self._due.items():
                 if len(out) >= limit:
                     break
+                live = self._live.get(key)
+                if live is not None:
+                    if due <= progress_ms and live[2] > now_ms:
+                        out[key] = Loaded(live[0].copy(), live[1])
+                    continue
                 version, expires_at, _ = _HEAD.unpack_from(self._data[key])
                 if due <= progress_ms and expires_at > now_ms:
                     out[key] = Loaded(_unpack(key.rule_id, key.norm, self._data[key]), version)
@@ -461,6 +528,9 @@ class MemoryStateStore:
     def stored(self, key: GroupKey) -> tuple[bytes, bytes, int, int]:
         """What the Table store would hold for ``key``: (encoded state, outbox, version, expiry). For tests."""
         with self._lock:
+            live = self._live.get(key)
+            if live is not None:
+                return live[0].encode(), live[0].outbox_bytes(), live[1], live[2]
             packed = self._data.get(key) or (self._spill.get([key]).get(key) if self._spill else None)
         if packed is None:
             raise KeyError(key)
@@ -471,7 +541,13 @@ class MemoryStateStore:
     def put_stored(self, key: GroupKey, data: bytes, outbox: bytes, version: int, expires_at: int) -> None:
         """Store an encoded state (any encoding version) as is, bypassing the token check. For tests."""
         with self._lock:
+            self._live.pop(key, None)
             self._data[key] = _pack(key, GroupState.decode(data, outbox), version, expires_at)
+
+    def held_keys(self) -> list[GroupKey]:
+        """The keys of the states held in memory, least recently written first (not those on disk). For tests."""
+        with self._lock:
+            return [*self._data, *self._live]
 
     def close(self) -> None:
         """Delete the spill file, if any (the in-memory states stay)."""
@@ -488,7 +564,7 @@ class MemoryStateStore:
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._data) + (len(self._spill) if self._spill else 0)
+            return len(self._live) + len(self._data) + (len(self._spill) if self._spill else 0)
 
 
 _HEAD = struct.Struct(">qqI")  # a packed state: version, expiry (epoch ms), length of the deflated state JSON

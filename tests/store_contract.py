@@ -137,3 +137,50 @@ class StoreContract:
         store.save_progress("0", NOW + 1, NOW + 9)  # the newest report replaces the older one
         assert store.load_progress() == {"0": (NOW + 1, NOW + 9), "1/x": (NOW - 5, NOW + 8)}
         assert store.purge_expired(NOW + 10**12) == 0 and store.load_due(NOW + 10**12, NOW, 100) == {}
+
+    def test_a_loaded_state_is_the_callers_own(self, store: StateStore) -> None:
+        """The engine changes the states it loads in place: that never shows in what the store hands
+        out next (from load or load_due). (A state given to ``save`` is the store's from then on.)"""
+        key = GroupKey("R", ("a", "t"), "t")
+        st = _rich_state(key)
+        expected = st.to_bytes()
+        store.save([Change(key, st, None, NOW + 60_000, NOW)])
+        for _ in range(2):
+            got = store.load([key], NOW)[key].state
+            due = store.load_due(NOW, NOW, 10)[key].state
+            assert got is not None and due is not None and got is not due
+            assert got.to_bytes() == expected and due.to_bytes() == expected
+            _scribble(got)
+            _scribble(due)
+
+
+def _rich_state(key: GroupKey) -> GroupState:
+    """A state with every part filled: entries with values, a mark, an incident with entities,
+    pending entities, join links, correlator fields and an outbox."""
+    st = state_for(key, 3)
+    st.mark = [NOW - 5, 7]
+    assert st.incident is not None
+    st.incident.entities = {"hosts": ["h1"], "files": [{"name": "a.exe"}], "techniques": [{"id": "T1053"}]}
+    st.pending = {"users": ["u1"], "files": [{"name": "b.exe"}]}
+    st.links = [["R2", ["x", "t"], "t"]]
+    st.ext = {"c": 5, "p": [1, 2, [3, {"k": ["v"]}]], "t": [1, 2]}
+    st.add_record(OutboxRecord([1, -2], [{"incidentId": "inc-1"}]).encode())
+    return st
+
+
+def _scribble(st: GroupState) -> None:
+    """Change every part of ``st`` in place, the ways the engine and the correlator do and more."""
+    st.entries[0][2] = "changed"
+    st.entries.append([NOW + 99, 99])
+    assert st.mark is not None and st.incident is not None and st.incident.entities is not None and st.pending is not None
+    st.mark[0] += 1
+    st.incident.revision += 1
+    st.incident.attributes["alertName"] = "changed"
+    st.incident.entities["hosts"].append("h2")
+    st.incident.entities["files"][0]["name"] = "changed"
+    st.pending["users"].append("u2")
+    st.links[0][1].append("y")
+    assert st.ext is not None
+    st.ext["p"][2][1]["k"].append("w")
+    st.ext["c"] = 6
+    st.outbox.append(b"x")

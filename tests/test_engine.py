@@ -3,6 +3,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import orjson
 import pytest
 
 from shared.engine import MAX_TRIGGER_EVENTS, Engine
@@ -304,13 +305,46 @@ def test_the_declared_alert_evidence_property_decides_whether_rows_reach_a_rule(
     assert [s["ruleId"] for s in Timeline([rule]).feed(ev)] == counted
 
 
+def _scribble(value: Any) -> None:
+    """Change every list and dict inside ``value`` in place (what a careless consumer might do)."""
+    if isinstance(value, dict):
+        for v in list(value.values()):
+            _scribble(v)
+        value["scribbled"] = True
+    elif isinstance(value, list):
+        for v in value:
+            _scribble(v)
+        value.append("scribbled")
+
+
+@pytest.mark.parametrize("live_limit", [0, 4096])
+def test_what_a_consumer_does_to_emitted_snapshots_never_changes_the_stored_incident(live_limit: int) -> None:
+    """The in-memory store keeps saved states as objects: no snapshot may share a list or dict
+    with them, or a consumer changing a snapshot would change the incident's next revisions."""
+    rules = load_rules([default_rules_dir()])  # single- and multi-subpattern rules
+    clean, scribbled = (Timeline(rules, MemoryStateStore(live_limit=live_limit)) for _ in range(2))
+    batches = [
+        [alert("v1", hostName="ws-1", user="a")],
+        [alert("v2", at=30, hostName="ws-2", user="b"), alert("v1")],  # an update and a redelivery
+        [alert("v3", at=60, hostName="ws-3", alertName="Credential dumping", attackTechniqueId=["T1003.001"])],
+        [alert("v2", at=30, hostName="ws-2", user="b")],  # redelivered: re-emitted from the outbox
+    ]
+    for batch in batches:
+        expected = [orjson.dumps(s) for s in clean.feed(*batch)]
+        got = scribbled.feed(*batch)
+        assert [orjson.dumps(s) for s in got] == expected
+        for snap in got:
+            _scribble(snap)
+    assert len(clean.snapshots) >= 4
+
+
 def test_huge_group_by_values_are_bounded_but_stay_distinct() -> None:
     tl = Timeline()
     a = tl.feed(alert("v1", name="A" * 100_000))[0]
     b = tl.feed(alert("v1", name="A" * 99_999 + "B"))[0]
     assert a["incidentId"] != b["incidentId"]
     assert len(a["attributes"]["alertName"]) <= 512
-    key = next(iter(tl.store._data))
+    key = next(iter(tl.store.held_keys()))
     stored = tl.store.load([key], 0)[key].state
     assert stored is not None and len(stored.encode()) < 4096
 
@@ -397,8 +431,6 @@ def test_incident_count_is_the_number_of_distinct_events_in_the_window(stream: l
 
 import logging  # noqa: E402
 import os  # noqa: E402
-
-import orjson  # noqa: E402
 
 from shared.engine import group_key  # noqa: E402
 from shared.state import MAX_OUTBOX_RECORDS, OUTBOX_PROPERTIES, OUTBOX_PROPERTY_BYTES, GroupState  # noqa: E402
@@ -587,7 +619,7 @@ def test_the_outbox_fits_its_table_property_and_re_emits_exactly_what_was_emitte
     tl = Timeline([rule])
     lost = tl.feed(*batch)
     assert len(lost) == 12 and any("triggerEventsTrimmed" in s for s in lost)
-    assert len(tl.store.stored(next(iter(tl.store._data)))[1]) <= OUTBOX_PROPERTIES * OUTBOX_PROPERTY_BYTES
+    assert len(tl.store.stored(next(iter(tl.store.held_keys())))[1]) <= OUTBOX_PROPERTIES * OUTBOX_PROPERTY_BYTES
     assert _bytes(tl.feed(*batch)) == _bytes(lost)
 
 
@@ -606,7 +638,7 @@ def test_a_replay_batch_of_a_thousand_episodes_of_one_group_fits_the_outbox_prop
     tl = Timeline([EPISODIC])
     first = tl.feed(*batch)
     assert len({s["incidentId"] for s in first}) == 1000
-    assert len(tl.store.stored(next(iter(tl.store._data)))[1]) <= OUTBOX_PROPERTIES * OUTBOX_PROPERTY_BYTES
+    assert len(tl.store.stored(next(iter(tl.store.held_keys())))[1]) <= OUTBOX_PROPERTIES * OUTBOX_PROPERTY_BYTES
     again = tl.feed(*batch)  # retried after its save: every snapshot comes back byte for byte
     assert _bytes(again) == _bytes(first)
 

@@ -149,7 +149,7 @@ class TestFirstEmission:
         plain = replace(single(WEEKEND), exceptions=())
         store = MemoryStateStore()
         Engine([plain], store, lambda: SAT).process([ev(PERSIST, SAT)])
-        [key] = list(store._data)
+        [key] = list(store.held_keys())
         state = store.load([key], ms(SAT))[key].state
         assert state is not None and state.incident is not None and not state.incident.unannounced
         assert b'"iu"' not in state.to_bytes()

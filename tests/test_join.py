@@ -250,7 +250,7 @@ def test_an_alert_with_a_flood_of_evidence_keeps_its_state_and_snapshot_small() 
     ent = snaps[-1]["entities"]
     assert len(orjson.dumps(ent)) <= entities.MAX_ENTITIES_BYTES
     assert {"hosts", "users", "processes", "files", "ips"} <= set(ent["truncated"])
-    for key in memory._data:  # the group and the alert's evidence state stay within one Table property
+    for key in memory.held_keys():  # the group and the alert's evidence state stay within one Table property
         assert len(memory.stored(key)[0]) <= MAX_STATE_BYTES
 
 
@@ -287,7 +287,7 @@ def test_an_alert_counted_by_many_groups_of_long_values_keeps_its_join_state_wit
     events = [e for rec in [*infos, *rows] if isinstance(e := normalizer.normalize(rec, "p", T0), NormalizedEvent)]
     memory = MemoryStateStore()
     assert len(Engine([wide], memory, lambda: T0).process(events).incidents) == 16
-    [join_state] = [memory.stored(k)[0] for k in memory._data if k.rule_id == JOIN_RULE_ID]
+    [join_state] = [memory.stored(k)[0] for k in memory.held_keys() if k.rule_id == JOIN_RULE_ID]
     assert len(join_state) <= MAX_STATE_BYTES
 
 
@@ -296,7 +296,7 @@ def test_the_join_works_the_same_on_table_storage(real: dict[str, NormalizedEven
     run, clean = Run(store), Run()
     for batch in ([real["info"]], [real["ip"]], [real["user"]], [real["user"]]):
         assert [orjson.dumps(s) for s in run.batch(*batch)] == [orjson.dumps(s) for s in clean.batch(*batch)]
-    keys = [k for k in clean.store._data if k.rule_id == JOIN_RULE_ID]  # type: ignore[attr-defined]
+    keys = [k for k in clean.store.held_keys() if k.rule_id == JOIN_RULE_ID]  # type: ignore[attr-defined]
     loaded = store.load(keys, int(T0.timestamp() * 1000))
     [state] = [v.state for v in loaded.values()]
     assert state is not None and state.links and state.pending and state.pending["users"] == [USER]

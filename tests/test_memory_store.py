@@ -38,6 +38,24 @@ class TestMemoryStoreSpillingEveryState(StoreContract):
         store.close()
 
 
+class TestMemoryStorePackingEveryState(StoreContract):
+    """The same contract when no state is kept as an object (every one packed as soon as written)."""
+
+    @pytest.fixture
+    def store(self) -> MemoryStateStore:
+        return MemoryStateStore(live_limit=0)
+
+
+class TestMemoryStoreInEveryTier(StoreContract):
+    """The same contract with one state kept as an object, one packed and the rest on disk."""
+
+    @pytest.fixture
+    def store(self) -> Iterator[MemoryStateStore]:
+        store = MemoryStateStore(hot_limit=2, live_limit=1)
+        yield store
+        store.close()
+
+
 def test_states_beyond_the_hot_limit_move_to_disk_and_come_back_unchanged(tmp_path: Path) -> None:
     store = MemoryStateStore(hot_limit=10, spill_dir=str(tmp_path))
     keys = [GroupKey("R", (f"Host{i}", "t")) for i in range(100)]
@@ -65,12 +83,13 @@ def test_closing_the_store_deletes_its_spill_file(tmp_path: Path) -> None:
 
 
 @settings(max_examples=80)
-@given(tenant_streams, deliveries, st.sampled_from([1, 2, 3]))
+@given(tenant_streams, deliveries, st.sampled_from([1, 2, 3]), st.sampled_from([0, 1, 2]))
 def test_a_spilling_store_delivers_what_one_clean_pass_delivers(
-    stream: list[tuple[int, int, int]], plan: list[Any], hot_limit: int
+    stream: list[tuple[int, int, int]], plan: list[Any], hot_limit: int, live_limit: int
 ) -> None:
-    """Redeliveries, failures at every point and a racing second instance, with states on disk."""
-    _run_exactly_once(MemoryStateStore(hot_limit=hot_limit), stream, plan)
+    """Redeliveries, failures at every point and a racing second instance, with states on disk,
+    packed and kept as objects."""
+    _run_exactly_once(MemoryStateStore(hot_limit=hot_limit, live_limit=live_limit), stream, plan)
 
 
 LATER = T0 + timedelta(days=30)  # arrival after every event time (times ahead of arrival are clamped)
@@ -142,7 +161,7 @@ def test_replay_with_states_on_disk_emits_byte_identical_snapshots(
     path = tmp_path_factory.mktemp("spill") / "alerts.jsonl"
     path.write_bytes(_lines(spec))
     spilling = MemoryStateStore(hot_limit=hot_limit)
-    expected = _replayed(path, MemoryStateStore(), batch)
+    expected = _replayed(path, MemoryStateStore(live_limit=0), batch)  # every state packed, none on disk
     assert expected  # the stream makes incidents
     assert _replayed(path, spilling, batch) == expected
     assert spilling.on_disk > 0 or len(spilling) <= hot_limit

@@ -280,7 +280,7 @@ class TestState:
         store = MemoryStateStore()
         run = Run(rule(), store=store)
         run.feed(*[ev(PERSIST, i, user=f"{i:04d}" + "x" * 2000) for i in range(150)])
-        [(data, outbox, _, _)] = [store.stored(k) for k in store._data]
+        [(data, outbox, _, _)] = [store.stored(k) for k in store.held_keys()]
         state = GroupState.decode(data, outbox)
         assert len(state.to_bytes()) <= MAX_STATE_BYTES
         assert 0 < len(state.entries) < 150 and state.evicted == 150 - len(state.entries)
@@ -288,7 +288,7 @@ class TestState:
     def test_an_open_group_stays_small(self) -> None:
         store = MemoryStateStore()
         Run(rule(), store=store).each(ev(PERSIST, 0), ev(CRED, 60), ev(CRED, 120))
-        [(data, _, _, _)] = [store.stored(k) for k in store._data]
+        [(data, _, _, _)] = [store.stored(k) for k in store.held_keys()]
         assert len(data) < 2048
 
 

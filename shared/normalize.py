@@ -254,6 +254,9 @@ def detect_format(rec: Any) -> str | None:
     return None
 
 
+_HANDLERS = {f: f"_{f}" for f in ("graph", "streaming", "mde", "siem", "normalized")}  # format -> Normalizer method
+
+
 class Normalizer:
     """Turns payloads into normalized events.
 
@@ -279,13 +282,6 @@ class Normalizer:
         self.max_skew = timedelta(seconds=max_skew_s) if max_skew_s is not None else None
         self.max_age = timedelta(seconds=max_age_s) if max_age_s is not None else None
         self._line_filter: LineFilter | None = None
-        self._handlers: dict[str, Callable[[dict[str, Any], str, datetime], Item]] = {
-            "graph": self._graph,
-            "streaming": self._streaming,
-            "mde": self._mde,
-            "siem": self._siem,
-            "normalized": self._normalized,
-        }
 
     # -- entry points -------------------------------------------------------------------------
 
@@ -372,7 +368,10 @@ class Normalizer:
         if not isinstance(rec, dict):
             return Rejection(position, f"expected a JSON object, got {type(rec).__name__}", fmt, raw=raw_json(rec))
         try:
-            return self._handlers[fmt](rec, position, arrival)
+            # by name, not a dict of bound methods: that would tie the normalizer in a reference cycle,
+            # and with it the engine its prefilter belongs to (freed only by the cyclic collector)
+            handler: Callable[[dict[str, Any], str, datetime], Item] = getattr(self, _HANDLERS[fmt])
+            return handler(rec, position, arrival)
         except RecordError as err:
             return Rejection(position, err.reason, err.fmt or fmt, err.field, raw=raw_json(rec))
         except MemoryError:

@@ -671,7 +671,7 @@ def apply_evidence(
     if len(st.entries) > MAX_JOIN_ROWS:
         del st.entries[: len(st.entries) - MAX_JOIN_ROWS]
     if changed:
-        st.pending = bag.to_dict()
+        st.pending = bag.to_dict(copy=False)  # the bag is dropped here: its lists need no copy
     stored = {(r, tuple(v), t) for r, v, t in st.links}
     for link in links:
         if (link.rule_id, link.values, link.tenant) not in stored and len(st.links) < MAX_JOIN_LINKS:
@@ -758,8 +758,11 @@ class Engine:
         links: dict[GroupKey, dict[GroupKey, None]] = {}  # alert -> the groups that counted it
         for event in events:
             ekey = evidence_key(event) if event.kind == EVIDENCE or event.format == "streaming" else None  # once per event
-            if event.kind == EVIDENCE and ekey is not None:
-                rows.setdefault(ekey, []).append(event)
+            if event.kind == EVIDENCE:
+                if ekey is not None:
+                    rows.setdefault(ekey, []).append(event)
+                if not self.evidence_rules:
+                    continue  # no rule matches evidence rows as events: they only feed the join
             dispatch = self._evidence_dispatch if event.kind == EVIDENCE else self._dispatch
             for rule in dispatch.matching(event.attrs):  # indexed: the same rules as testing every one
                 if event.format == CHAIN_FORMAT and event.attrs.get("ruleId") == rule.id:

@@ -127,6 +127,7 @@ class AlertBatchHandler:
             prefilter=engine.could_match,
             max_skew_s=DEFAULT_MAX_SKEW_S if max_skew_s is None else max_skew_s,
             max_age_s=DEFAULT_MAX_AGE_S if max_age_s is None else max_age_s,
+            evidence_columns=bool(engine.evidence_rules),  # else AlertEvidence rows only feed the join
         )
 
     def handle(self, events: Sequence[HubEvent]) -> BatchOutcome:

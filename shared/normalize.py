@@ -56,6 +56,7 @@ _SEVERITY = {
 }
 _STREAM_PREFIX = "AdvancedHunting-"
 _JSON_COLUMNS = ("AdditionalFields", "Categories")  # dynamic columns that arrive JSON-encoded
+_JOIN_ATTRS = ("tenantId", "hostName", "user")  # attributes of an AlertEvidence row the join reads (besides the ids)
 
 
 @dataclass(slots=True)
@@ -171,6 +172,23 @@ def streaming_techniques(value: Any) -> tuple[str, ...]:
     return technique_ids(found + bare)
 
 
+def _check_techniques(props: dict[str, Any]) -> tuple[str, ...]:
+    """Raise what :func:`streaming_techniques` raises for ``properties.AttackTechniques``, without
+    collecting the ids (an AlertEvidence row only the join reads); returns ``()``."""
+    value = props.get("AttackTechniques")
+    if value is None or value == "":
+        return ()
+    items = value
+    if isinstance(value, str):
+        try:
+            items = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return ()
+    if isinstance(items, (str, list)):
+        return ()
+    raise RecordError("AttackTechniques is neither a list nor a JSON list in a string", field="AttackTechniques")
+
+
 def _severity(attrs: dict[str, Any], value: Any) -> None:
     if not isinstance(value, str) or not value:
         return
@@ -271,16 +289,24 @@ class Normalizer:
         prefilter: Prefilter | None = None,
         max_skew_s: int | None = None,
         max_age_s: int | None = None,
+        evidence_columns: bool = True,
     ) -> None:
         """``max_skew_s`` / ``max_age_s``: event times beyond them are clamped to arrival (None: no
         limit; the Functions app and ``replay`` use :data:`DEFAULT_MAX_SKEW_S` / ``_AGE_S`` or the
-        app settings). A time outside datetime's range is clamped whatever the limits."""
+        app settings). A time outside datetime's range is clamped whatever the limits.
+
+        ``evidence_columns=False`` (no rule matches AlertEvidence rows as events, so they only feed
+        the join): an AlertEvidence row's attributes are only what the join reads (event type,
+        tenant, alert id, host, user, event time); its columns are not copied into attributes. The
+        row is validated as in the full form (the same rejections) and keeps the same identity and
+        raw record, from which the join takes its entities."""
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
         self.fmt = fmt
         self.prefilter = prefilter
         self.max_skew = timedelta(seconds=max_skew_s) if max_skew_s is not None else None
         self.max_age = timedelta(seconds=max_age_s) if max_age_s is not None else None
+        self.evidence_columns = evidence_columns
         self._line_filter: LineFilter | None = None
 
     # -- entry points -------------------------------------------------------------------------
@@ -539,22 +565,32 @@ class Normalizer:
         if self._skip(event_type):
             return Skipped(event_type)
         attrs: dict[str, Any] = {}
-        if kind != ALERT:
+        columns = kind == OTHER or (kind == EVIDENCE and self.evidence_columns)
+        if columns:
             for key, value in props.items():  # raw columns stay queryable by their own names
                 _put(attrs, key, value)
             for key in _JSON_COLUMNS:
                 _decode_json_column(attrs, key)
+        elif kind == EVIDENCE:  # the columns the join would read had they been copied (a column may bear their name)
+            for key in _JOIN_ATTRS:
+                _put(attrs, key, props.get(key))
         attrs["eventType"] = event_type
         tenant = rec.get("tenantId")
         _put(attrs, "tenantId", tenant if isinstance(tenant, str) else None)
         if kind != OTHER:
             alert_id = _text(props, "AlertId", fmt, required=True, where="properties.")
             attrs["alertIdStr"] = alert_id
-            _put(attrs, "alertName", _text(props, "Title", fmt, where="properties."))
-            _put(attrs, "attackTechniqueId", streaming_techniques(props.get("AttackTechniques")))
-            _put(attrs, "serviceSource", _text(props, "ServiceSource", fmt, where="properties."))
-            _put(attrs, "detectionSource", _text(props, "DetectionSource", fmt, where="properties."))
-            _severity(attrs, props.get("Severity"))
+            title = _text(props, "Title", fmt, where="properties.")
+            full = kind == ALERT or columns  # else only the join reads this row: validated alike, less kept
+            techniques = streaming_techniques(props.get("AttackTechniques")) if full else _check_techniques(props)
+            service = _text(props, "ServiceSource", fmt, where="properties.")
+            detection = _text(props, "DetectionSource", fmt, where="properties.")
+            if full:
+                _put(attrs, "alertName", title)
+                _put(attrs, "attackTechniqueId", techniques)
+                _put(attrs, "serviceSource", service)
+                _put(attrs, "detectionSource", detection)
+                _severity(attrs, props.get("Severity"))
         if kind == ALERT:
             _put(attrs, "attackTactic", alert_category)
         _put(attrs, "hostName", props.get("DeviceName") if isinstance(props.get("DeviceName"), str) else None)

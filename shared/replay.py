@@ -220,7 +220,13 @@ def replay(
         store = own_store = MemoryStateStore(hot_limit=REPLAY_HOT_GROUPS)
     engine = Engine(rules, store, clock)
     normalizer_cls = _PositionedNormalizer if explain else Normalizer
-    normalizer = normalizer_cls(fmt=fmt, prefilter=engine.could_match, max_skew_s=DEFAULT_MAX_SKEW_S, max_age_s=DEFAULT_MAX_AGE_S)
+    normalizer = normalizer_cls(
+        fmt=fmt,
+        prefilter=engine.could_match,
+        max_skew_s=DEFAULT_MAX_SKEW_S,
+        max_age_s=DEFAULT_MAX_AGE_S,
+        evidence_columns=bool(engine.evidence_rules),  # else AlertEvidence rows only feed the join
+    )
     summary = ReplaySummary(rule_names={r.id: r.model.name for r in rules}, explaining=explain)
     keep = keep or output == "table"
     batch: list[NormalizedEvent] = []

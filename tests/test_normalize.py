@@ -290,3 +290,59 @@ def test_limits_wider_than_datetimes_range_clamp_nothing_in_range(skew: int, age
     event = normalizer.normalize(record, "p", ARRIVAL)
     assert isinstance(event, NormalizedEvent)
     assert event.attrs["eventTime"] == "2026-11-27T11:59:00Z" and "eventTimeSource" not in event.attrs
+
+
+# -- AlertEvidence rows that only feed the join (evidence_columns=False) ---------------------------
+
+_TECHNIQUE_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=2),
+    max_leaves=5,
+)
+# AttackTechniques as it may arrive: any JSON value, or a string holding JSON (or almost JSON) text.
+technique_columns = _TECHNIQUE_VALUES | _TECHNIQUE_VALUES.map(lambda v: orjson.dumps(v).decode()) | st.text(max_size=12)
+
+
+def _evidence_row(props: dict[str, object], tenant: object = "t1") -> dict[str, object]:
+    return {"time": "2026-11-01T00:00:00Z", "tenantId": tenant, "category": "AdvancedHunting-AlertEvidence", "properties": props}
+
+
+def _outcome(item: object) -> object:
+    if isinstance(item, NormalizedEvent):
+        return (item.identity, item.event_time, item.time_fallback, item.kind, item.raw)
+    return item
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    techniques=technique_columns,
+    title=st.none() | st.text(max_size=4) | st.integers() | st.lists(st.integers(), max_size=1),
+    alert_id=st.none() | st.just("") | st.just("da1") | st.integers(0, 9) | st.floats(allow_nan=False),
+    extra=st.dictionaries(
+        st.sampled_from(["tenantId", "hostName", "user", "eventTime", "DeviceName", "AccountName"]), _TECHNIQUE_VALUES
+    ),
+    tenant=st.none() | st.just("t1") | st.integers(0, 3),
+)
+def test_an_evidence_row_read_for_the_join_alone_is_rejected_kept_and_identified_as_in_full(
+    techniques: object, title: object, alert_id: object, extra: dict[str, object], tenant: object
+) -> None:
+    props = {"AlertId": alert_id, "Title": title, "AttackTechniques": techniques, "ServiceSource": "x", **extra}
+    rec = _evidence_row(props, tenant)
+    full = Normalizer(evidence_columns=True).normalize(rec, "f:1", ARRIVAL)
+    slim = Normalizer(evidence_columns=False).normalize(rec, "f:1", ARRIVAL)
+    assert _outcome(slim) == _outcome(full)  # the same rejection (reason, field), or the same identity, time and raw
+    if isinstance(full, NormalizedEvent):
+        assert isinstance(slim, NormalizedEvent)
+        for attr in ("eventType", "tenantId", "alertIdStr", "hostName", "user", "eventTime"):
+            assert slim.attrs.get(attr) == full.attrs.get(attr)  # what the join and the replay summary read
+        assert "AttackTechniques" not in slim.attrs and "alertName" not in slim.attrs  # the columns are not copied
+
+
+@pytest.mark.parametrize("techniques", ["5", "true", "null", "{}", ' {"a": 1}', "1e3", 5, 0, False, {}, {"a": 1}, 1.5])
+def test_an_evidence_row_whose_techniques_are_not_a_list_is_rejected_whether_or_not_its_columns_are_kept(
+    techniques: object,
+) -> None:
+    rec = _evidence_row({"AlertId": "da1", "AttackTechniques": techniques})
+    for columns in (True, False):
+        rejected = Normalizer(evidence_columns=columns).normalize(rec, "f:1", ARRIVAL)
+        assert isinstance(rejected, Rejection) and rejected.field == "AttackTechniques"

@@ -797,9 +797,8 @@ class Engine:
                     alert_evidence[ekey] = new_state.pending
                 for target in link_keys(new_state) if ekey in rows else ():
                     joined.setdefault(target, {}).update((r.identity, r) for r in rows[ekey])
-                if changed:
+                if changed:  # a join state emits nothing: it has no entry in ``produced``
                     changes.append(Change(ekey, new_state, current.token, now_ms + JOIN_HOLD_S * 1000))
-                produced[ekey] = ([], Stats())
             late_only = [k for k in joined if k not in groups and k not in done and k.rule_id in self.rules_by_id]
             if late_only:  # evidence for alerts counted in earlier batches: read their groups too
                 loaded.update(self.store.load(late_only, now_ms))

@@ -48,6 +48,8 @@ INCIDENT_EVENT_TYPE = "M365Defender-Incident"  # a Graph security/incidents obje
 
 _TECHNIQUE = re.compile(r"^T\d{4}(?:\.\d{3})?$")
 _TECHNIQUE_IN_TEXT = re.compile(r"\((T\d{4}(?:\.\d{3})?)\)")
+_FRACTION = re.compile(r"^([^.]*)\.(\d*)(.*)$")  # ISO time: what comes before, in and after the fraction
+_COLONLESS_OFFSET = re.compile(r"^(.*T.*[+-])(\d\d)(\d\d)$")  # ISO time with a +HHMM offset
 _SEVERITY = {
     "informational": (1, "LOW"),
     "low": (3, "LOW"),
@@ -112,12 +114,12 @@ def parse_time(value: Any) -> datetime | None:
             text = text[:-1] + "+00:00"
         # fromisoformat before 3.11 takes exactly 3 or 6 fraction digits and only +HH:MM offsets:
         # pad/cut the fraction to 6 digits and add the colon, so every version parses the same text.
-        frac = re.match(r"^([^.]*)\.(\d*)(.*)$", text)
+        frac = _FRACTION.match(text)
         if frac:
             if not frac.group(2):
                 return None  # "08." (3.11+ would accept it, 3.10 not)
             text = f"{frac.group(1)}.{(frac.group(2) + '000000')[:6]}{frac.group(3)}"
-        offset = re.match(r"^(.*T.*[+-])(\d\d)(\d\d)$", text)
+        offset = _COLONLESS_OFFSET.match(text)
         if offset:
             text = f"{offset.group(1)}{offset.group(2)}:{offset.group(3)}"
         try:

@@ -115,7 +115,8 @@ def engine_unfiltered(path: Path, rules: list[Rule], sink: io.BytesIO) -> None:
 
 def input_run(path: Path, rules: list[Rule]) -> None:
     """The input path alone: reading, the pre-parse filter and normalizing the rows it keeps (no engine)."""
-    normalizer = Normalizer(prefilter=Engine(rules, MemoryStateStore()).could_match)
+    engine = Engine(rules, MemoryStateStore())
+    normalizer = Normalizer(prefilter=engine.could_match, evidence_columns=bool(engine.evidence_rules))  # as replay() does
     for _ in iter_paths(normalizer, [str(path)], utc_now):
         pass
 

@@ -377,7 +377,11 @@ class KeysConflict(ConcurrencyConflict):
 class MemoryStateStore:
     """The embedded default store: a dict of serialized states with version counters.
 
-    States are stored serialized, exactly as the Table store stores them, so both behave alike.
+    States are stored serialized and come back exactly as the Table store would return them
+    (``stored()`` gives its encoded state and outbox), so both behave alike. A packed group is two
+    bytes objects in a dict: its key in a compact form (the rule's number in this store and the
+    case-folded values; no ``GroupKey``, which is rebuilt from the state) and its state packed with
+    its version and expiry (``_pack``).
 
     ``hot_limit`` bounds the states held in memory: beyond it, the least recently written states move
     to a private on-disk SQLite file (deleted when the store is closed or collected) and come back
@@ -394,9 +398,13 @@ class MemoryStateStore:
     def __init__(self, hot_limit: int | None = None, spill_dir: str | None = None, live_limit: int = LIVE_STATES) -> None:
         # Tiers, each key in one, older writes below newer ones: spill file < _data < _live.
         self._live: dict[GroupKey, tuple[GroupState, int, int]] = {}  # key -> (state, version, expiry)
-        self._data: dict[GroupKey, bytes] = {}  # key -> the state packed with its version and expiry (_pack)
-        self._due: dict[GroupKey, int] = {}  # key -> due_at (event time), for in-memory groups that have one
+        self._data: dict[bytes, bytes] = {}  # compact key (_key) -> the state packed with its version and expiry (_pack)
+        self._due: dict[GroupKey, int] = {}  # key -> due_at (event time) of live groups that have one
+        self._due_packed: dict[bytes, int] = {}  # compact key -> due_at of packed groups (in the order of _data)
         self._progress: dict[str, tuple[int, int]] = {}  # partition -> (event ms, wall ms)
+        self._rules: dict[str, str] = {}  # rule id -> its number in this store (decimal), the compact key's head
+        self._zdicts: list[bytes] = []  # by rule number: the deflate dictionary's start (_STATE_ZDICT, rule id)
+        self._loaded: dict[GroupKey, bytes] = {}  # compact keys of the last load's packed or absent keys
         self._lock = threading.Lock()
         self.calls = {"load": 0, "save": 0, "purge": 0}
         if hot_limit is not None and hot_limit < 1:
@@ -406,60 +414,85 @@ class MemoryStateStore:
         self._spill_dir = spill_dir
         self._spill: _Spill | None = None  # opened on the first move to disk
 
+    def _key(self, key: GroupKey) -> bytes:
+        """The compact key: the rule's number, then each case-folded value after a ``\\x1f`` (escaped
+        as in ``GroupKey.text``), so two keys share it exactly when they are equal."""
+        head = self._rules.get(key.rule_id)
+        if head is None:
+            head = self._rules[key.rule_id] = str(len(self._zdicts))
+            self._zdicts.append(_STATE_ZDICT + key.rule_id.encode(errors="surrogatepass"))
+        if not key.norm:
+            return head.encode()
+        text = "\x1f".join(key.norm)
+        if "\x1b" in text or text.count("\x1f") >= len(key.norm):  # a value holds one: escape them
+            text = "\x1f".join(map(_unambiguous, key.norm))
+        return (head + "\x1f" + text).encode(errors="surrogatepass")
+
+    def _zdict(self, ck: bytes) -> bytes:
+        """The deflate dictionary of a group's packed state: text states repeat, its rule id and its values."""
+        cut = ck.find(b"\x1f")
+        return self._zdicts[int(ck if cut < 0 else ck[:cut])] + ck
+
     def load(self, keys: Sequence[GroupKey], now_ms: int) -> dict[GroupKey, Loaded]:
         self.calls["load"] += 1
         out: dict[GroupKey, Loaded] = {}
         with self._lock:
-            spilled = self._spill.get([k for k in keys if k not in self._data and k not in self._live]) if self._spill else {}
+            live, data = self._live, self._data
+            cks = self._loaded = {k: self._key(k) for k in keys if k not in live}  # the save that follows reuses them
+            spilled = self._spill.get([ck for ck in cks.values() if ck not in data]) if self._spill else {}
             for key in keys:
-                live = self._live.get(key)
-                if live is not None:
-                    state, version, expires_at = live
+                held = live.get(key)
+                if held is not None:
+                    state, version, expires_at = held
                     out[key] = Loaded(state.copy() if expires_at > now_ms else None, version)
                     continue
-                packed = self._data.get(key) or spilled.get(key)
+                ck = cks[key]
+                packed = data.get(ck) or spilled.get(ck)
                 if packed is None:
                     out[key] = Loaded(None, None)
                     continue
-                version, expires_at, _ = _HEAD.unpack_from(packed)
+                version, expires_at = _HEAD.unpack_from(packed)
                 # expired: ignored, but the token still guards it
-                out[key] = Loaded(_unpack(key.rule_id, key.norm, packed) if expires_at > now_ms else None, version)
+                out[key] = Loaded(_unpack(self._zdict(ck), packed) if expires_at > now_ms else None, version)
         return out
 
     def save(self, changes: Sequence[Change]) -> None:
         self.calls["save"] += 1
         conflicts: list[GroupKey] = []
         with self._lock:
-            on_disk = (
-                self._spill.versions([c.key for c in changes if c.key not in self._data and c.key not in self._live])
-                if self._spill
-                else {}
-            )
+            live, data, loaded = self._live, self._data, self._loaded
+            cks = {c.key: loaded.get(c.key) or self._key(c.key) for c in changes if c.key not in live}
+            on_disk = self._spill.versions([ck for ck in cks.values() if ck not in data]) if self._spill else {}
             for change in changes:
-                live = self._live.get(change.key)
-                current = self._data.get(change.key)
-                if live is not None:
-                    current_token: int | None = live[1]
+                key = change.key
+                held = live.get(key)
+                ck = cks.get(key)
+                if held is not None:
+                    current_token: int | None = held[1]
                 else:
-                    current_token = _HEAD.unpack_from(current)[0] if current else on_disk.get(change.key)
+                    assert ck is not None
+                    current = data.get(ck)
+                    current_token = _HEAD.unpack_from(current)[0] if current else on_disk.get(ck)
                 if current_token != change.token:
-                    conflicts.append(change.key)
+                    conflicts.append(key)
                     continue
-                self._due.pop(change.key, None)
-                if change.key in on_disk:  # comes back to memory (or is deleted)
-                    assert self._spill is not None
-                    self._spill.delete(change.key)
-                    del on_disk[change.key]
-                self._data.pop(change.key, None)
-                self._live.pop(change.key, None)  # re-inserted last: the dicts' order is the write order
+                self._due.pop(key, None)
+                if ck is not None:  # (was) packed, on disk or absent
+                    self._due_packed.pop(ck, None)
+                    if ck in on_disk:  # comes back to memory (or is deleted)
+                        assert self._spill is not None
+                        self._spill.delete(ck)
+                        del on_disk[ck]
+                    data.pop(ck, None)
+                live.pop(key, None)  # re-inserted last: the dicts' order is the write order
                 if change.state is not None:
-                    self._live[change.key] = (change.state, (current_token or 0) + 1, change.expires_at)
+                    live[key] = (change.state, (current_token or 0) + 1, change.expires_at)
                     if change.due_at is not None:
-                        self._due[change.key] = change.due_at
-            if len(self._live) > self.live_limit:
-                self._pack_oldest(len(self._live) - self.live_limit)
-            if self.hot_limit is not None and len(self._data) + len(self._live) > self.hot_limit:
-                self._move_to_disk(len(self._data) + len(self._live) - self.hot_limit + self.hot_limit // 10)
+                        self._due[key] = change.due_at
+            if len(live) > self.live_limit:
+                self._pack_oldest(len(live) - self.live_limit)
+            if self.hot_limit is not None and len(data) + len(live) > self.hot_limit:
+                self._move_to_disk(len(data) + len(live) - self.hot_limit + self.hot_limit // 10)
         if conflicts:
             raise KeysConflict(conflicts)
 
@@ -468,7 +501,11 @@ class MemoryStateStore:
         every packed one, so they go after them."""
         for key in list(itertools.islice(self._live, n)):
             state, version, expires_at = self._live.pop(key)
-            self._data[key] = _pack(key, state, version, expires_at)
+            ck = self._key(key)
+            self._data[ck] = _pack(self._zdict(ck), state, version, expires_at)
+            due = self._due.pop(key, None)
+            if due is not None:
+                self._due_packed[ck] = due
 
     def _move_to_disk(self, n: int) -> None:
         """Move the ``n`` least recently written states to the spill file (under the lock)."""
@@ -476,45 +513,45 @@ class MemoryStateStore:
             self._pack_oldest(n - len(self._data))
         if self._spill is None:
             self._spill = _Spill(self._spill_dir)
-        keys = list(itertools.islice(self._data, n))
-        self._spill.put([(k, self._data[k], self._due.get(k)) for k in keys])
-        for k in keys:
-            del self._data[k]
-            self._due.pop(k, None)
+        cks = list(itertools.islice(self._data, n))
+        self._spill.put([(ck, self._data.pop(ck), self._due_packed.pop(ck, None)) for ck in cks])
 
     def purge_expired(self, now_ms: int) -> int:
         self.calls["purge"] += 1
         with self._lock:
-            dead = [k for k, v in self._data.items() if _HEAD.unpack_from(v)[1] <= now_ms]
-            for k in dead:
-                del self._data[k]
-                self._due.pop(k, None)
+            dead = [ck for ck, v in self._data.items() if _HEAD.unpack_from(v)[1] <= now_ms]
+            for ck in dead:
+                del self._data[ck]
+                self._due_packed.pop(ck, None)
             dead_live = [k for k, v in self._live.items() if v[2] <= now_ms]
             for k in dead_live:
                 del self._live[k]
                 self._due.pop(k, None)
-            dead += dead_live
-            return len(dead) + (self._spill.purge(now_ms) if self._spill else 0)
+            return len(dead) + len(dead_live) + (self._spill.purge(now_ms) if self._spill else 0)
 
     def load_due(self, progress_ms: int, now_ms: int, limit: int) -> dict[GroupKey, Loaded]:
-        """Due groups in the order they were last written (states on disk were written before any in memory)."""
+        """Due groups in the order they were last written (states on disk were written before the
+        packed ones, and those before the live ones)."""
         self.calls["load"] += 1
         out: dict[GroupKey, Loaded] = {}
         with self._lock:
-            for rule_id, norm, packed in self._spill.due(progress_ms, now_ms, limit) if self._spill else ():
-                state = _unpack(rule_id, norm, packed)
+            for ck, packed in self._spill.due(progress_ms, now_ms, limit) if self._spill else ():
+                state = _unpack(self._zdict(ck), packed)
                 out[state.key] = Loaded(state, _HEAD.unpack_from(packed)[0])
+            for ck, due in self._due_packed.items():
+                if len(out) >= limit:
+                    break
+                packed = self._data[ck]
+                version, expires_at = _HEAD.unpack_from(packed)
+                if due <= progress_ms and expires_at > now_ms:
+                    state = _unpack(self._zdict(ck), packed)
+                    out[state.key] = Loaded(state, version)
             for key, due in self._due.items():
                 if len(out) >= limit:
                     break
-                live = self._live.get(key)
-                if live is not None:
-                    if due <= progress_ms and live[2] > now_ms:
-                        out[key] = Loaded(live[0].copy(), live[1])
-                    continue
-                version, expires_at, _ = _HEAD.unpack_from(self._data[key])
+                state, version, expires_at = self._live[key]
                 if due <= progress_ms and expires_at > now_ms:
-                    out[key] = Loaded(_unpack(key.rule_id, key.norm, self._data[key]), version)
+                    out[key] = Loaded(state.copy(), version)
         return out
 
     def save_progress(self, partition: str, event_ms: int, wall_ms: int) -> None:
@@ -528,26 +565,34 @@ class MemoryStateStore:
     def stored(self, key: GroupKey) -> tuple[bytes, bytes, int, int]:
         """What the Table store would hold for ``key``: (encoded state, outbox, version, expiry). For tests."""
         with self._lock:
-            live = self._live.get(key)
-            if live is not None:
-                return live[0].encode(), live[0].outbox_bytes(), live[1], live[2]
-            packed = self._data.get(key) or (self._spill.get([key]).get(key) if self._spill else None)
-        if packed is None:
-            raise KeyError(key)
-        state = _unpack(key.rule_id, key.norm, packed)
-        version, expires_at, _ = _HEAD.unpack_from(packed)
+            held = self._live.get(key)
+            if held is not None:
+                return held[0].encode(), held[0].outbox_bytes(), held[1], held[2]
+            ck = self._key(key)
+            packed = self._data.get(ck) or (self._spill.get([ck]).get(ck) if self._spill else None)
+            if packed is None:
+                raise KeyError(key)
+            state = _unpack(self._zdict(ck), packed)
+        version, expires_at = _HEAD.unpack_from(packed)
         return state.encode(), state.outbox_bytes(), version, expires_at
 
     def put_stored(self, key: GroupKey, data: bytes, outbox: bytes, version: int, expires_at: int) -> None:
         """Store an encoded state (any encoding version) as is, bypassing the token check. For tests."""
         with self._lock:
+            ck = self._key(key)
             self._live.pop(key, None)
-            self._data[key] = _pack(key, GroupState.decode(data, outbox), version, expires_at)
+            due = self._due.pop(key, None)
+            if due is not None:
+                self._due_packed[ck] = due
+            if self._spill is not None and ck not in self._data:
+                self._spill.delete(ck)
+            self._data[ck] = _pack(self._zdict(ck), GroupState.decode(data, outbox), version, expires_at)
 
     def held_keys(self) -> list[GroupKey]:
-        """The keys of the states held in memory, least recently written first (not those on disk). For tests."""
+        """The keys of the states held in memory, least recently written first (not those on disk), as
+        their states hold them. For tests."""
         with self._lock:
-            return [*self._data, *self._live]
+            return [*(_unpack(self._zdict(ck), packed).key for ck, packed in self._data.items()), *self._live]
 
     def close(self) -> None:
         """Delete the spill file, if any (the in-memory states stay)."""
@@ -567,44 +612,34 @@ class MemoryStateStore:
             return len(self._live) + len(self._data) + (len(self._spill) if self._spill else 0)
 
 
-_HEAD = struct.Struct(">qqI")  # a packed state: version, expiry (epoch ms), length of the deflated state JSON
-# Text a state JSON repeats, for the deflate dictionary of packed states (with the group's own rule
-# id and values appended): in-memory only, so it may change between releases.
+# A packed state: version and expiry (epoch ms), then the state JSON as a raw deflate stream (which
+# ends by itself), then the outbox records as stored (length-prefixed).
+_HEAD = struct.Struct(">qq")
+# Text a state JSON repeats, for the deflate dictionary of packed states (the rule id and the group's
+# compact key are appended): in-memory only, so it may change between releases.
 _STATE_ZDICT = _ZDICT + b'{"v":2,"r":"e":[[,"n":"i":["inc-",1,"x":0,"ie":{"techniques":[{"id":"T1'
 
 
-def _state_zdict(rule_id: str, norm: tuple[str, ...]) -> bytes:
-    return _STATE_ZDICT + b'"' + '","'.join(norm).encode(errors="surrogatepass") + b'"' + rule_id.encode()
-
-
-def _pack(key: GroupKey, state: GroupState, version: int, expires_at: int) -> bytes:
+def _pack(zdict: bytes, state: GroupState, version: int, expires_at: int) -> bytes:
     """What the in-memory store keeps per group: one bytes object (no tuple, no int objects), the
     state JSON deflated against a dictionary holding the group's own key, then the outbox as is."""
-    body = deflate(state.to_bytes(), raw=True, zdict=_state_zdict(key.rule_id, key.norm))
-    return _HEAD.pack(version, expires_at, len(body)) + body + state.outbox_bytes()
+    return _HEAD.pack(version, expires_at) + deflate(state.to_bytes(), raw=True, zdict=zdict) + state.outbox_bytes()
 
 
-def _unpack(rule_id: str, norm: tuple[str, ...], packed: bytes) -> GroupState:
-    n = _HEAD.unpack_from(packed)[2]
-    start = _HEAD.size
-    unpacker = zlib.decompressobj(-15, zdict=_state_zdict(rule_id, norm))
-    data = unpacker.decompress(packed[start : start + n]) + unpacker.flush()
-    return GroupState.from_bytes(data, packed[start + n :])
+def _unpack(zdict: bytes, packed: bytes) -> GroupState:
+    unpacker = zlib.decompressobj(-15, zdict=zdict)  # any window: the stream's is at most 32 KiB
+    data = unpacker.decompress(memoryview(packed)[_HEAD.size :])  # the outbox records follow: unused_data
+    return GroupState.from_bytes(data, unpacker.unused_data)
 
 
 _SPILL_CHUNK = 500  # keys per SQLite query (its default limit on bound parameters is 32,766)
 
 
-def _spill_key(key: GroupKey) -> bytes:
-    """A key's identity as stored in the spill file: the rule and the case-folded values, as JSON."""
-    return orjson.dumps([key.rule_id, key.norm])
-
-
 class _Spill:
     """States moved out of memory: one table of a private SQLite file in a temporary directory.
 
-    Rows hold exactly what the in-memory dict holds (state, outbox, version, expiry, due time); the
-    file is scratch space (no journal, no fsync) and is deleted on ``close`` or when collected."""
+    Rows hold exactly what the in-memory dicts hold (compact key, packed state, version, expiry, due
+    time); the file is scratch space (no journal, no fsync) and is deleted on ``close`` or when collected."""
 
     def __init__(self, directory: str | None) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="correlator-spill-", dir=directory)
@@ -623,51 +658,45 @@ class _Spill:
         db.close()
         directory.cleanup()
 
-    def _rows(self, sql: str, keys: Sequence[GroupKey]) -> dict[GroupKey, Any]:
-        by_id = {_spill_key(k): k for k in keys}
-        ids = list(by_id)
-        out: dict[GroupKey, Any] = {}
-        for i in range(0, len(ids), _SPILL_CHUNK):
-            chunk = ids[i : i + _SPILL_CHUNK]
-            for row in self._db.execute(sql.format(",".join("?" * len(chunk))), chunk):
-                out[by_id[row[0]]] = row[1:]
+    def _rows(self, sql: str, cks: Sequence[bytes]) -> dict[bytes, Any]:
+        out: dict[bytes, Any] = {}
+        for i in range(0, len(cks), _SPILL_CHUNK):
+            chunk = cks[i : i + _SPILL_CHUNK]
+            for k, value in self._db.execute(sql.format(",".join("?" * len(chunk))), chunk):
+                out[k] = value
         return out
 
-    def get(self, keys: Sequence[GroupKey]) -> dict[GroupKey, bytes]:
-        if not keys or not self._count:
+    def get(self, cks: Sequence[bytes]) -> dict[bytes, bytes]:
+        if not cks or not self._count:
             return {}
-        return {k: r[0] for k, r in self._rows("SELECT k, b FROM g WHERE k IN ({})", keys).items()}
+        return self._rows("SELECT k, b FROM g WHERE k IN ({})", cks)
 
-    def versions(self, keys: Sequence[GroupKey]) -> dict[GroupKey, int]:
-        if not keys or not self._count:
+    def versions(self, cks: Sequence[bytes]) -> dict[bytes, int]:
+        if not cks or not self._count:
             return {}
-        return {k: r[0] for k, r in self._rows("SELECT k, v FROM g WHERE k IN ({})", keys).items()}
+        return self._rows("SELECT k, v FROM g WHERE k IN ({})", cks)
 
-    def put(self, rows: Sequence[tuple[GroupKey, bytes, int | None]]) -> None:
+    def put(self, rows: Sequence[tuple[bytes, bytes, int | None]]) -> None:
         first = self._moved
         self._db.executemany(
             "INSERT INTO g VALUES (?, ?, ?, ?, ?, ?)",
-            [(_spill_key(k), b, *_HEAD.unpack_from(b)[:2], due, first + i) for i, (k, b, due) in enumerate(rows)],
+            [(ck, b, *_HEAD.unpack_from(b), due, first + i) for i, (ck, b, due) in enumerate(rows)],
         )
         self._count += len(rows)
         self._moved += len(rows)
 
-    def delete(self, key: GroupKey) -> None:
-        self._count -= self._db.execute("DELETE FROM g WHERE k = ?", (_spill_key(key),)).rowcount
+    def delete(self, ck: bytes) -> None:
+        self._count -= self._db.execute("DELETE FROM g WHERE k = ?", (ck,)).rowcount
 
     def purge(self, now_ms: int) -> int:
         gone = self._db.execute("DELETE FROM g WHERE x <= ?", (now_ms,)).rowcount
         self._count -= gone
         return gone
 
-    def due(self, progress_ms: int, now_ms: int, limit: int) -> list[tuple[str, tuple[str, ...], bytes]]:
+    def due(self, progress_ms: int, now_ms: int, limit: int) -> list[tuple[bytes, bytes]]:
         # in write order, as the in-memory groups are listed (all of them were written later)
         sql = "SELECT k, b FROM g WHERE d IS NOT NULL AND d <= ? AND x > ? ORDER BY n LIMIT ?"
-        out = []
-        for k, b in self._db.execute(sql, (progress_ms, now_ms, limit)):
-            rule_id, norm = orjson.loads(k)
-            out.append((rule_id, tuple(norm), b))
-        return out
+        return list(self._db.execute(sql, (progress_ms, now_ms, limit)))
 
     def close(self) -> None:
         self._finalizer()

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import io
 import os
+import struct
+import zlib
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -16,7 +18,7 @@ from hypothesis import strategies as st
 from shared import state as state_module
 from shared.replay import replay
 from shared.rules import default_rules_dir, load_rules
-from shared.state import Change, GroupKey, MemoryStateStore
+from shared.state import Change, GroupKey, GroupState, MemoryStateStore, OutboxRecord
 
 from .store_contract import NOW, StoreContract, state_for
 from .test_engine import T0, _run_exactly_once, deliveries, tenant_streams
@@ -189,3 +191,75 @@ def test_a_replay_leaves_no_spill_file_behind(tmp_path: Path) -> None:
         replay([str(path)], RULES, out=io.BytesIO(), err=io.StringIO(), clock=lambda: LATER)
     assert sum(seen) > 0
     assert not list(scratch.iterdir())
+
+
+def _one_record_state(key: GroupKey, record: bytes) -> GroupState:
+    st = state_for(key, 2)
+    st.outbox = [record]
+    return st
+
+
+def test_a_group_with_one_outbox_record_keeps_it_byte_for_byte() -> None:
+    """What comes back is the record as the engine made it, in memory and from the Table-store view."""
+    store = MemoryStateStore(live_limit=0)
+    key = GroupKey("R", ("Host1", "t"))
+    record = OutboxRecord([5, -7], [{"incidentId": "inc-1", "attributes": {"hostName": "Host1"}}]).encode()
+    store.save([Change(key, _one_record_state(key, record), None, NOW + 60_000)])
+    loaded = store.load([key], NOW)[key].state
+    assert loaded is not None and loaded.outbox == [record]
+    assert OutboxRecord.decode(loaded.outbox[0]) == OutboxRecord.decode(bytes(record))
+    assert store.stored(key)[1] == _one_record_state(key, record).outbox_bytes()
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        zlib.compress(b'[[1],[{"a":"b"}]]', 9),  # zlib, but not what this code's deflate makes
+        state_module.deflate(b'[[1],[{"a":"\x00"}]]', zdict=state_module._ZDICT),  # holds the body's separator
+        state_module.deflate(b"[[1],[]]", zdict=state_module._ZDICT) + b"tail",  # bytes after the stream
+        b"\x78\x9c not zlib at all",
+        b"",
+    ],
+)
+def test_an_outbox_record_from_elsewhere_comes_back_unchanged(record: bytes) -> None:
+    store = MemoryStateStore(hot_limit=1)
+    key, other = GroupKey("R", ("a",)), GroupKey("R", ("b",))
+    store.put_stored(key, state_for(key).encode(), struct.pack(">I", len(record)) + record, 4, NOW + 60_000)
+    assert store.stored(key)[1:] == (struct.pack(">I", len(record)) + record, 4, NOW + 60_000)
+    loaded = store.load([key], NOW)[key]
+    assert loaded.state is not None and loaded.state.outbox == [record]
+    store.save([Change(key, loaded.state, loaded.token, NOW + 60_000), Change(other, state_for(other), None, NOW)])
+    assert store.on_disk == 1  # the group went to disk and comes back the same
+    assert store.stored(key)[1] == struct.pack(">I", len(record)) + record
+
+
+group_values = st.lists(st.text(alphabet="aA\x1f\x1b\x1e,é", max_size=4), max_size=3).map(tuple)
+
+
+@pytest.mark.parametrize("hot_limit", [None, 1])
+@settings(max_examples=200)
+@given(keys=st.lists(st.tuples(st.sampled_from(["R", "R\x1fa", "0", "1"]), group_values), min_size=1, max_size=8))
+@example(keys=[("R", ()), ("R", ("",))])
+@example(keys=[("R", ("a\x1fb",)), ("R", ("a", "b"))])
+@example(keys=[("R\x1fa", ()), ("R", ("a",))])
+@example(keys=[("R", ("\x1b\x1e",)), ("R", ("\x1f",))])
+def test_groups_share_a_state_exactly_when_their_keys_are_equal(
+    keys: list[tuple[str, tuple[str, ...]]], hot_limit: int | None
+) -> None:
+    """Packed (and spilled) states are keyed by a compact form of the key (rule number, escaped
+    values): no two different keys may meet there, and keys equal but for case must."""
+    store = MemoryStateStore(hot_limit=hot_limit, live_limit=0)
+    written: dict[GroupKey, GroupState] = {}  # the last state written per group (equal keys: one entry)
+    for i, (rule, values) in enumerate(keys):
+        key = GroupKey(rule, values)
+        loaded = store.load([key], NOW)[key]
+        assert (loaded.state is None) == (key not in written)
+        written[key] = state_for(key, 1 + i % 3)
+        store.save([Change(key, written[key], loaded.token, NOW + 60_000)])
+    assert len(store) == len(written)
+    for key, last in written.items():
+        upper = GroupKey(key.rule_id, tuple(v.upper() for v in key.values))
+        state = store.load([upper], NOW)[upper].state
+        assert state is not None and state.to_bytes() == last.to_bytes()
+    if hot_limit is None:
+        assert {(k.rule_id, k.norm) for k in store.held_keys()} == {(k.rule_id, k.norm) for k in written}

@@ -40,7 +40,7 @@ from .state import MemoryStateStore, StateStore
 REPLAY_BATCH = 1000  # events per engine batch: one load and one save per touched group per batch
 # Group states a replay keeps in memory; less recently written ones wait in a temporary file (deleted
 # when the replay's store is collected, at the latest at exit), so memory stays flat however long the input.
-REPLAY_HOT_GROUPS = 20_000
+REPLAY_HOT_GROUPS = 50_000
 MAX_EXPLAINED = 2000  # explain lines kept per kind of reason; further ones are counted
 MAX_TIMELINE_ALERTS = 5000  # alert dots kept for the HTML timeline
 MAX_NAMES_PER_RULE = 20  # alert names and hosts listed per rule in the summary

@@ -359,32 +359,52 @@ class _Run:
         """Start the next absence: the left side's earliest completion after the last resolved one."""
         rule = self.rule
         assert isinstance(rule.pattern, Absent)
+        floor = self._floor()
+        ends = sorted({int(e[0]) for e in self.st.entries if e[0] <= upto and (floor is None or e[0] > floor)})
+        for end in ends:
+            match = self._left(end, floor)
+            if match is not None:
+                self._pend(match)
+                self.stats.add("absences_pending", rule=rule.id)
+                return
+
+    def _floor(self) -> int | None:
+        """Left-side events at or before this time belong to resolved absences or a closed incident."""
         floor = self.ext.get("f")
         if self.ext.get("c") is not None:
             floor = max(floor if floor is not None else self.ext["c"], self.ext["c"])
-        ends = sorted({int(e[0]) for e in self.st.entries if e[0] <= upto and (floor is None or e[0] > floor)})
-        for end in ends:
-            lo = end - self.window if floor is None else max(end - self.window, floor + 1)
-            match = evaluate(rule, rule.pattern.left, self.st.entries, lo, end, None, self.keys)
-            if match is not None:
-                fixed = {str(i): _group_values(rule, i, g) for i, g in match.instances.items()}
-                attrs = _attributes(rule, match)
-                self.ext["p"] = [match.completion, match.completion + self.window, fixed, attrs]
-                self.stats.add("absences_pending", rule=rule.id)
-                return
+        return None if floor is None else int(floor)
+
+    def _left(self, end: int, floor: int | None) -> Match | None:
+        assert isinstance(self.rule.pattern, Absent)
+        lo = end - self.window if floor is None else max(end - self.window, floor + 1)
+        return evaluate(self.rule, self.rule.pattern.left, self.st.entries, lo, end, None, self.keys)
+
+    def _pend(self, match: Match) -> None:
+        fixed = {str(i): _group_values(self.rule, i, g) for i, g in match.instances.items()}
+        self.ext["p"] = [match.completion, match.completion + self.window, fixed, _attributes(self.rule, match)]
 
     # -- new events -------------------------------------------------------------------------
 
     def on_event(self, t: int, event: NormalizedEvent) -> None:
         rule = self.rule
         if isinstance(rule.pattern, Absent):
-            if self.ext.get("p") is None:
+            pending = self.ext.get("p")
+            if pending is None:
                 self._find_pending(t)
+            elif pending[0] - self.window <= t <= pending[0]:
+                # an event at or before the left side's completion, in its window (one tied with it
+                # that arrived after it, or a late one): the pending absence carries what that window
+                # holds, as when all its events are there first; a completion it would move is kept
+                match = self._left(int(pending[0]), self._floor())
+                if match is not None and match.completion == pending[0]:
+                    self._pend(match)
             return
         assert rule.pattern is not None
         triggered: list[int] = self.ext.setdefault("t", [])
         ends = sorted({t} | {int(e[0]) for e in self.st.entries if t < e[0] <= t + self.window})
         cleared = self.ext.get("c")
+        fired: set[int] = set()
         for end in ends:
             if end in triggered or (cleared is not None and end <= cleared):
                 continue
@@ -393,16 +413,20 @@ class _Run:
             if match is not None:
                 triggered.append(end)
                 triggered.sort()
+                fired.add(end)
                 self.trigger(end, match, _attributes(rule, match), [event])
-        self._refresh(t)
+        self._refresh(t, fired)
 
-    def _refresh(self, t: int) -> None:
-        """An event earlier than the open incident's newest trigger, inside that trigger's window,
-        can change what the newest trigger's window holds: its attributes are computed again, so the
+    def _refresh(self, t: int, fired: set[int]) -> None:
+        """An event at or before the open incident's newest trigger, inside that trigger's window,
+        can change what the newest trigger's window holds (an earlier event arriving late, or one at
+        the trigger's own time arriving after it fired): its attributes are computed again, so the
         incident ends with the attributes of its newest trigger in event time whatever the arrival
-        order (a new revision if they changed and this call made none yet)."""
+        order or batching (a new revision if they changed and this event triggered nothing)."""
         rule, inc = self.rule, self.st.incident
-        if inc is None or not inc.last_trigger - self.window <= t < inc.last_trigger:
+        if inc is None or not inc.last_trigger - self.window <= t <= inc.last_trigger:
+            return
+        if inc.last_trigger in fired:  # this event's own evaluation just set them
             return
         assert rule.pattern is not None
         end = inc.last_trigger
@@ -413,8 +437,9 @@ class _Run:
         if attributes == inc.attributes:
             return
         inc.attributes = attributes
-        if inc.incident_id not in self.touched:
+        if not fired:  # one revision per event that changes the incident: a trigger of this event made it
             inc.revision += 1
+        if inc.incident_id not in self.touched:
             self.touched[inc.incident_id] = (inc, "updated", [])
 
 
@@ -461,7 +486,7 @@ def apply_events(
     outbox = _Outbox(st.outbox)
     replay: set[int] = set()
     applied: list[int] = []
-    for event in sorted(events, key=lambda e: (e.event_time, e.identity)):
+    for event in sorted(events, key=lambda e: e.event_time):  # stable: ties keep their delivery order
         t = to_ms(event.event_time)
         ident = identity_hash(event.identity)
         added = False

@@ -195,6 +195,20 @@ class TestIncidents:
         tied_rev = Run(rule()).each(ev(PERSIST, 0), ev(CRED, 300, user="carol"), ev(CRED, 300, user="bob"))
         assert [s["incidentId"] for s in tied.snaps][:1] == [s["incidentId"] for s in tied_rev.snaps][:1] == [a["incidentId"]]
 
+    def test_an_event_tied_with_the_newest_trigger_that_arrives_after_it_is_in_that_triggers_window(self) -> None:
+        """cred@0, persist@3 (the trigger at T = 3), cred@3: the window [T - W, T] holds both creds,
+        whether the tied cred comes in the same batch or a later one (then as one more revision)."""
+        events = [ev(CRED, 0), ev(PERSIST, 3), ev(CRED, 3)]
+        for pattern in ("persist AND cred", "cred FOLLOWED_BY persist"):
+            one = Run(rule(pattern))
+            one.feed(*events)
+            each = Run(rule(pattern)).each(*events)
+            assert [s["attributes"]["credAlerts"] for s in each.snaps] == [1, 2]
+            assert [s["revision"] for s in each.snaps] == [1, 2]
+            assert _final(one.snaps) == _final(each.snaps)
+            [(revision, attributes)] = _final(one.snaps).values()
+            assert revision == 2 and orjson.loads(attributes)["credAlerts"] == 2
+
     def test_a_retried_batch_re_emits_the_same_snapshot(self) -> None:
         events = [ev(PERSIST, 0), ev(CRED, 60)]
         run = Run(rule())
@@ -239,6 +253,19 @@ class TestNotFollowedBy:
         [snap] = run.snaps
         assert snap["lastSeen"].startswith("2026-05-01T00:10:00")  # fired at event time 0 + 600 s
         assert snap["attributes"]["persistUser"] == "alice" and snap["attributes"]["credUser"] is None
+
+    def test_the_fired_absence_carries_every_left_side_event_tied_with_its_completion(self) -> None:
+        """Two creds at t = 0 (the left side completes at 0 with the first): its window holds both,
+        whether the second comes in the same batch or a later one."""
+        r = rule("cred NOT FOLLOWED_BY persist", window=600)
+        events = [ev(CRED, 0), ev(CRED, 0), ev(CRED, 700)]
+        one = Run(r)
+        one.feed(*events)
+        each = Run(r).each(*events)
+        for run in (one, each):
+            [snap] = run.snaps
+            assert snap["attributes"]["credAlerts"] == 2
+            assert snap["lastSeen"].startswith("2026-05-01T00:10:00")
 
     def test_a_follower_inside_the_window_cancels_it_even_at_the_deadline(self) -> None:
         run = Run(rule(ABSENT, window=600)).each(ev(PERSIST, 0), ev(CRED, 600), ev(PERSIST, 1300))
@@ -351,7 +378,7 @@ def test_replay_fires_absences_from_the_event_time_it_has_replayed(tmp_path: Any
 
 # -- properties --------------------------------------------------------------------------------
 
-from hypothesis import given, settings  # noqa: E402
+from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 # (gap in seconds since the previous event, subpattern 0=persist 1=cred, host 0/1); in event-time order
@@ -374,8 +401,14 @@ def _final(snaps: list[dict[str, Any]]) -> dict[str, tuple[int, bytes]]:
     return out
 
 
+PATTERNS = ["persist FOLLOWED_BY cred", "cred FOLLOWED_BY persist", "persist AND cred", ABSENT, "cred NOT FOLLOWED_BY persist"]
+
+
 @settings(max_examples=60, deadline=None)
-@given(seq_streams, st.integers(1, 5), st.sampled_from(["persist FOLLOWED_BY cred", "persist AND cred", ABSENT]))
+@given(seq_streams, st.integers(1, 5), st.sampled_from(PATTERNS))
+# a cred tied in time with the trigger it arrives after (alone in its batch) is in that trigger's window
+@example(stream=[(0, 1, 1), (3, 0, 1), (0, 1, 1)], size=1, pattern="persist AND cred")
+@example(stream=[(0, 1, 1), (3, 0, 1), (0, 1, 1)], size=1, pattern="cred FOLLOWED_BY persist")
 def test_in_order_streams_give_the_same_incidents_however_they_are_batched(
     stream: list[tuple[int, int, int]], size: int, pattern: str
 ) -> None:

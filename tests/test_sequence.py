@@ -378,6 +378,8 @@ def test_replay_fires_absences_from_the_event_time_it_has_replayed(tmp_path: Any
 
 # -- properties --------------------------------------------------------------------------------
 
+import random  # noqa: E402
+
 from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -450,7 +452,8 @@ def test_followed_by_fires_exactly_when_a_cred_follows_a_persist_on_the_host_wit
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(1, 1000), min_size=1, max_size=5, unique=True), st.randoms(use_true_random=False), st.integers(1, 3))
+@given(st.lists(st.integers(1, 1000), min_size=1, max_size=5), st.randoms(use_true_random=False), st.integers(1, 3))
+@example(cred_times=[1, 1], rnd=random.Random(0), cred_min=1)  # tied creds: the second after the trigger of the first
 def test_the_final_incident_content_does_not_depend_on_arrival_order_within_the_window(
     cred_times: list[int], rnd: Any, cred_min: int
 ) -> None:

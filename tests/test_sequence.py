@@ -208,6 +208,10 @@ class TestIncidents:
             assert _final(one.snaps) == _final(each.snaps)
             [(revision, attributes)] = _final(one.snaps).values()
             assert revision == 2 and orjson.loads(attributes)["credAlerts"] == 2
+        one, each = Run(rule("persist OR cred")), Run(rule("persist OR cred")).each(*events)
+        one.feed(*events)
+        assert [s["attributes"]["credAlerts"] for s in each.snaps] == [1, 1, 2]  # triggers at 0 and 3, then the tie
+        assert _final(one.snaps) == _final(each.snaps)
 
     def test_a_retried_batch_re_emits_the_same_snapshot(self) -> None:
         events = [ev(PERSIST, 0), ev(CRED, 60)]
@@ -403,7 +407,14 @@ def _final(snaps: list[dict[str, Any]]) -> dict[str, tuple[int, bytes]]:
     return out
 
 
-PATTERNS = ["persist FOLLOWED_BY cred", "cred FOLLOWED_BY persist", "persist AND cred", ABSENT, "cred NOT FOLLOWED_BY persist"]
+PATTERNS = [
+    "persist FOLLOWED_BY cred",
+    "cred FOLLOWED_BY persist",
+    "persist AND cred",
+    "persist OR cred",
+    ABSENT,
+    "cred NOT FOLLOWED_BY persist",
+]
 
 
 @settings(max_examples=60, deadline=None)
@@ -411,6 +422,7 @@ PATTERNS = ["persist FOLLOWED_BY cred", "cred FOLLOWED_BY persist", "persist AND
 # a cred tied in time with the trigger it arrives after (alone in its batch) is in that trigger's window
 @example(stream=[(0, 1, 1), (3, 0, 1), (0, 1, 1)], size=1, pattern="persist AND cred")
 @example(stream=[(0, 1, 1), (3, 0, 1), (0, 1, 1)], size=1, pattern="cred FOLLOWED_BY persist")
+@example(stream=[(0, 0, 0)] * 5 + [(1, 0, 0), (0, 1, 0)], size=1, pattern="persist OR cred")  # found by a thorough hunt
 def test_in_order_streams_give_the_same_incidents_however_they_are_batched(
     stream: list[tuple[int, int, int]], size: int, pattern: str
 ) -> None:

@@ -157,8 +157,23 @@ def _window_values(rule: Rule, event: NormalizedEvent) -> list[Any]:
     out = []
     for attr in rule.window_attrs:
         v = event.attrs.get(attr)
-        out.append(list(v) if type(v) is tuple else v)
+        out.append(json_copy(v) if type(v) in _CONTAINERS else v)
     return out
+
+
+_CONTAINERS = frozenset((list, tuple, dict))
+
+
+def json_copy(value: Any) -> Any:
+    """``value`` with lists and dicts of its own, a tuple as a list (as JSON has it). A window entry
+    keeps a copy of an event's list or object value: the state belongs to the store, which may keep
+    the object (MemoryStateStore), while the same list is the event's, its raw record's and so the
+    snapshot's trigger event's, which a consumer may change."""
+    if type(value) is dict:
+        return {k: json_copy(v) if type(v) in _CONTAINERS else v for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return [json_copy(v) if type(v) in _CONTAINERS else v for v in value]
+    return value
 
 
 def _aggregate_values(rule: Rule, entries: list[list[Any]]) -> dict[Any, Any]:

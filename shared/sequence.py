@@ -42,6 +42,7 @@ from .engine import (
     _group_value,
     _Outbox,
     incident_id,
+    json_copy,
     mapped_number,
     snapshot,
     to_ms,
@@ -456,7 +457,7 @@ def _entry_values(sub: CompiledSub, event: NormalizedEvent) -> list[Any]:
     out: list[Any] = [_value(event, a) for a in sub.group_by]
     for attr in sub.window_attrs:
         v = event.attrs.get(attr)
-        out.append(list(v) if type(v) is tuple else v)
+        out.append(json_copy(v) if type(v) in (list, tuple, dict) else v)  # the state's own (see json_copy)
     return out
 
 

@@ -44,7 +44,7 @@ class Timeline:
 
     def __init__(self, rules: list | None = None, store: MemoryStateStore | None = None) -> None:
         self.now = T0
-        self.store = store or MemoryStateStore()
+        self.store = store if store is not None else MemoryStateStore()  # an empty store is falsy (len 0)
         self.engine = Engine(rules or [SEED], self.store, lambda: self.now)
         self.snapshots: list[dict[str, Any]] = []
         self.stats: list[Any] = []

@@ -142,6 +142,7 @@ calls = st.lists(
         st.tuples(st.just("load_due"), times, times, st.integers(0, 4)),
         st.tuples(st.just("purge"), times),
         st.tuples(st.just("stored"), st.integers(0, len(POOL) - 1)),
+        st.tuples(st.just("put_stored"), st.integers(0, 2), st.integers(0, 2**32), expiries),
     ),
     max_size=25,
 )
@@ -203,6 +204,10 @@ def _run(store: MemoryStateStore, plan: list[Any]) -> list[Any]:
             loaded = store.load_due(call[1], call[2], call[3])
             answers.append(_answer(loaded))
             _scribble(loaded)
+        elif call[0] == "put_stored":  # a state written as is, bypassing the token check (tests' own call)
+            key = POOL[call[1]]
+            state = _state(key, call[2])
+            store.put_stored(key, state.encode(), state.outbox_bytes(), call[2] % 5 + 1, call[3])
         elif call[0] == "purge":
             answers.append(("purged", store.purge_expired(call[1])))
         else:
@@ -217,6 +222,10 @@ def _run(store: MemoryStateStore, plan: list[Any]) -> list[Any]:
 @settings(max_examples=150)
 @given(calls)
 @example([("save", [(0, 5, "current", NOW + 3000, None)]), ("load", [0], NOW), ("load", [0], NOW)])
+@example(
+    [("save", [(i, 1, "current", NOW + 60_000, NOW)]) for i in range(3)]
+    + [("put_stored", 0, 7, NOW + 60_000), ("load_due", NOW, NOW, 4), ("purge", NOW + 10**9)]
+)
 def test_every_tier_of_the_memory_store_answers_every_call_alike(plan: list[Any]) -> None:
     """Objects only (the default), packed only (live_limit=0), and one object, one packed, the
     rest on disk (hot_limit=2, live_limit=1): the same answers to any sequence of saves (creates,

@@ -814,7 +814,10 @@ class Engine:
                     joined.setdefault(target, {}).update((r.identity, r) for r in rows[ekey])
                 if changed:  # a join state emits nothing: it has no entry in ``produced``
                     changes.append(Change(ekey, new_state, current.token, now_ms + JOIN_HOLD_S * 1000))
-            late_only = [k for k in joined if k not in groups and k not in done and k.rule_id in self.rules_by_id]
+            again = set(pending)  # a late-evidence group lost to a conflict is re-read as pending, not twice
+            late_only = [
+                k for k in joined if k not in groups and k not in done and k not in again and k.rule_id in self.rules_by_id
+            ]
             if late_only:  # evidence for alerts counted in earlier batches: read their groups too
                 loaded.update(self.store.load(late_only, now_ms))
                 stats.add("storage_calls")

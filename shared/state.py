@@ -489,12 +489,16 @@ class MemoryStateStore:
                     live[key] = (change.state, (current_token or 0) + 1, change.expires_at)
                     if change.due_at is not None:
                         self._due[key] = change.due_at
-            if len(live) > self.live_limit:
-                self._pack_oldest(len(live) - self.live_limit)
-            if self.hot_limit is not None and len(data) + len(live) > self.hot_limit:
-                self._move_to_disk(len(data) + len(live) - self.hot_limit + self.hot_limit // 10)
+            self._fit_tiers()
         if conflicts:
             raise KeysConflict(conflicts)
+
+    def _fit_tiers(self) -> None:
+        """Pack, then move to disk, the least recently written states beyond the limits (under the lock)."""
+        if len(self._live) > self.live_limit:
+            self._pack_oldest(len(self._live) - self.live_limit)
+        if self.hot_limit is not None and len(self._data) + len(self._live) > self.hot_limit:
+            self._move_to_disk(len(self._data) + len(self._live) - self.hot_limit + self.hot_limit // 10)
 
     def _pack_oldest(self, n: int) -> None:
         """Pack the ``n`` least recently written live states (under the lock); they are newer than
@@ -577,16 +581,21 @@ class MemoryStateStore:
         return state.encode(), state.outbox_bytes(), version, expires_at
 
     def put_stored(self, key: GroupKey, data: bytes, outbox: bytes, version: int, expires_at: int) -> None:
-        """Store an encoded state (any encoding version) as is, bypassing the token check. For tests."""
+        """Store an encoded state (any encoding version) as is, bypassing the token check: a write like
+        ``save``'s (the newest, from whichever tier held the key; its due time kept). For tests."""
         with self._lock:
             ck = self._key(key)
-            self._live.pop(key, None)
             due = self._due.pop(key, None)
-            if due is not None:
-                self._due_packed[ck] = due
-            if self._spill is not None and ck not in self._data:
+            due = self._due_packed.pop(ck, None) if due is None else due
+            if self._spill is not None and ck not in self._data and key not in self._live:
+                due = self._spill.due_of(ck) if due is None else due
                 self._spill.delete(ck)
-            self._data[ck] = _pack(self._zdict(ck), GroupState.decode(data, outbox), version, expires_at)
+            self._data.pop(ck, None)
+            self._live.pop(key, None)
+            self._live[key] = (GroupState.decode(data, outbox), version, expires_at)
+            if due is not None:
+                self._due[key] = due
+            self._fit_tiers()
 
     def held_keys(self) -> list[GroupKey]:
         """The keys of the states held in memory, least recently written first (not those on disk), as
@@ -687,6 +696,10 @@ class _Spill:
 
     def delete(self, ck: bytes) -> None:
         self._count -= self._db.execute("DELETE FROM g WHERE k = ?", (ck,)).rowcount
+
+    def due_of(self, ck: bytes) -> int | None:
+        row = self._db.execute("SELECT d FROM g WHERE k = ?", (ck,)).fetchone()
+        return None if row is None else int(row[0]) if row[0] is not None else None
 
     def purge(self, now_ms: int) -> int:
         gone = self._db.execute("DELETE FROM g WHERE x <= ?", (now_ms,)).rowcount

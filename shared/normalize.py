@@ -738,8 +738,10 @@ def iter_file(normalizer: Normalizer, stream: BinaryIO, name: str, arrival: Call
     """Stream a file: JSON lines are read in blocks (bounded memory); a file whose first line is
     not a complete JSON value is read as one document (capped at ``MAX_DOCUMENT_BYTES``)."""
     first = stream.readline(MAX_RECORD_BYTES + 1).removeprefix(UTF8_BOM)
+    number = 1  # the first line's number: blank lines before it count, so positions name the right line
     while first and not first.strip():
         first = stream.readline(MAX_RECORD_BYTES + 1)
+        number += 1
     if not first:
         return
     try:
@@ -751,11 +753,11 @@ def iter_file(normalizer: Normalizer, stream: BinaryIO, name: str, arrival: Call
         rest = stream.read(MAX_DOCUMENT_BYTES + 1 - len(first))
         yield from normalizer.from_bytes(first + rest, name, arrival())
         return
-    yield from _iter_lines(normalizer, stream, first, name, arrival)
+    yield from _iter_lines(normalizer, stream, first, name, arrival, number)
 
 
 def _iter_lines(
-    normalizer: Normalizer, stream: BinaryIO, head: bytes, name: str, arrival: Callable[[], datetime]
+    normalizer: Normalizer, stream: BinaryIO, head: bytes, name: str, arrival: Callable[[], datetime], first: int = 1
 ) -> Iterator[Item]:
     """JSON lines, read in blocks of ``READ_BLOCK_BYTES`` and split here (not line by line).
 
@@ -768,8 +770,8 @@ def _iter_lines(
     read = getattr(stream, "read1", stream.read)  # what is there (a pipe) rather than waiting for a full block
     lines = head.split(b"\n")
     tail = lines.pop()  # bytes after the last newline seen
-    yield from _block(normalizer, lines, 1, name, arrival, line_filter)
-    number = 1 + len(lines)  # line number of the first line of the next block
+    yield from _block(normalizer, lines, first, name, arrival, line_filter)
+    number = first + len(lines)  # line number of the first line of the next block
     dropping = False  # inside a line over the cap (already rejected): drop up to its newline
     while True:
         chunk = read(READ_BLOCK_BYTES)

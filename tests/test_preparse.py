@@ -256,16 +256,23 @@ def _outcome(items: list[Item], engine: Engine) -> tuple[list[str], dict[str, in
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(file_rows(), max_size=10), st.integers(1, 300), st.booleans(), st.sets(st.sampled_from(TABLES)))
-@example([b"x" * 450, b'{"eventType":"y","eventId":"e"}'], 7, True, set())  # over the cap across many blocks
+@given(
+    st.lists(file_rows(), max_size=10),
+    st.integers(1, 300),
+    st.booleans(),
+    st.sets(st.sampled_from(TABLES)),
+    st.lists(st.sampled_from([b"", b" ", b"\t\r"]), max_size=3),
+)
+@example([b"{not json"], 300, True, set(), [b"", b" "])  # blank lines before the first row still count as lines
+@example([b"x" * 450, b'{"eventType":"y","eventId":"e"}'], 7, True, set(), [])  # over the cap across many blocks
 @example(
-    [b'{"category":"AdvancedHunting-DeviceProcessEvents","properties":{}}' + b" " * CAP], 64, False, set()
+    [b'{"category":"AdvancedHunting-DeviceProcessEvents","properties":{}}' + b" " * CAP], 64, False, set(), []
 )  # skippable but over
-@example([b'{"eventType":"y","eventId":"e"}'], 1, True, set())  # one byte per block
+@example([b'{"eventType":"y","eventId":"e"}'], 1, True, set(), [b" "])  # one byte per block
 def test_reading_in_blocks_of_any_size_gives_what_reading_line_by_line_gives(
-    rows: list[bytes], block: int, newline_at_end: bool, readers: set[str]
+    rows: list[bytes], block: int, newline_at_end: bool, readers: set[str], leading: list[bytes]
 ) -> None:
-    data = b"\n".join([ALERT_ROW, *rows]) + (b"\n" if newline_at_end else b"")
+    data = b"\n".join([*leading, ALERT_ROW, *rows]) + (b"\n" if newline_at_end else b"")
     rules = [*DEFAULT_RULES, *(_table_rule(t) for t in sorted(readers))]
     engine = Engine(rules, MemoryStateStore(), lambda: ARRIVAL)
     normalizer = Normalizer(prefilter=engine.could_match)

@@ -305,15 +305,15 @@ def test_the_declared_alert_evidence_property_decides_whether_rows_reach_a_rule(
     assert [s["ruleId"] for s in Timeline([rule]).feed(ev)] == counted
 
 
-def _scribble(value: Any) -> None:
+def scribble_everything(value: Any) -> None:
     """Change every list and dict inside ``value`` in place (what a careless consumer might do)."""
     if isinstance(value, dict):
         for v in list(value.values()):
-            _scribble(v)
+            scribble_everything(v)
         value["scribbled"] = True
     elif isinstance(value, list):
         for v in value:
-            _scribble(v)
+            scribble_everything(v)
         value.append("scribbled")
 
 
@@ -334,7 +334,7 @@ def test_what_a_consumer_does_to_emitted_snapshots_never_changes_the_stored_inci
         got = scribbled.feed(*batch)
         assert [orjson.dumps(s) for s in got] == expected
         for snap in got:
-            _scribble(snap)
+            scribble_everything(snap)
     assert len(clean.snapshots) >= 4
 
 

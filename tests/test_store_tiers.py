@@ -23,7 +23,7 @@ from shared.normalize import NormalizedEvent, Normalizer
 from shared.rules import default_rules_dir, parse_rule_text
 from shared.state import LIVE_STATES, Change, GroupKey, GroupState, Incident, KeysConflict, Loaded, MemoryStateStore
 
-from .test_engine import Timeline, alert
+from .test_engine import Timeline, alert, scribble_everything
 
 NOW = 1_800_000_000_000
 
@@ -277,20 +277,8 @@ def test_a_consumer_changing_a_list_in_an_emitted_trigger_event_never_changes_a_
         got = scribbled.feed(*batch)
         assert [orjson.dumps(s) for s in got] == expected
         for snap in got:
-            _scribble_all(snap)
+            scribble_everything(snap)
     assert len(clean.snapshots) >= 2
-
-
-def _scribble_all(value: Any) -> None:
-    """Change every list and dict inside ``value`` in place."""
-    if isinstance(value, dict):
-        for v in list(value.values()):
-            _scribble_all(v)
-        value["scribbled"] = True
-    elif isinstance(value, list):
-        for v in value:
-            _scribble_all(v)
-        value.append("scribbled")
 
 
 # -- the engine's conflict retry -----------------------------------------------------------------

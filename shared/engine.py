@@ -42,6 +42,8 @@ from .state import (
     OutboxRecord,
     StateStore,
     identity_hash,
+    packed_record,
+    record_size_within,
 )
 
 log = logging.getLogger(__name__)
@@ -367,7 +369,7 @@ class _Outbox:
         data = OutboxRecord(ids[-MAX_RECORD_IDS:], owns).encode()
         fixed = rule_fields(rule, key)
         snapshots = [assemble(fixed, own) for own in owns]
-        if len(data) <= MAX_RECORD_BYTES - 4:
+        if record_size_within(data, MAX_RECORD_BYTES - 4):
             return data, snapshots
         return _Outbox.record(ids, snapshots)
 
@@ -379,14 +381,15 @@ class _Outbox:
         fit (all are emitted): the write must never exceed Table's 64 KiB property."""
         ids = ids[-MAX_RECORD_IDS:]
         data = OutboxRecord(ids, [_own(s) for s in snapshots]).encode()
-        if len(data) <= MAX_RECORD_BYTES - 4:
+        if record_size_within(data, MAX_RECORD_BYTES - 4):
             return data, snapshots
         share = (MAX_RECORD_BYTES - 4 - 24 * len(ids) - 64) // len(snapshots)
         snapshots = [cast(Snapshot, orjson.loads(fit_snapshot(s, share))) for s in snapshots]
-        data, kept = OutboxRecord(ids, [_own(s) for s in snapshots]).encode(), len(snapshots)
+        # sizes as stored: packed (the limit is on what a table property holds)
+        data, kept = packed_record(OutboxRecord(ids, [_own(s) for s in snapshots]).encode()), len(snapshots)
         while len(data) > MAX_RECORD_BYTES - 4 and kept > 1:  # hundreds of episodes: keep the newest that fit
             kept = max(1, min(kept - 1, kept * (MAX_RECORD_BYTES - 4) // len(data)))
-            data = OutboxRecord(ids, [_own(s) for s in snapshots[-kept:]]).encode()
+            data = packed_record(OutboxRecord(ids, [_own(s) for s in snapshots[-kept:]]).encode())
         return data, snapshots
 
 

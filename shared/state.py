@@ -8,7 +8,8 @@ Payloads are never kept.
 
 Encoding (version 2): the state is one JSON document (``to_bytes``, at most ``MAX_STATE_BYTES``),
 stored deflated (``encode``), and the outbox a sequence of length-prefixed zlib records (``outbox_bytes``, at most
-``MAX_OUTBOX_BYTES``); the store writes both in one conditional write. Version 1 states (no ``v``)
+``MAX_OUTBOX_BYTES``); the store writes both in one conditional write. A record is deflated when a store
+first writes it (``packed_record``): until then the state holds its JSON. Version 1 states (no ``v``)
 still load: no eviction mark, no outbox, no tenant.
 """
 
@@ -156,13 +157,35 @@ class OutboxRecord:
     snapshots: list[dict[str, Any]]
 
     def encode(self) -> bytes:
-        return deflate(orjson.dumps([self.ids, self.snapshots]), zdict=_ZDICT)
+        """The record as a group state holds it until a store writes it: its JSON (see ``packed_record``)."""
+        return orjson.dumps([self.ids, self.snapshots])
 
     @classmethod
     def decode(cls, data: bytes) -> OutboxRecord:
+        """A record in either form: its JSON (``encode``) or as stored (``packed_record``)."""
+        if data[:1] == b"[":
+            ids, snapshots = orjson.loads(data)
+            return cls(ids, snapshots)
         unpacker = zlib.decompressobj(zdict=_ZDICT)
         ids, snapshots = orjson.loads(unpacker.decompress(data) + unpacker.flush())
         return cls(ids, snapshots)
+
+
+def packed_record(record: bytes) -> bytes:
+    """An outbox record as stores write it: deflated against ``_ZDICT``. A record the engine made is
+    JSON (``OutboxRecord.encode``) and deflated only when a store writes it (most records are never
+    written to a table: deflating each as it was made cost more than the rest of its snapshot); one
+    already deflated (a zlib header: its first byte's low four bits are 8, so never ``[``) is
+    returned as is, byte for byte."""
+    return deflate(record, zdict=_ZDICT) if record[:1] == b"[" else record
+
+
+def record_size_within(record: bytes, limit: int) -> bool:
+    """Whether ``packed_record(record)`` takes at most ``limit`` bytes, deflating only when the JSON's
+    bound does not already say so (deflate never adds more than 0.1 % + 64 bytes to its input)."""
+    if record[:1] != b"[":
+        return len(record) <= limit
+    return len(record) + len(record) // 1000 + 64 <= limit or len(packed_record(record)) <= limit
 
 
 # Preset zlib dictionary of the text every recorded snapshot repeats: part of encoding version 2,
@@ -177,6 +200,12 @@ _ZDICT = (
 
 
 _LEN = struct.Struct(">I")
+
+
+def _within(records: Sequence[bytes], limit: int) -> bool:
+    """Whether the packed, length-prefixed ``records`` surely take at most ``limit`` bytes (JSON
+    records counted at deflate's bound; ``False`` means: pack them to know)."""
+    return sum(4 + len(r) + (len(r) // 1000 + 64 if r[:1] == b"[" else 0) for r in records) <= limit
 
 
 def split_outbox(data: bytes) -> list[bytes]:
@@ -262,16 +291,27 @@ class GroupState:
         return orjson.dumps(doc)
 
     def outbox_bytes(self) -> bytes:
-        return b"".join(_LEN.pack(len(r)) + r for r in self.outbox)
+        """The outbox as stores write it: its records packed (``packed_record``; the packed form
+        replaces a JSON one in ``outbox``, so each record is deflated once), length-prefixed."""
+        outbox = self.outbox
+        for i, r in enumerate(outbox):
+            if r[:1] == b"[":
+                outbox[i] = packed_record(r)
+        return b"".join(_LEN.pack(len(r)) + r for r in outbox)
 
     def add_record(self, record: bytes) -> None:
-        """Append a record; drop the oldest beyond ``MAX_OUTBOX_RECORDS`` or ``MAX_OUTBOX_BYTES`` (the
-        newest record always stays: up to ``MAX_RECORD_BYTES``, so the outbox fits its properties)."""
-        self.outbox.append(record)
-        while len(self.outbox) > MAX_OUTBOX_RECORDS or (
-            len(self.outbox) > 1 and sum(4 + len(r) for r in self.outbox) > MAX_OUTBOX_BYTES
-        ):
-            self.outbox.pop(0)
+        """Append a record; drop the oldest beyond ``MAX_OUTBOX_RECORDS`` or ``MAX_OUTBOX_BYTES`` of
+        packed records (the newest record always stays: up to ``MAX_RECORD_BYTES``, so the outbox fits
+        its properties). Sizes are those of the packed records, whichever form ``outbox`` holds, so
+        what is kept does not depend on when a store packed them."""
+        outbox = self.outbox
+        outbox.append(record)
+        while len(outbox) > MAX_OUTBOX_RECORDS:
+            outbox.pop(0)
+        if len(outbox) > 1 and not _within(outbox, MAX_OUTBOX_BYTES):
+            self.outbox_bytes()  # the exact sizes: pack them
+            while len(outbox) > 1 and sum(4 + len(r) for r in outbox) > MAX_OUTBOX_BYTES:
+                outbox.pop(0)
 
     def encode(self) -> bytes:
         """The stored form: ``to_bytes`` deflated (version 1 stored the JSON as is)."""
@@ -621,8 +661,8 @@ class MemoryStateStore:
             return len(self._live) + len(self._data) + (len(self._spill) if self._spill else 0)
 
 
-# A packed state: version and expiry (epoch ms), then the state JSON as a raw deflate stream (which
-# ends by itself), then the outbox records as stored (length-prefixed).
+# A packed state: version and expiry (epoch ms), then one raw deflate stream of the state JSON, a NUL
+# (which JSON never holds) and the outbox records in the form the state holds them (length-prefixed).
 _HEAD = struct.Struct(">qq")
 # Text a state JSON repeats, for the deflate dictionary of packed states (the rule id and the group's
 # compact key are appended): in-memory only, so it may change between releases.
@@ -631,14 +671,18 @@ _STATE_ZDICT = _ZDICT + b'{"v":2,"r":"e":[[,"n":"i":["inc-",1,"x":0,"ie":{"techn
 
 def _pack(zdict: bytes, state: GroupState, version: int, expires_at: int) -> bytes:
     """What the in-memory store keeps per group: one bytes object (no tuple, no int objects), the
-    state JSON deflated against a dictionary holding the group's own key, then the outbox as is."""
-    return _HEAD.pack(version, expires_at) + deflate(state.to_bytes(), raw=True, zdict=zdict) + state.outbox_bytes()
+    state JSON and its outbox records deflated together against a dictionary holding the group's own
+    key. A record the engine made is JSON: deflated here with the state (rather than alone and again
+    here), it costs one deflate and a fraction of the bytes."""
+    records = b"".join(_LEN.pack(len(r)) + r for r in state.outbox)
+    return _HEAD.pack(version, expires_at) + deflate(state.to_bytes() + b"\x00" + records, raw=True, zdict=zdict)
 
 
 def _unpack(zdict: bytes, packed: bytes) -> GroupState:
     unpacker = zlib.decompressobj(-15, zdict=zdict)  # any window: the stream's is at most 32 KiB
-    data = unpacker.decompress(memoryview(packed)[_HEAD.size :])  # the outbox records follow: unused_data
-    return GroupState.from_bytes(data, unpacker.unused_data)
+    data = unpacker.decompress(memoryview(packed)[_HEAD.size :]) + unpacker.flush()
+    cut = data.index(b"\x00")
+    return GroupState.from_bytes(data[:cut], data[cut + 1 :])
 
 
 _SPILL_CHUNK = 500  # keys per SQLite query (its default limit on bound parameters is 32,766)

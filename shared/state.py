@@ -45,6 +45,7 @@ OUTBOX_PROPERTIES = 8  # the newest batch's record may span this many properties
 MAX_RECORD_BYTES = OUTBOX_PROPERTIES * OUTBOX_PROPERTY_BYTES - MAX_OUTBOX_BYTES - 8  # one batch's record
 MAX_OUTBOX_RECORDS = 32  # batches whose emissions a group remembers
 LIVE_STATES = 20_000  # states the in-memory store keeps as objects (the most recently written)
+MAX_SHARED_VALUES = 4096  # tenant values the in-memory store numbers in its compact keys
 
 
 def deflate(data: bytes, level: int = 6, raw: bool = False, zdict: bytes = b"") -> bytes:
@@ -442,7 +443,9 @@ class MemoryStateStore:
         self._due: dict[GroupKey, int] = {}  # key -> due_at (event time) of live groups that have one
         self._due_packed: dict[bytes, int] = {}  # compact key -> due_at of packed groups (in the order of _data)
         self._progress: dict[str, tuple[int, int]] = {}  # partition -> (event ms, wall ms)
-        self._rules: dict[str, str] = {}  # rule id -> its number in this store (decimal), the compact key's head
+        self._rules: dict[str, tuple[str, int]] = {}  # rule id -> its number here (the compact key's head), shared position
+        self._shared: dict[str, str] = {}  # shared value -> its form in compact keys (see _key)
+        self._shared_text: list[bytes] = []  # by number: the shared values
         self._zdicts: list[bytes] = []  # by rule number: the deflate dictionary's start (_STATE_ZDICT, rule id)
         self._loaded: dict[GroupKey, bytes] = {}  # compact keys of the last load's packed or absent keys
         self._lock = threading.Lock()
@@ -456,22 +459,43 @@ class MemoryStateStore:
 
     def _key(self, key: GroupKey) -> bytes:
         """The compact key: the rule's number, then each case-folded value after a ``\\x1f`` (escaped
-        as in ``GroupKey.text``), so two keys share it exactly when they are equal."""
-        head = self._rules.get(key.rule_id)
-        if head is None:
-            head = self._rules[key.rule_id] = str(len(self._zdicts))
+        as in ``GroupKey.text``), so two keys share it exactly when they are equal.
+
+        One value per rule is written as a number when it is one of this store's shared values: the
+        value at the position where the rule's first key held its tenant. Tenant ids repeat in every
+        group of a tenant (a GUID is a tenth of a packed group); the first ``MAX_SHARED_VALUES``
+        distinct values seen there are numbered, later ones stay text. Which values are numbered
+        never changes, so the compact key stays a function of the key."""
+        rule = self._rules.get(key.rule_id)
+        norm = key.norm
+        if rule is None:
+            at = len(key.values) - 1 - key.values[::-1].index(key.tenant) if key.tenant in key.values else -1
+            rule = self._rules[key.rule_id] = (str(len(self._zdicts)), at)
             self._zdicts.append(_STATE_ZDICT + key.rule_id.encode(errors="surrogatepass"))
-        if not key.norm:
+        head, at = rule
+        if not norm:
             return head.encode()
-        text = "\x1f".join(key.norm)
-        if "\x1b" in text or text.count("\x1f") >= len(key.norm):  # a value holds one: escape them
-            text = "\x1f".join(map(_unambiguous, key.norm))
-        return (head + "\x1f" + text).encode(errors="surrogatepass")
+        escape = any("\x1b" in v or "\x1f" in v for v in norm)  # a value holds one: escape them all
+        parts = list(map(_unambiguous, norm)) if escape else list(norm)
+        if 0 <= at < len(parts):
+            shared = self._shared.get(norm[at])
+            if shared is None and len(self._shared) < MAX_SHARED_VALUES:
+                shared = self._shared[norm[at]] = "\x1b\x1d" + str(len(self._shared_text))
+                self._shared_text.append(norm[at].encode(errors="surrogatepass"))
+            if shared is not None:  # a text part never starts with ESC GS (escaped parts: ESC ESC, ESC RS)
+                parts[at] = shared
+        return (head + "\x1f" + "\x1f".join(parts)).encode(errors="surrogatepass")
 
     def _zdict(self, ck: bytes) -> bytes:
-        """The deflate dictionary of a group's packed state: text states repeat, its rule id and its values."""
+        """The deflate dictionary of a group's packed state: text states repeat, its rule id, its
+        shared value (written out) and its compact key."""
         cut = ck.find(b"\x1f")
-        return self._zdicts[int(ck if cut < 0 else ck[:cut])] + ck
+        zdict = self._zdicts[int(ck if cut < 0 else ck[:cut])]
+        shared = ck.find(b"\x1f\x1b\x1d")
+        if shared < 0:
+            return zdict + ck
+        end = ck.find(b"\x1f", shared + 1)
+        return zdict + self._shared_text[int(ck[shared + 3 : end if end >= 0 else len(ck)])] + ck
 
     def load(self, keys: Sequence[GroupKey], now_ms: int) -> dict[GroupKey, Loaded]:
         self.calls["load"] += 1

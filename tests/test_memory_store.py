@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from shared import state as state_module
 from shared.replay import replay
 from shared.rules import default_rules_dir, load_rules
-from shared.state import Change, GroupKey, GroupState, MemoryStateStore, OutboxRecord
+from shared.state import MAX_SHARED_VALUES, Change, GroupKey, GroupState, MemoryStateStore, OutboxRecord
 
 from .store_contract import NOW, StoreContract, state_for
 from .test_engine import T0, _run_exactly_once, deliveries, tenant_streams
@@ -233,33 +233,46 @@ def test_an_outbox_record_from_elsewhere_comes_back_unchanged(record: bytes) -> 
     assert store.stored(key)[1] == struct.pack(">I", len(record)) + record
 
 
-group_values = st.lists(st.text(alphabet="aA\x1f\x1b\x1e,é", max_size=4), max_size=3).map(tuple)
+group_values = st.lists(st.text(alphabet="aA\x1f\x1b\x1e\x1d0,é", max_size=4), max_size=3).map(tuple)
+
+
+def _tenanted(rule: str, values: tuple[str, ...], at: int) -> GroupKey:
+    """A key whose tenant is its value at ``at`` (when there is one), else an unrelated tenant."""
+    return GroupKey(rule, values, values[at] if at < len(values) else "elsewhere")
 
 
 @pytest.mark.parametrize("hot_limit", [None, 1])
+@pytest.mark.parametrize("shared_values", [MAX_SHARED_VALUES, 1])
 @settings(max_examples=200)
-@given(keys=st.lists(st.tuples(st.sampled_from(["R", "R\x1fa", "0", "1"]), group_values), min_size=1, max_size=8))
-@example(keys=[("R", ()), ("R", ("",))])
-@example(keys=[("R", ("a\x1fb",)), ("R", ("a", "b"))])
-@example(keys=[("R\x1fa", ()), ("R", ("a",))])
-@example(keys=[("R", ("\x1b\x1e",)), ("R", ("\x1f",))])
+@given(
+    keys=st.lists(st.tuples(st.sampled_from(["R", "R\x1fa", "0", "1"]), group_values, st.integers(0, 3)), min_size=1, max_size=8)
+)
+@example(keys=[("R", (), 0), ("R", ("",), 0)])
+@example(keys=[("R", ("a\x1fb",), 0), ("R", ("a", "b"), 0)])
+@example(keys=[("R\x1fa", (), 0), ("R", ("a",), 0)])
+@example(keys=[("R", ("\x1b\x1e",), 0), ("R", ("\x1f",), 0)])
+@example(keys=[("R", ("a", "t"), 1), ("R", ("a", "\x1b\x1d0"), 1), ("R", ("a", "u"), 1), ("R", ("a", "\x1b\x1d1"), 0)])
+@example(keys=[("R", ("a", "A"), 1), ("R", ("a", "0"), 1), ("R", ("a", "\x1b\x1d0"), 1)])  # numbered or written out
+@example(keys=[("R", ("t", "a"), 0), ("R", ("a", "t"), 1), ("R", ("t",), 0), ("R", ("t", "a", "b"), 2)])
 def test_groups_share_a_state_exactly_when_their_keys_are_equal(
-    keys: list[tuple[str, tuple[str, ...]]], hot_limit: int | None
+    keys: list[tuple[str, tuple[str, ...], int]], hot_limit: int | None, shared_values: int
 ) -> None:
     """Packed (and spilled) states are keyed by a compact form of the key (rule number, escaped
-    values): no two different keys may meet there, and keys equal but for case must."""
+    values, one of them numbered when it is a shared tenant value): no two different keys may meet
+    there, and keys equal but for case (or for the tenant they name) must."""
     store = MemoryStateStore(hot_limit=hot_limit, live_limit=0)
     written: dict[GroupKey, GroupState] = {}  # the last state written per group (equal keys: one entry)
-    for i, (rule, values) in enumerate(keys):
-        key = GroupKey(rule, values)
-        loaded = store.load([key], NOW)[key]
-        assert (loaded.state is None) == (key not in written)
-        written[key] = state_for(key, 1 + i % 3)
-        store.save([Change(key, written[key], loaded.token, NOW + 60_000)])
-    assert len(store) == len(written)
-    for key, last in written.items():
-        upper = GroupKey(key.rule_id, tuple(v.upper() for v in key.values))
-        state = store.load([upper], NOW)[upper].state
-        assert state is not None and state.to_bytes() == last.to_bytes()
+    with mock.patch("shared.state.MAX_SHARED_VALUES", shared_values):
+        for i, (rule, values, at) in enumerate(keys):
+            key = _tenanted(rule, values, at)
+            loaded = store.load([key], NOW)[key]
+            assert (loaded.state is None) == (key not in written)
+            written[key] = state_for(key, 1 + i % 3)
+            store.save([Change(key, written[key], loaded.token, NOW + 60_000)])
+        assert len(store) == len(written)
+        for key, last in written.items():
+            upper = GroupKey(key.rule_id, tuple(v.upper() for v in key.values), key.tenant[::-1])
+            state = store.load([upper], NOW)[upper].state
+            assert state is not None and state.to_bytes() == last.to_bytes()
     if hot_limit is None:
         assert {(k.rule_id, k.norm) for k in store.held_keys()} == {(k.rule_id, k.norm) for k in written}

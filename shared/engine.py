@@ -12,7 +12,6 @@ import hashlib
 import logging
 import re
 import sys
-from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -73,18 +72,28 @@ def _iso(ts: datetime) -> str:
     return ts.isoformat().replace("+00:00", "Z") if ts.tzinfo is timezone.utc else iso(ts)
 
 
+class Counts(dict[str, int]):
+    """Named counters; a name never counted reads 0 (as a ``Counter``, which costs more to make: one
+    ``Stats`` is made per group and batch)."""
+
+    def __missing__(self, name: str) -> int:
+        return 0
+
+
 @dataclass
 class Stats:
     """Counters for one batch (or a whole replay); merged with ``+=``."""
 
-    counts: Counter[str] = field(default_factory=Counter)
-    per_rule: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    counts: Counts = field(default_factory=Counts)
+    per_rule: dict[str, Counts] = field(default_factory=dict)
 
     def add(self, name: str, n: int = 1, rule: str | None = None) -> None:
         counts = self.counts
         counts[name] = counts.get(name, 0) + n
         if rule is not None:
-            per = self.per_rule[rule]
+            per = self.per_rule.get(rule)
+            if per is None:
+                per = self.per_rule[rule] = Counts()
             per[name] = per.get(name, 0) + n
 
     def __iadd__(self, other: Stats) -> Stats:
@@ -92,7 +101,9 @@ class Stats:
         for name, n in other.counts.items():
             counts[name] = counts.get(name, 0) + n
         for rule, c in other.per_rule.items():
-            per = self.per_rule[rule]
+            per = self.per_rule.get(rule)
+            if per is None:
+                per = self.per_rule[rule] = Counts()
             for name, n in c.items():
                 per[name] = per.get(name, 0) + n
         return self
@@ -299,8 +310,8 @@ def own_fields(incident: Incident, action: str, trigger_events: list[NormalizedE
         # copies: a saved state belongs to its store, which may keep the object (MemoryStateStore)
         "attributes": {k: list(v) if type(v) is list else v for k, v in incident.attributes.items()},
         "triggerCount": incident.trigger_count,
-        "firstSeen": from_ms(incident.first_seen),
-        "lastSeen": from_ms(incident.last_seen),
+        "firstSeen": (first := from_ms(incident.first_seen)),
+        "lastSeen": first if incident.last_seen == incident.first_seen else from_ms(incident.last_seen),
         "triggerEvents": [_event_summary(e) for e in trigger_events[-MAX_TRIGGER_EVENTS:]],
         "entities": entities.copied(incident.entities),
     }
@@ -560,6 +571,8 @@ def _join(
     when the row's alert belongs to that incident's episode: a row carries its alert's time, and an
     alert of an earlier episode is older than the open one's start by more than the window (episodes
     are separated by the incident lifetime), so it never enriches a later incident of the group."""
+    if not rows:
+        return
     window_ms, lifetime_ms = spans
     inc = st.incident
     bag = entities.EntityBag()
@@ -688,17 +701,28 @@ def apply_evidence(
         changed = True
     if len(st.entries) > MAX_JOIN_ROWS:
         del st.entries[: len(st.entries) - MAX_JOIN_ROWS]
-    if changed:
+    if changed and bag.values:  # no rows yet (an alert seen first): no entities to hold
         st.pending = bag.to_dict(copy=False)  # the bag is dropped here: its lists need no copy
     stored = {(r, tuple(v), t) for r, v, t in st.links}
     for link in links:
         if (link.rule_id, link.values, link.tenant) not in stored and len(st.links) < MAX_JOIN_LINKS:
             st.links.append([link.rule_id, list(link.values), link.tenant])
-            if len(st.to_bytes()) > MAX_STATE_BYTES:  # long group values: the state must stay writable
+            if not _surely_small(st) and len(st.to_bytes()) > MAX_STATE_BYTES:  # long group values: stay writable
                 st.links.pop()  # this group gets no later evidence; its alert's state never fails a write
                 break
             changed = True
     return st, changed
+
+
+def _surely_small(st: GroupState) -> bool:
+    """Whether ``st.to_bytes()`` is surely within ``MAX_STATE_BYTES`` without encoding it: a state with
+    neither entries nor entities, whose texts (at most 6 bytes per character escaped, 4 per character
+    in UTF-8) and fixed parts are far below the limit."""
+    if st.entries or st.pending or st.incident is not None or st.ext is not None or st.mark is not None:
+        return False
+    chars = sum(len(v) + 3 for v in st.key.values) + len(st.key.rule_id) + len(st.key.tenant)
+    chars += sum(len(r) + len(t) + 10 + sum(len(v) + 3 for v in values) for r, values, t in st.links)
+    return 6 * chars + 256 < MAX_STATE_BYTES
 
 
 @dataclass

@@ -11,14 +11,14 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from shared import entities
-from shared.engine import JOIN_HOLD_S, JOIN_RULE_ID, Engine
+from shared.engine import JOIN_HOLD_S, JOIN_RULE_ID, Engine, _surely_small
 from shared.normalize import NormalizedEvent, Normalizer, iter_paths
 from shared.rules import default_rules_dir, load_rules, parse_rule_text
-from shared.state import MAX_STATE_BYTES, MemoryStateStore, StateStore
+from shared.state import MAX_STATE_BYTES, GroupKey, GroupState, MemoryStateStore, StateStore
 
 from .test_table_store import store  # noqa: F401  (the Azurite table store fixture)
 
@@ -291,6 +291,45 @@ def test_an_alert_counted_by_many_groups_of_long_values_keeps_its_join_state_wit
     assert len(Engine([wide], memory, lambda: T0).process(events).incidents) == 16
     [join_state] = [memory.stored(k)[0] for k in memory.held_keys() if k.rule_id == JOIN_RULE_ID]
     assert len(join_state) <= MAX_STATE_BYTES
+
+
+link_texts = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=600)
+
+
+@given(
+    values=st.lists(link_texts, min_size=1, max_size=3),
+    links=st.lists(st.tuples(st.sampled_from(["R", "PH_RULE_X" * 8]), st.lists(link_texts, max_size=5), link_texts), max_size=16),
+)
+@example(values=["\x00" * 5000, "t"], links=[("R", ["\x01" * 3000], "t")] * 2)  # 66 KB escaped: too big
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+def test_a_join_state_judged_small_without_encoding_it_is_within_one_table_property(
+    values: list[str], links: list[tuple[str, list[str], str]]
+) -> None:
+    """The join skips encoding a state to check its size when its texts alone say it fits (escaped
+    control characters take 6 bytes each): that judgement must never let an oversized state through."""
+    state = GroupState(GroupKey(JOIN_RULE_ID, tuple(values), values[-1]))
+    state.links = [[r, v, t] for r, v, t in links]
+    if _surely_small(state):
+        assert len(state.to_bytes()) <= MAX_STATE_BYTES
+    control = GroupState(GroupKey(JOIN_RULE_ID, ("\x00" * 3000, "t"), "t"))
+    control.links = [["R", ["\x01" * 3000], "t"]] * 2  # 54 KB escaped: small, and so judged
+    assert _surely_small(control) and len(control.to_bytes()) <= MAX_STATE_BYTES
+    plain = GroupState(GroupKey(JOIN_RULE_ID, ("a" * 5000, "t"), "t"))
+    plain.links = [["R", ["b" * 3000], "t"]] * 2  # 11 KB: small, but the bound cannot tell (encoded to know)
+    assert not _surely_small(plain) and len(plain.to_bytes()) <= MAX_STATE_BYTES
+
+
+def test_an_alert_seen_before_its_evidence_holds_links_but_no_entities(real: dict[str, NormalizedEvent]) -> None:
+    """A streaming alert's join state only links it to its groups until evidence comes: it holds no
+    entities (and so adds none to the incidents), and the evidence then joins as before."""
+    memory = MemoryStateStore()
+    engine = Engine(RULES, memory, lambda: T0)
+    engine.process([real["info"]])
+    [join_key] = [k for k in memory.held_keys() if k.rule_id == JOIN_RULE_ID]
+    state = memory.load([join_key], 0)[join_key].state
+    assert state is not None and state.links and state.pending is None and b'"p"' not in state.to_bytes()
+    later = engine.process([real["ip"], real["user"]]).incidents
+    assert later and all(s["entities"]["ips"] and s["entities"]["users"] for s in later)
 
 
 @pytest.mark.azurite

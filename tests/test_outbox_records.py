@@ -7,6 +7,7 @@ whether) a record was deflated: the size caps count packed bytes whichever form 
 from __future__ import annotations
 
 import os
+import tracemalloc
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -108,3 +109,16 @@ def test_a_packed_group_costs_less_than_its_state_and_record_packed_apart() -> N
     ck = store._key(key)
     apart = 16 + len(deflate(st_.to_bytes(), raw=True, zdict=store._zdict(ck))) + 4 + len(packed_record(record))
     assert len(store._data[ck]) < apart - 20
+
+
+def test_a_record_held_by_a_state_takes_about_its_own_size_in_memory() -> None:
+    """Thousands of states hold their newest record as JSON between batches: each must cost its own
+    bytes, not the encoder's buffer (orjson's result keeps 4 KiB or more for a short JSON)."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        held = [OutboxRecord([i], [{"incidentId": f"inc-{i}", "revision": 1}]).encode() for i in range(500)]
+        per_record = (tracemalloc.get_traced_memory()[0] - before) / len(held)
+    finally:
+        tracemalloc.stop()
+    assert per_record < max(map(len, held)) + 200

@@ -106,8 +106,45 @@ Item = Union[NormalizedEvent, Rejection, Skipped]
 Prefilter = Callable[[str], bool]
 
 
+_UTC_TEXT = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?([Zz])", re.ASCII)  # Defender's usual form
+
+
+def _utc_text(match: re.Match[str]) -> datetime | None:
+    """:func:`parse_time` of a text :data:`_UTC_TEXT` matched in full: the same text its general
+    path builds for ``fromisoformat`` (fraction padded or cut to 6 digits, ``Z`` as ``+00:00``),
+    built without its other steps (strip, the other regular expressions), which leave such a text as is."""
+    head, fraction = match.group(1, 2)
+    try:
+        parsed = datetime.fromisoformat(f"{head}.{(fraction + '000000')[:6]}+00:00" if fraction else head + "+00:00")
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is timezone.utc else parsed.astimezone(timezone.utc)
+
+
 def parse_time(value: Any) -> datetime | None:
     """ISO 8601 text (any fraction digits, ``Z`` or offset) or epoch seconds/ms -> aware UTC."""
+    if type(value) is str:
+        match = _UTC_TEXT.fullmatch(value)
+        if match is not None:
+            return _utc_text(match)
+    return _parse_time(value)
+
+
+def _parse_shown(value: Any) -> tuple[datetime | None, str | None]:
+    """``(parse_time(value), iso(parse_time(value)) if it is known to be value itself else None)``:
+    :func:`iso` writes 6 fraction digits (none when the microsecond is 0) and ``Z``, so a time
+    already written that way is its own ISO text (the usual case: no rendering needed)."""
+    match = _UTC_TEXT.fullmatch(value) if type(value) is str else None
+    if match is None:
+        return parse_time(value), None
+    parsed = _utc_text(match)
+    fraction = match.group(2)
+    own = parsed is not None and match.group(3) == "Z" and (fraction is None or (len(fraction) == 6 and parsed.microsecond != 0))
+    return parsed, value if own else None
+
+
+def _parse_time(value: Any) -> datetime | None:
+    """:func:`parse_time` of any value (the general path)."""
     if isinstance(value, str) and value:
         text = value.strip()
         if text.endswith(("Z", "z")):
@@ -155,8 +192,27 @@ def technique_ids(values: Iterable[Any]) -> tuple[str, ...]:
     return tuple(out)
 
 
+MAX_CACHED_TEXTS = 4096  # distinct AttackTechniques / Category texts whose reading is remembered (input: bounded)
+_TECHNIQUES_OF: dict[str, tuple[str, ...]] = {}
+
+
 def streaming_techniques(value: Any) -> tuple[str, ...]:
-    """``AttackTechniques``: a string holding a JSON list of ``"Name (Txxxx.yyy)"``, or ``""``."""
+    """``AttackTechniques``: a string holding a JSON list of ``"Name (Txxxx.yyy)"``, or ``""``.
+
+    A feed repeats a few technique texts: the ids of a text are remembered (the answer depends on
+    the text alone)."""
+    if type(value) is str:
+        found = _TECHNIQUES_OF.get(value)
+        if found is None:
+            found = _read_techniques(value)
+            if len(_TECHNIQUES_OF) >= MAX_CACHED_TEXTS:
+                _TECHNIQUES_OF.clear()
+            _TECHNIQUES_OF[value] = found
+        return found
+    return _read_techniques(value)
+
+
+def _read_techniques(value: Any) -> tuple[str, ...]:
     if value is None or value == "":
         return ()
     items: Any = value
@@ -225,8 +281,19 @@ def content_hash(obj: Any) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+_PASCAL_OF: dict[str, str] = {}
+_PASCAL_SPLIT = re.compile(r"[\s_/]+")
+
+
 def _pascal(text: str) -> str:
-    return "".join(part[:1].upper() + part[1:] for part in re.split(r"[\s_/]+", text) if part)
+    """``credential access`` -> ``CredentialAccess`` (remembered: a feed has a few dozen categories)."""
+    out = _PASCAL_OF.get(text)
+    if out is None:
+        out = "".join(part[:1].upper() + part[1:] for part in _PASCAL_SPLIT.split(text) if part)
+        if len(_PASCAL_OF) >= MAX_CACHED_TEXTS:
+            _PASCAL_OF.clear()
+        _PASCAL_OF[text] = out
+    return out
 
 
 _GRAPH_INCIDENT_FIELDS = (  # (attribute, Graph incident property), copied as text when present
@@ -418,8 +485,9 @@ class Normalizer:
         arrival``) or one no clock could honestly give: more than the max skew ahead of arrival,
         older than the max age, or out of datetime's range (``eventTimeSource: clamped``, the
         reported text kept in ``eventTimeReported``). A clamped time never moves a window."""
+        shown = None
         try:
-            parsed = parse_time(value)
+            parsed, shown = _parse_shown(value)
             sane = parsed is None or (
                 # differences, not shifted bounds: arrival - a huge max age would overflow
                 (self.max_age is None or arrival - parsed <= self.max_age)
@@ -436,7 +504,8 @@ class Normalizer:
             attrs["eventTimeReported"] = _short(str(value), 64)
             parsed, fallback = arrival, True
         else:
-            fallback = False
+            attrs["eventTime"] = shown if shown is not None else iso(parsed)
+            return parsed, False
         attrs["eventTime"] = iso(parsed)
         return parsed, fallback
 
@@ -818,10 +887,22 @@ def _block(
         kept, skipped = line_filter.scan(lines)
         for event_type, count in skipped.items():
             yield Skipped(event_type, count)
+    loads, decode_error = orjson.loads, orjson.JSONDecodeError
     for i in kept:
         line = lines[i]
-        if line.strip():
-            yield from normalizer.from_line(line, f"{name}:{number + i}", arrival())
+        if not line or line.isspace():  # bytes.isspace: the whitespace bytes.strip() removes, no copy made
+            continue
+        # what from_line does for a line within the cap, one generator fewer for a plain record
+        position = f"{name}:{number + i}"
+        try:
+            doc = loads(line)
+        except decode_error:
+            yield from normalizer.from_line(line, position, arrival())  # its rejection
+            continue
+        if type(doc) is dict and "records" not in doc and "value" not in doc:  # no envelope: one record
+            yield normalizer.normalize(doc, position, arrival())
+        else:
+            yield from normalizer.from_document(doc, position, arrival())
 
 
 def iter_paths(normalizer: Normalizer, paths: Iterable[str], arrival: Callable[[], datetime]) -> Iterator[Item]:

@@ -346,3 +346,61 @@ def test_an_evidence_row_whose_techniques_are_not_a_list_is_rejected_whether_or_
     for columns in (True, False):
         rejected = Normalizer(evidence_columns=columns).normalize(rec, "f:1", ARRIVAL)
         assert isinstance(rejected, Rejection) and rejected.field == "AttackTechniques"
+
+
+# -- remembered readings and the JSON lines fast path -------------------------------------------------
+
+
+@given(st.one_of(st.text(max_size=40), _TECHNIQUE_VALUES.map(lambda v: json.dumps(v))))
+def test_remembered_technique_texts_read_as_a_fresh_reading_does(text: str) -> None:
+    from shared.errors import RecordError
+    from shared.normalize import _read_techniques
+
+    try:
+        fresh: object = _read_techniques(text)
+    except RecordError as err:
+        fresh = err.reason
+    for _ in range(2):  # the first call remembers, the second answers from memory
+        try:
+            again: object = streaming_techniques(text)
+        except RecordError as err:
+            again = err.reason
+        assert again == fresh
+
+
+def test_remembered_readings_stay_bounded() -> None:
+    from shared import normalize
+
+    for i in range(normalize.MAX_CACHED_TEXTS + 10):
+        streaming_techniques(f'["Task (T{1000 + i % 9000})"]')
+        normalize._pascal(f"category {i}")
+    assert len(normalize._TECHNIQUES_OF) <= normalize.MAX_CACHED_TEXTS
+    assert len(normalize._PASCAL_OF) <= normalize.MAX_CACHED_TEXTS
+    assert normalize._pascal("credential_access/ lateral movement") == "CredentialAccessLateralMovement"
+
+
+def test_json_lines_give_what_each_line_read_alone_gives() -> None:
+    # The block reader parses plain records itself: envelopes, blank and bad lines must still read as from_line reads them
+    alert = {"category": "AdvancedHunting-AlertInfo", "tenantId": "t", "properties": {"AlertId": "a1", "Category": "Execution"}}
+    lines = [
+        orjson.dumps(alert),
+        b" \t\r\x0b\x0c",
+        orjson.dumps({"records": [alert, {"eventType": "x", "eventId": "e1"}]}),
+        orjson.dumps({"value": [{"eventType": "x", "eventId": "e2"}], "@odata.context": "c"}),
+        orjson.dumps({"value": 1, "eventType": "x", "eventId": "e3"}),
+        b"{not json",
+        b"[1, 2]",
+        b'"text"',
+        orjson.dumps({"eventType": "x", "eventId": "e4"}),
+    ]
+    body = b"\n".join(lines) + b"\n"
+    normalizer = Normalizer()
+    got = list(iter_file(normalizer, io.BytesIO(body), "f", lambda: ARRIVAL))
+    expected = [
+        item
+        for number, line in enumerate(lines, 1)
+        if line.strip()
+        for item in normalizer.from_line(line, f"f:{number}", ARRIVAL)
+    ]
+    assert got == expected
+    assert len(got) == 10  # [1, 2] is two records

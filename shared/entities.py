@@ -272,14 +272,13 @@ class EntityBag:
             self._append("links", text, text)
 
     def technique(self, tid: Any, name: Any = None) -> None:
-        text = _cut(tid, 16)
-        if text is None:
-            return
-        text = text.upper()
-        if not _TECHNIQUE.match(text):
-            return
+        found = _technique(tid, name)
+        if found is not None:
+            self._technique(*found)
+
+    def _technique(self, text: str, name_text: str | None) -> None:
+        """A technique as :func:`_technique` reads it."""
         entry: dict[str, Any] = {"id": text}
-        name_text = _cut(name, 128)
         if name_text:
             entry["name"] = name_text
         index = self._append("techniques", text, entry)
@@ -321,11 +320,24 @@ class EntityBag:
         """The JSON form; ``copy=False`` hands over the bag's own lists and dicts (for a bag that is
         dropped right after, so nothing can change them behind the result)."""
         out = empty()
+        if not self.values and not self.truncated:
+            return out  # nothing to cut: the empty shape is far under MAX_ENTITIES_BYTES
         for kind, values in self.values.items():
             out[kind] = ([dict(v) for v in values] if kind in _DICT_KINDS else list(values)) if copy else values
         if self.truncated:
             out["truncated"] = [k for k in KINDS if k in self.truncated]
         return _fit(out)
+
+
+def _technique(tid: Any, name: Any) -> tuple[str, str | None] | None:
+    """``(id, name)`` of a technique as kept (cut, upper-cased id), or None when ``tid`` is no technique id."""
+    text = _cut(tid, 16)
+    if text is None:
+        return None
+    text = text.upper()
+    if not _TECHNIQUE.match(text):
+        return None
+    return text, _cut(name, 128)
 
 
 def _items(entities: Mapping[str, Any], kind: str) -> list[Any]:
@@ -457,33 +469,39 @@ def _streaming(bag: EntityBag, rec: Mapping[str, Any]) -> None:
     props = rec.get("properties")
     if not isinstance(props, Mapping):
         return
-    extra = props.get("AdditionalFields")
+    get = props.get
+    extra = get("AdditionalFields")
     if isinstance(extra, str) and extra.startswith("{"):
         try:
             extra = orjson.loads(extra)
         except orjson.JSONDecodeError:
             extra = None
     extra = extra if isinstance(extra, Mapping) else {}
-    bag.host(props.get("DeviceName"))
-    entity = str(props.get("EntityType", "")).lower()
-    upn = props.get("AccountUpn")
+    # A column that is absent (None) adds nothing: such calls are not made (an AlertInfo row has few of these columns).
+    device = get("DeviceName")
+    if device is not None:
+        bag.host(device)
+    entity = str(get("EntityType", "")).lower()
+    upn, account = get("AccountUpn"), get("AccountName")
     if entity in ("mailbox", "mailmessage"):
         bag.mailbox(upn)
-    bag.user(props.get("AccountName"), props.get("AccountDomain"), upn)
-    bag.ip(props.get("RemoteIP"))
-    bag.ip(props.get("LocalIP"))
-    bag.url(props.get("RemoteUrl"))
-    if props.get("FileName") or props.get("SHA1") or props.get("SHA256"):
-        bag.file(props.get("FileName"), props.get("FolderPath"), sha1=props.get("SHA1"), sha256=props.get("SHA256"))
-    name = props.get("FileName") if entity == "process" else None
-    bag.process(props.get("ProcessCommandLine"), name if props.get("ProcessCommandLine") else None, extra.get("ProcessId"))
-    for text in _technique_texts(props.get("AttackTechniques")):
-        named = _NAMED_TECHNIQUE.match(text)
-        if named:
-            bag.technique(named.group(2), named.group(1))
-        else:
-            bag.technique(text)
-    alert_id = _cut(props.get("AlertId"))
+    if upn is not None or account is not None:  # a domain alone names no user
+        bag.user(account, get("AccountDomain"), upn)
+    for column in ("RemoteIP", "LocalIP"):
+        address = get(column)
+        if address is not None:
+            bag.ip(address)
+    url = get("RemoteUrl")
+    if url is not None:
+        bag.url(url)
+    if get("FileName") or get("SHA1") or get("SHA256"):
+        bag.file(get("FileName"), get("FolderPath"), sha1=get("SHA1"), sha256=get("SHA256"))
+    command = get("ProcessCommandLine")
+    if command is not None:  # no command line: no name either, so no process
+        bag.process(command, get("FileName") if entity == "process" and command else None, extra.get("ProcessId"))
+    for tid, name in _streaming_techniques(get("AttackTechniques")):
+        bag._technique(tid, name)
+    alert_id = _cut(get("AlertId"))
     if alert_id:
         bag.link(_alert_link(alert_id, _cut(rec.get("tenantId"))))
 
@@ -518,6 +536,34 @@ def _split(value: Any) -> list[str]:
     return [part.strip() for part in re.split(r"[;,]", value) if part.strip()]
 
 
+_TECHNIQUES_OF: dict[str, tuple[tuple[str, str | None], ...]] = {}
+MAX_CACHED_TEXTS = 4096  # distinct AttackTechniques texts whose reading is remembered (input: bounded)
+
+
+def _streaming_techniques(value: Any) -> tuple[tuple[str, str | None], ...]:
+    """``(id, name)`` of each technique of ``AttackTechniques`` (``"Name (T1234)"`` or a bare id)
+    as :func:`_technique` reads it (invalid ones left out); remembered per text (a feed repeats a few)."""
+    if type(value) is not str:
+        return _read_techniques(value)
+    found = _TECHNIQUES_OF.get(value)
+    if found is None:
+        found = _read_techniques(value)
+        if len(_TECHNIQUES_OF) >= MAX_CACHED_TEXTS:
+            _TECHNIQUES_OF.clear()
+        _TECHNIQUES_OF[value] = found
+    return found
+
+
+def _read_techniques(value: Any) -> tuple[tuple[str, str | None], ...]:
+    out = []
+    for text in _technique_texts(value):
+        named = _NAMED_TECHNIQUE.match(text)
+        found = _technique(named.group(2), named.group(1)) if named else _technique(text, None)
+        if found is not None:
+            out.append(found)
+    return tuple(out)
+
+
 def _technique_texts(value: Any) -> list[str]:
     """``AttackTechniques``: a JSON list in a string (``["Name (T1234.001)"]``), a list, or ``""``."""
     if isinstance(value, str):
@@ -531,9 +577,16 @@ def _technique_texts(value: Any) -> list[str]:
     return [v for v in _list(value) if isinstance(v, str)]
 
 
+_UNQUOTED = re.compile(r"[A-Za-z0-9_.~-]*")  # the characters quote() never escapes
+
+
+def _quoted(text: str) -> str:
+    return text if _UNQUOTED.fullmatch(text) else quote(text, safe="")
+
+
 def _alert_link(alert_id: str, tenant: str | None) -> str:
-    link = f"{PORTAL}/alerts/{quote(alert_id, safe='')}"
-    return link + (f"?tid={quote(tenant, safe='')}" if tenant else "")
+    link = f"{PORTAL}/alerts/{_quoted(alert_id)}"
+    return link + (f"?tid={_quoted(tenant)}" if tenant else "")
 
 
 # -- entry points ----------------------------------------------------------------------------------
@@ -542,8 +595,11 @@ def _alert_link(alert_id: str, tenant: str | None) -> str:
 def collect(bag: EntityBag, event: NormalizedEvent) -> None:
     """Add what ``event`` says about hosts, users, ... to ``bag``; never raises."""
     attrs = event.attrs
-    bag.host(attrs.get("hostName"))
-    bag.user(attrs.get("user"))
+    host, user = attrs.get("hostName"), attrs.get("user")
+    if host is not None:
+        bag.host(host)
+    if user is not None:
+        bag.user(user)
     extractor = _EXTRACTORS.get(event.format)
     if extractor is None or not isinstance(event.raw, Mapping):
         return

@@ -42,7 +42,10 @@ def _attr(snap: Mapping[str, Any], name: str) -> str:
     for holder in (snap.get("attributes"), snap.get("groupBy")):
         if isinstance(holder, Mapping) and holder.get(name) not in (None, ""):
             return _text(holder[name])
-    for event in reversed(_events(snap)):
+    events = snap.get("triggerEvents")
+    for event in reversed(events) if isinstance(events, list) else ():
+        if not isinstance(event, Mapping):
+            continue
         attrs = event.get("attributes")
         if isinstance(attrs, Mapping) and attrs.get(name) not in (None, ""):
             return _text(attrs[name])
@@ -55,14 +58,21 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def _names(snap: Mapping[str, Any], kind: str, attr: str) -> list[str]:
+    """The entities of a kind, else the attribute as a one-name list (``[]`` when empty)."""
+    found = [str(v) for v in _entity(snap, kind)]
+    if found:
+        return found
+    value = _attr(snap, attr)
+    return [value] if value else []
+
+
 def hosts(snap: Mapping[str, Any]) -> list[str]:
-    found = [str(h) for h in _entity(snap, "hosts")]
-    return found or ([_attr(snap, "hostName")] if _attr(snap, "hostName") else [])
+    return _names(snap, "hosts", "hostName")
 
 
 def users(snap: Mapping[str, Any]) -> list[str]:
-    found = [str(u) for u in _entity(snap, "users")]
-    return found or ([_attr(snap, "user")] if _attr(snap, "user") else [])
+    return _names(snap, "users", "user")
 
 
 def host(snap: Mapping[str, Any]) -> str:

@@ -210,3 +210,107 @@ def test_extraction_never_raises_and_stays_within_its_caps_on_any_shape(fmt: str
     assert len(orjson.dumps(ent)) <= MAX_ENTITIES_BYTES
     assert merge(ent, ent) == merge(ent)  # folding the same entities twice changes nothing
     assert entities.expand(entities.compact(ent)) == ent  # what state and outbox store gives the snapshot back
+
+
+# -- the streaming extractor against the straightforward reading it replaced ---------------------
+
+
+def _reference_streaming(bag: EntityBag, rec: dict[str, Any]) -> None:
+    """The streaming extractor as first written (every column passed on, techniques read each time)."""
+    props = rec.get("properties")
+    if not isinstance(props, dict):
+        return
+    extra = props.get("AdditionalFields")
+    if isinstance(extra, str) and extra.startswith("{"):
+        try:
+            extra = orjson.loads(extra)
+        except orjson.JSONDecodeError:
+            extra = None
+    extra = extra if isinstance(extra, dict) else {}
+    bag.host(props.get("DeviceName"))
+    entity = str(props.get("EntityType", "")).lower()
+    upn = props.get("AccountUpn")
+    if entity in ("mailbox", "mailmessage"):
+        bag.mailbox(upn)
+    bag.user(props.get("AccountName"), props.get("AccountDomain"), upn)
+    bag.ip(props.get("RemoteIP"))
+    bag.ip(props.get("LocalIP"))
+    bag.url(props.get("RemoteUrl"))
+    if props.get("FileName") or props.get("SHA1") or props.get("SHA256"):
+        bag.file(props.get("FileName"), props.get("FolderPath"), sha1=props.get("SHA1"), sha256=props.get("SHA256"))
+    name = props.get("FileName") if entity == "process" else None
+    bag.process(props.get("ProcessCommandLine"), name if props.get("ProcessCommandLine") else None, extra.get("ProcessId"))
+    for text in entities._technique_texts(props.get("AttackTechniques")):
+        named = entities._NAMED_TECHNIQUE.match(text)
+        if named:
+            bag.technique(named.group(2), named.group(1))
+        else:
+            bag.technique(text)
+    alert_id = entities._cut(props.get("AlertId"))
+    if alert_id:
+        link = f"{entities.PORTAL}/alerts/{entities.quote(alert_id, safe='')}"
+        tenant = entities._cut(rec.get("tenantId"))
+        bag.link(link + (f"?tid={entities.quote(tenant, safe='')}" if tenant else ""))
+
+
+_COLUMN_VALUES = st.one_of(
+    st.none(),
+    st.just(""),
+    st.just(0),
+    st.integers(-5, 5),
+    st.booleans(),
+    st.sampled_from(["process", "Mailbox", "mailmessage", "File", "fin-ws-017.contoso.local", "CONTOSO\\j.doe"]),
+    st.sampled_from(["10.0.0.4", "127.0.0.1", "fe80::1%3", "j.doe@contoso.com", "a" * 40, "https://evil.example/x"]),
+    st.sampled_from(['{"ProcessId": 42}', '{"ProcessId": "7"}', "{bad", "[1]"]),
+    st.sampled_from(
+        [
+            '["Scheduled Task/Job (T1053)","Scheduled Task (T1053.005)"]',
+            '["t1059.001", " T1003 ", "Name (T99)", 5, null]',
+            "Valid Accounts (T1078)",
+            "[not json",
+            "T1105",
+        ]
+    ),
+    st.lists(st.sampled_from(["T1053", "Masquerading (T1036)", "x"]), max_size=3),
+    st.text(max_size=12),
+)
+_COLUMNS = [
+    "DeviceName", "EntityType", "AccountUpn", "AccountName", "AccountDomain", "RemoteIP", "LocalIP", "RemoteUrl",
+    "FileName", "FolderPath", "SHA1", "SHA256", "ProcessCommandLine", "AdditionalFields", "AttackTechniques", "AlertId",
+]  # fmt: skip
+
+
+@given(
+    props=st.dictionaries(st.sampled_from(_COLUMNS), _COLUMN_VALUES, max_size=10),
+    tenant=st.one_of(st.none(), st.sampled_from(["tenant-0", "t/1 ü", ""])),
+    alert_id=st.one_of(st.none(), st.sampled_from(["da0_7", "id with space/ü", "x~y.z-1"])),
+)
+@example(props={"ProcessCommandLine": 0, "FileName": "a.exe", "EntityType": "process"}, tenant=None, alert_id=None)
+@example(props={"AccountDomain": "CONTOSO"}, tenant=None, alert_id=None)
+def test_streaming_extractor_gives_what_the_straightforward_reading_gives(
+    props: dict[str, Any], tenant: str | None, alert_id: str | None
+) -> None:
+    if alert_id is not None:
+        props = {**props, "AlertId": alert_id}
+    rec: dict[str, Any] = {"category": "AdvancedHunting-AlertEvidence", "properties": props}
+    if tenant is not None:
+        rec["tenantId"] = tenant
+    expected, got = EntityBag(), EntityBag()
+    _reference_streaming(expected, rec)
+    for _ in range(2):  # the second reading of a technique text comes from memory
+        got = EntityBag()
+        entities._streaming(got, rec)
+        assert got.to_dict() == expected.to_dict()
+
+
+@given(st.text(max_size=20))
+@example("a b/c")
+@example("")
+def test_alert_link_parts_are_quoted_as_quote_quotes_them(text: str) -> None:
+    assert entities._quoted(text) == entities.quote(text, safe="")
+
+
+def test_an_empty_bag_gives_the_empty_shape_and_a_new_one_each_time() -> None:
+    bag = EntityBag()
+    first, second = bag.to_dict(copy=False), bag.to_dict(copy=False)
+    assert first == second == entities.empty() and first is not second and first["hosts"] is not second["hosts"]

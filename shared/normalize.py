@@ -626,8 +626,7 @@ class Normalizer:
             raise RecordError("'properties' must be an object", fmt=fmt, field="properties")
         table = category[len(_STREAM_PREFIX) :]
         if table == "AlertInfo":
-            alert_category = _category(_text(props, "Category", fmt, where="properties."))
-            event_type = "MS-Defender-Endpoint-Alert" + (f"-{_pascal(alert_category)}" if alert_category else "")
+            event_type, alert_category = _alert_type(_text(props, "Category", fmt, where="properties."))
             kind = ALERT
         elif table == "AlertEvidence":
             event_type, kind, alert_category = EVIDENCE_EVENT_TYPE, EVIDENCE, ""
@@ -647,7 +646,8 @@ class Normalizer:
                 _put(attrs, key, props.get(key))
         attrs["eventType"] = event_type
         tenant = rec.get("tenantId")
-        _put(attrs, "tenantId", tenant if isinstance(tenant, str) else None)
+        if isinstance(tenant, str) and tenant:  # (written out, as below, where _put's tests reduce to this)
+            attrs["tenantId"] = tenant
         if kind != OTHER:
             alert_id = _text(props, "AlertId", fmt, required=True, where="properties.")
             attrs["alertIdStr"] = alert_id
@@ -656,17 +656,24 @@ class Normalizer:
             techniques = streaming_techniques(props.get("AttackTechniques")) if full else _check_techniques(props)
             service = _text(props, "ServiceSource", fmt, where="properties.")
             detection = _text(props, "DetectionSource", fmt, where="properties.")
-            if full:
-                _put(attrs, "alertName", title)
-                _put(attrs, "attackTechniqueId", techniques)
-                _put(attrs, "serviceSource", service)
-                _put(attrs, "detectionSource", detection)
+            if full:  # _text gives None or a non-empty text
+                if title is not None:
+                    attrs["alertName"] = title
+                if techniques:
+                    attrs["attackTechniqueId"] = techniques
+                if service is not None:
+                    attrs["serviceSource"] = service
+                if detection is not None:
+                    attrs["detectionSource"] = detection
                 _severity(attrs, props.get("Severity"))
-        if kind == ALERT:
-            _put(attrs, "attackTactic", alert_category)
-        _put(attrs, "hostName", props.get("DeviceName") if isinstance(props.get("DeviceName"), str) else None)
+        if kind == ALERT and alert_category:
+            attrs["attackTactic"] = alert_category
+        device = props.get("DeviceName")
+        if isinstance(device, str) and device:
+            attrs["hostName"] = device
         account = props.get("AccountName") or props.get("InitiatingProcessAccountName")
-        _put(attrs, "user", account if isinstance(account, str) else None)
+        if isinstance(account, str) and account:
+            attrs["user"] = account
         when, fallback = self._time(attrs, props.get("Timestamp") or rec.get("time"), arrival)
         identity = f"stream:{table}:{props.get('AlertId') or ''}:{content_hash(props)}"
         return NormalizedEvent(attrs, identity, when, fallback, kind, fmt, position, rec)
@@ -782,6 +789,21 @@ def _dumps_deep(rec: Any) -> bytes:
 
 def _short(text: str, limit: int = MAX_KEY_CHARS_IN_REASON) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_ALERT_TYPE_OF: dict[str | None, tuple[str, str]] = {}
+
+
+def _alert_type(category_text: str | None) -> tuple[str, str]:
+    """``(event type, category)`` of an AlertInfo row with this ``Category`` text (remembered per text)."""
+    found = _ALERT_TYPE_OF.get(category_text)
+    if found is None:
+        category = _category(category_text)
+        found = ("MS-Defender-Endpoint-Alert" + (f"-{_pascal(category)}" if category else ""), category)
+        if len(_ALERT_TYPE_OF) >= MAX_CACHED_TEXTS:
+            _ALERT_TYPE_OF.clear()
+        _ALERT_TYPE_OF[category_text] = found
+    return found
 
 
 def _category(value: str | None) -> str:

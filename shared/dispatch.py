@@ -101,7 +101,7 @@ class Dispatch:
             if value is None:
                 continue
             if type(value) in (list, tuple):
-                keys = [as_text(item) for item in value]
+                keys = [item.lower() if type(item) is str else as_text(item) for item in value]
             else:
                 keys = [value.lower() if type(value) is str else as_text(value)]
             for text in keys:

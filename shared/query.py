@@ -446,6 +446,8 @@ def _compile_leaf(node: Leaf) -> Predicate:
     elif isinstance(node, InList):
         texts = frozenset(as_text(v) for v in (*node.values, *node.members) if isinstance(v, str))
         numbers = frozenset(n for v in node.values if not isinstance(v, str) for n in [as_number(v)] if n is not None)
+        if not numbers:
+            return _text_list_leaf(attr, texts, node.negated)
 
         def test(v: Any) -> bool:
             if as_text(v) in texts:
@@ -477,6 +479,29 @@ def _compile_leaf(node: Leaf) -> Predicate:
         return v is not None and _any(v, test)
 
     return any_match
+
+
+def _text_list_leaf(attr: str, texts: frozenset[str], negated: bool) -> Predicate:
+    """``IN`` / ``NOT IN`` a list of texts only: what the general leaf computes (``as_text(v) in
+    texts`` for each non-null value of the attribute), with the per-value calls written out."""
+
+    def any_in(event: Mapping[str, Any]) -> bool:
+        v = event.get(attr)
+        if v is None:
+            return False
+        kind = type(v)
+        if kind is str:
+            return v.lower() in texts
+        if kind is tuple or kind is list:
+            for x in v:  # noqa: SIM110 (a loop, not any() over a generator: this runs per event)
+                if x is not None and (x.lower() if type(x) is str else as_text(x)) in texts:
+                    return True
+            return False
+        return as_text(v) in texts
+
+    if negated:
+        return lambda event: not any_in(event)
+    return any_in
 
 
 def _between_test(node: Between) -> Callable[[Any], bool]:

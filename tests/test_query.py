@@ -261,3 +261,29 @@ class TestCorrelationConditions:
     def test_bad_conditions_are_located(self, text: str, pattern: str) -> None:
         with pytest.raises(RuleError, match=pattern):
             parse_correlation(text)
+
+
+# -- IN / NOT IN a list of texts: the written-out leaf against the general definition --------------
+
+_attr_values = st.one_of(
+    st.none(), st.booleans(), numbers, text_values, st.sampled_from(["T1053", "t1053", "TRUE", "1", "1.0", "1.5"])
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    values=st.lists(st.one_of(text_values, st.sampled_from(["T1053", "true", "1", "1.5"])), min_size=1, max_size=3),
+    negated=st.booleans(),
+    value=st.one_of(_attr_values, st.lists(_attr_values, max_size=4), st.lists(_attr_values, max_size=4).map(tuple)),
+)
+def test_a_list_of_texts_matches_as_each_value_compared_as_text(values: list[str], negated: bool, value: object) -> None:
+    from shared.query import _compile_leaf
+    from shared.values import as_text
+
+    node = InList("x", tuple(values), negated)
+    texts = {as_text(v) for v in values}
+    items = value if type(value) in (list, tuple) else [value]
+    found = value is not None and any(as_text(v) in texts for v in items if v is not None)  # type: ignore[union-attr]
+    event = {"x": value}
+    assert _compile_leaf(node)(event) is (not found if negated else found)
+    assert Query.parse(to_text(node)).matches(event) is (not found if negated else found)

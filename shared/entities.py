@@ -115,6 +115,7 @@ _DICT_KINDS = frozenset(("files", "processes", "techniques"))  # kinds whose val
 
 
 MAX_IP_CACHE = 4096  # address texts whose parsed form is remembered (a feed repeats a few thousand)
+MAX_CACHED_TEXTS = 4096  # technique texts whose reading is remembered (input: bounded)
 _IPS: dict[str, str | None] = {}
 
 
@@ -272,7 +273,18 @@ class EntityBag:
             self._append("links", text, text)
 
     def technique(self, tid: Any, name: Any = None) -> None:
-        found = _technique(tid, name)
+        found: tuple[str, str | None] | None
+        if type(tid) is str and (name is None or type(name) is str):  # remembered: the same few come back
+            key = (tid, name)
+            if key in _TECHNIQUE_OF:
+                found = _TECHNIQUE_OF[key]
+            else:
+                found = _technique(tid, name)
+                if len(_TECHNIQUE_OF) >= MAX_CACHED_TEXTS:
+                    _TECHNIQUE_OF.clear()
+                _TECHNIQUE_OF[key] = found
+        else:
+            found = _technique(tid, name)
         if found is not None:
             self._technique(*found)
 
@@ -289,30 +301,40 @@ class EntityBag:
 
     def add(self, entities: Mapping[str, Any] | None) -> None:
         """Fold another entities dict (e.g. the incident's so far) into this bag."""
-        if not isinstance(entities, Mapping):
+        if entities is None or not isinstance(entities, Mapping):  # (None first: the common case, no ABC check)
             return
-        for h in _items(entities, "hosts"):
-            self.host(h)
-        for u in _items(entities, "users"):
-            self.user(u)
-        for i in _items(entities, "ips"):
-            self.ip(i)
-        for f in _items(entities, "files"):
-            if isinstance(f, Mapping):
-                self.file(f.get("name"), f.get("path"), **{k: f.get(k) for k in _HASH_KEYS})
-        for p in _items(entities, "processes"):
-            if isinstance(p, Mapping):
-                self.process(p.get("commandLine"), p.get("name"), p.get("pid"))
-        for m in _items(entities, "mailboxes"):
-            self.mailbox(m)
-        for url in _items(entities, "urls"):
-            self.url(url)
-        for link in _items(entities, "links"):
-            self.link(link)
-        for t in _items(entities, "techniques"):
-            if isinstance(t, Mapping):
-                self.technique(t.get("id"), t.get("name"))
-        truncated = entities.get("truncated")
+        get = entities.get  # a kind that is absent (or not a list) adds nothing
+        if isinstance(hosts := get("hosts"), list):
+            for h in hosts:
+                self.host(h)
+        if isinstance(users := get("users"), list):
+            for u in users:
+                self.user(u)
+        if isinstance(ips := get("ips"), list):
+            for i in ips:
+                self.ip(i)
+        if isinstance(files := get("files"), list):
+            for f in files:
+                if isinstance(f, Mapping):
+                    self.file(f.get("name"), f.get("path"), **{k: f.get(k) for k in _HASH_KEYS})
+        if isinstance(processes := get("processes"), list):
+            for p in processes:
+                if isinstance(p, Mapping):
+                    self.process(p.get("commandLine"), p.get("name"), p.get("pid"))
+        if isinstance(mailboxes := get("mailboxes"), list):
+            for m in mailboxes:
+                self.mailbox(m)
+        if isinstance(urls := get("urls"), list):
+            for url in urls:
+                self.url(url)
+        if isinstance(links := get("links"), list):
+            for link in links:
+                self.link(link)
+        if isinstance(techniques := get("techniques"), list):
+            for t in techniques:
+                if isinstance(t, Mapping):
+                    self.technique(t.get("id"), t.get("name"))
+        truncated = get("truncated")
         if isinstance(truncated, list):
             self.truncated.update(k for k in truncated if k in KINDS)
 
@@ -327,6 +349,9 @@ class EntityBag:
         if self.truncated:
             out["truncated"] = [k for k in KINDS if k in self.truncated]
         return _fit(out)
+
+
+_TECHNIQUE_OF: dict[tuple[str, str | None], tuple[str, str | None] | None] = {}
 
 
 def _technique(tid: Any, name: Any) -> tuple[str, str | None] | None:
@@ -537,7 +562,6 @@ def _split(value: Any) -> list[str]:
 
 
 _TECHNIQUES_OF: dict[str, tuple[tuple[str, str | None], ...]] = {}
-MAX_CACHED_TEXTS = 4096  # distinct AttackTechniques texts whose reading is remembered (input: bounded)
 
 
 def _streaming_techniques(value: Any) -> tuple[tuple[str, str | None], ...]:

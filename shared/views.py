@@ -40,14 +40,14 @@ def _entity(snap: Mapping[str, Any], kind: str) -> list[Any]:
 def _attr(snap: Mapping[str, Any], name: str) -> str:
     """An attribute from the incident, its group-by values, else its newest trigger event."""
     for holder in (snap.get("attributes"), snap.get("groupBy")):
-        if isinstance(holder, Mapping) and holder.get(name) not in (None, ""):
+        if (type(holder) is dict or isinstance(holder, Mapping)) and holder.get(name) not in (None, ""):
             return _text(holder[name])
     events = snap.get("triggerEvents")
     for event in reversed(events) if isinstance(events, list) else ():
-        if not isinstance(event, Mapping):
+        if not (type(event) is dict or isinstance(event, Mapping)):
             continue
         attrs = event.get("attributes")
-        if isinstance(attrs, Mapping) and attrs.get(name) not in (None, ""):
+        if (type(attrs) is dict or isinstance(attrs, Mapping)) and attrs.get(name) not in (None, ""):
             return _text(attrs[name])
     return ""
 

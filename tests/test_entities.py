@@ -314,3 +314,17 @@ def test_an_empty_bag_gives_the_empty_shape_and_a_new_one_each_time() -> None:
     bag = EntityBag()
     first, second = bag.to_dict(copy=False), bag.to_dict(copy=False)
     assert first == second == entities.empty() and first is not second and first["hosts"] is not second["hosts"]
+
+
+@given(
+    tid=st.one_of(st.sampled_from(["T1053", " t1059.001 ", "T99", "T1003.0011", "", "x" * 20]), st.text(max_size=18)),
+    name=st.one_of(st.none(), st.just(""), st.just("  "), st.text(max_size=140)),
+)
+def test_a_remembered_technique_reading_is_the_fresh_reading(tid: str, name: str | None) -> None:
+    expected = entities._technique(tid, name)
+    for _ in range(2):  # the second call answers from memory
+        bag = EntityBag()
+        bag.technique(tid, name)
+        assert bag.to_dict()["techniques"] == (
+            [{"id": expected[0], **({"name": expected[1]} if expected[1] else {})}] if expected else []
+        )

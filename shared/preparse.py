@@ -77,22 +77,26 @@ class LineFilter:
         """
         parse = self._parse
         json_object = cysimdjson.JSONObject
-        skipped_as = self._skipped_as
+        skipped_as, read = self._skipped_as, self._read
         kept: list[int] = []
         skipped: list[str] = []
         keep, skip = kept.append, skipped.append
         for i, line in enumerate(lines):
             try:
                 doc = parse(line)
-                event_type = skipped_as[doc.get("category")]  # KeyError: not (yet) known as skipped
+                category = doc.get("category")
+                event_type = skipped_as.get(category)  # None: not (yet) known as skipped
             except (ValueError, RuntimeError):  # simdjson's errors, UTF-8 ones included
                 keep(i)
                 continue
-            except AttributeError:  # not an object
+            except (AttributeError, TypeError):  # not an object, or a category that is no string (unhashable)
                 keep(i)
                 continue
-            except (KeyError, TypeError):  # category absent, not a string, or not decided yet
-                found = self._skipped_event_type(doc.get("category"))
+            if event_type is None:  # (no exception raised per kept line: an AlertInfo row is kept here)
+                if type(category) is not str or category in read:  # absent, not a string, or known to be read
+                    keep(i)
+                    continue
+                found = self._skipped_event_type(category)
                 if found is None:
                     keep(i)
                     continue

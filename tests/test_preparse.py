@@ -142,6 +142,9 @@ def full_path(normalizer: Normalizer, line: bytes) -> list[Item]:
 @example(b'{"category":"AdvancedHunting-DeviceFileEvents","properties":{"a":' + b"[" * 1022 + b"]" * 1022 + b"}}", set())
 @example(b'{"category":"AdvancedHunting-DeviceFileEvents","properties":{"a":' + b"[" * 1023 + b"]" * 1023 + b"}}", set())
 @example(b'{"category":"AdvancedHunting-DeviceFileEvents","properties":{"a":-12.5e0400}}', set())
+@example(b'{"category":{"AdvancedHunting-DeviceFileEvents":1},"properties":{}}', set())  # a category no dict key can be
+@example(b'{"category":["AdvancedHunting-DeviceFileEvents"],"properties":{}}', set())
+@example(b'{"category":"AdvancedHunting-AlertInfo","properties":{}}', set())
 def test_a_line_the_filter_skips_is_skipped_the_same_way_by_the_full_path(line: bytes, readers: set[str]) -> None:
     rules = [*DEFAULT_RULES, *(_table_rule(t) for t in sorted(readers))]
     engine = Engine(rules, MemoryStateStore())

@@ -116,6 +116,7 @@ _DICT_KINDS = frozenset(("files", "processes", "techniques"))  # kinds whose val
 
 MAX_IP_CACHE = 4096  # address texts whose parsed form is remembered (a feed repeats a few thousand)
 MAX_CACHED_TEXTS = 4096  # technique texts whose reading is remembered (input: bounded)
+MAX_CACHED_TEXT_CHARS = 1024  # only texts this short are remembered (real ones are a few hundred characters)
 _IPS: dict[str, str | None] = {}
 
 
@@ -274,8 +275,8 @@ class EntityBag:
 
     def technique(self, tid: Any, name: Any = None) -> None:
         found: tuple[str, str | None] | None
-        if type(tid) is str and (name is None or type(name) is str):  # remembered: the same few come back
-            key = (tid, name)
+        if type(tid) is str and len(tid) <= 64 and (name is None or (type(name) is str and len(name) <= MAX_CACHED_TEXT_CHARS)):
+            key = (tid, name)  # remembered (short texts only): the same few come back
             if key in _TECHNIQUE_OF:
                 found = _TECHNIQUE_OF[key]
             else:
@@ -567,7 +568,7 @@ _TECHNIQUES_OF: dict[str, tuple[tuple[str, str | None], ...]] = {}
 def _streaming_techniques(value: Any) -> tuple[tuple[str, str | None], ...]:
     """``(id, name)`` of each technique of ``AttackTechniques`` (``"Name (T1234)"`` or a bare id)
     as :func:`_technique` reads it (invalid ones left out); remembered per text (a feed repeats a few)."""
-    if type(value) is not str:
+    if type(value) is not str or len(value) > MAX_CACHED_TEXT_CHARS:
         return _read_techniques(value)
     found = _TECHNIQUES_OF.get(value)
     if found is None:

@@ -193,6 +193,7 @@ def technique_ids(values: Iterable[Any]) -> tuple[str, ...]:
 
 
 MAX_CACHED_TEXTS = 4096  # distinct AttackTechniques / Category texts whose reading is remembered (input: bounded)
+MAX_CACHED_TEXT_CHARS = 1024  # only texts this short are remembered (real ones are a few hundred characters)
 _TECHNIQUES_OF: dict[str, tuple[str, ...]] = {}
 
 
@@ -201,7 +202,7 @@ def streaming_techniques(value: Any) -> tuple[str, ...]:
 
     A feed repeats a few technique texts: the ids of a text are remembered (the answer depends on
     the text alone)."""
-    if type(value) is str:
+    if type(value) is str and len(value) <= MAX_CACHED_TEXT_CHARS:
         found = _TECHNIQUES_OF.get(value)
         if found is None:
             found = _read_techniques(value)
@@ -290,9 +291,10 @@ def _pascal(text: str) -> str:
     out = _PASCAL_OF.get(text)
     if out is None:
         out = "".join(part[:1].upper() + part[1:] for part in _PASCAL_SPLIT.split(text) if part)
-        if len(_PASCAL_OF) >= MAX_CACHED_TEXTS:
-            _PASCAL_OF.clear()
-        _PASCAL_OF[text] = out
+        if len(text) <= MAX_CACHED_TEXT_CHARS:
+            if len(_PASCAL_OF) >= MAX_CACHED_TEXTS:
+                _PASCAL_OF.clear()
+            _PASCAL_OF[text] = out
     return out
 
 
@@ -800,9 +802,10 @@ def _alert_type(category_text: str | None) -> tuple[str, str]:
     if found is None:
         category = _category(category_text)
         found = ("MS-Defender-Endpoint-Alert" + (f"-{_pascal(category)}" if category else ""), category)
-        if len(_ALERT_TYPE_OF) >= MAX_CACHED_TEXTS:
-            _ALERT_TYPE_OF.clear()
-        _ALERT_TYPE_OF[category_text] = found
+        if category_text is None or len(category_text) <= MAX_CACHED_TEXT_CHARS:
+            if len(_ALERT_TYPE_OF) >= MAX_CACHED_TEXTS:
+                _ALERT_TYPE_OF.clear()
+            _ALERT_TYPE_OF[category_text] = found
     return found
 
 

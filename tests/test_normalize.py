@@ -404,3 +404,23 @@ def test_json_lines_give_what_each_line_read_alone_gives() -> None:
     ]
     assert got == expected
     assert len(got) == 10  # [1, 2] is two records
+
+
+def test_long_texts_are_read_but_not_remembered() -> None:
+    from shared import entities, normalize
+
+    long_list = orjson.dumps([f"Task {'x' * 2000} (T1053.005)"]).decode()
+    long_category = "Credential Access" + " " * 2000
+    rec = {
+        "category": "AdvancedHunting-AlertInfo",
+        "tenantId": "t",
+        "properties": {"AlertId": "a", "Category": long_category, "AttackTechniques": long_list},
+    }
+    event = Normalizer().normalize(rec, "p", ARRIVAL)
+    assert isinstance(event, NormalizedEvent)
+    assert event.attrs["attackTechniqueId"] == ("T1053.005", "T1053")
+    assert event.event_type == "MS-Defender-Endpoint-Alert-CredentialAccess"
+    assert [t["id"] for t in entities.extract(event)["techniques"]] == ["T1053.005"]
+    remembered = [*normalize._TECHNIQUES_OF, *normalize._PASCAL_OF, *normalize._ALERT_TYPE_OF, *entities._TECHNIQUES_OF]
+    remembered += [name or "" for _, name in entities._TECHNIQUE_OF]
+    assert remembered and max(len(text or "") for text in remembered) <= normalize.MAX_CACHED_TEXT_CHARS

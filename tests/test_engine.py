@@ -694,8 +694,9 @@ def test_long_values_that_differ_only_in_case_are_one_group_like_short_ones() ->
 
 # -- exactly once under redelivery and failures, on both stores -----------------------------------
 
+import contextlib  # noqa: E402
 import uuid  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+from collections.abc import Iterator, Sequence  # noqa: E402
 from unittest import mock  # noqa: E402
 
 from shared.errors import StoreError  # noqa: E402
@@ -785,6 +786,20 @@ def _outcome(snaps: list[dict[str, Any]]) -> dict[str, tuple[int, bytes, str]]:
     return out
 
 
+def deliver(engine: Engine, flaky: Flaky, batch: list[NormalizedEvent], failures: Sequence[str]) -> list[dict[str, Any]]:
+    """What ``batch`` emits when its first attempts meet ``failures`` (one each): the trigger's retry
+    policy runs it until it goes through (a failure "in output" loses what the attempt emitted)."""
+    for point in [*failures, None]:
+        flaky.fail = point
+        try:
+            result = engine.process(batch)
+        except StoreError:
+            continue
+        if point != "in output":
+            return result.incidents
+    raise AssertionError("unreachable: the last attempt meets no failure")
+
+
 def _run_exactly_once(store: StateStore, stream: list[tuple[int, int, int]], plan: list[Any], cap: int | None = None) -> None:
     if cap is not None:  # a tiny window cap, so that eviction and its mark are exercised
         with mock.patch("shared.engine.MAX_WINDOW_ENTRIES", cap):
@@ -806,15 +821,7 @@ def _run_exactly_once(store: StateStore, stream: list[tuple[int, int, int]], pla
         if rnd is not None:
             rnd.shuffle(batch)
         sent += take
-        for point in [*failures, None]:  # the trigger's retry policy runs the batch until it goes through
-            flaky.fail = point
-            try:
-                result = engine.process(batch)
-            except StoreError:
-                continue
-            if point != "in output":
-                delivered.extend(result.incidents)
-                break
+        delivered.extend(deliver(engine, flaky, batch, failures))
     assert _outcome(delivered) == _outcome(clean.snapshots)
     assert all(action == "created" for _, _, action in _outcome(delivered).values())
     keys = {group_key(rule, ev) for ev in events for rule in (SEED, THRESHOLD) if rule.query.matches(ev.attrs)}
@@ -837,12 +844,19 @@ def test_redeliveries_and_failures_deliver_what_one_clean_pass_delivers_memory(
 def test_redeliveries_and_failures_deliver_what_one_clean_pass_delivers_table(
     azurite: Any, stream: list[tuple[int, int, int]], plan: list[Any]
 ) -> None:
+    with fresh_table_store(azurite) as store:
+        _run_exactly_once(store, stream, plan)
+
+
+@contextlib.contextmanager
+def fresh_table_store(azurite: Any) -> Iterator[Any]:
+    """A Table store on a new table of Azurite (deleted after): one per hypothesis example."""
     from shared.table_store import TableStateStore
 
     store = TableStateStore.from_connection_string(azurite.connection_string, "p" + uuid.uuid4().hex[:20])
     store.ensure_table()
     try:
-        _run_exactly_once(store, stream, plan)
+        yield store
     finally:
         store.table.delete_table()
 

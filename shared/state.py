@@ -306,12 +306,13 @@ class GroupState:
         """Append a record; drop the oldest beyond ``MAX_OUTBOX_RECORDS`` or ``MAX_OUTBOX_BYTES`` of
         packed records (the newest record always stays: up to ``MAX_RECORD_BYTES``, so the outbox fits
         its properties). Sizes are those of the packed records, whichever form ``outbox`` holds, so
-        what is kept does not depend on when a store packed them."""
+        what is kept does not depend on when a store packed them. Past the cap they are packed, even a
+        lone one: JSON records never take more than ``MAX_OUTBOX_BYTES`` of a state kept as an object."""
         outbox = self.outbox
         outbox.append(record)
         while len(outbox) > MAX_OUTBOX_RECORDS:
             outbox.pop(0)
-        if len(outbox) > 1 and not _within(outbox, MAX_OUTBOX_BYTES):
+        if not _within(outbox, MAX_OUTBOX_BYTES):
             self.outbox_bytes()  # the exact sizes: pack them
             while len(outbox) > 1 and sum(4 + len(r) for r in outbox) > MAX_OUTBOX_BYTES:
                 outbox.pop(0)

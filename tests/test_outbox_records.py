@@ -122,3 +122,32 @@ def test_a_record_held_by_a_state_takes_about_its_own_size_in_memory() -> None:
     finally:
         tracemalloc.stop()
     assert per_record < max(map(len, held)) + 200
+
+
+def _json_bytes(state: GroupState) -> int:
+    return sum(len(r) for r in state.outbox if r[:1] == b"[")
+
+
+def test_a_group_never_holds_more_json_records_than_the_outbox_cap_even_when_one_batch_made_them_all() -> None:
+    """Records stay JSON only while they are small: the in-memory store keeps its live states as
+    objects, so a lone record of a batch of a thousand episodes (a megabyte of JSON, 70 KB packed)
+    would otherwise stay a megabyte in memory until the group's next write."""
+    episodes = [{"incidentId": f"inc-{i}", "attributes": {"alertName": "word " * 40}} for i in range(2000)]
+    lone = OutboxRecord([1], episodes).encode()
+    assert len(lone) > 8 * MAX_OUTBOX_BYTES and record_size_within(lone, MAX_OUTBOX_BYTES)
+    st_ = GroupState(GroupKey("R", ("a",)))
+    st_.add_record(lone)
+    assert _json_bytes(st_) <= MAX_OUTBOX_BYTES and st_.outbox == [packed_record(lone)]
+    small = OutboxRecord([2], [{"incidentId": "inc-1"}]).encode()
+    st_.add_record(small)  # small records stay JSON until a store writes them
+    assert st_.outbox == [packed_record(lone), small]
+
+
+def test_a_live_group_of_a_batch_of_a_thousand_episodes_holds_its_record_packed() -> None:
+    from .test_engine import EPISODIC, Timeline, alert
+
+    tl = Timeline([EPISODIC])
+    snaps = tl.feed(*[alert(f"v{i}", alert_id=f"a{i}", at=i * 61, user="u", hostName=f"h{i % 7}") for i in range(1000)])
+    assert len(snaps) == 1000
+    [(state, _, _)] = tl.store._live.values()
+    assert len(state.outbox) == 1 and _json_bytes(state) <= MAX_OUTBOX_BYTES

@@ -14,15 +14,52 @@ so redelivered batches and replays count it once. Cleared snapshots are not fed 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
 from .normalize import OTHER, NormalizedEvent
+from .query import And, Node, Not, Or, partial_eval
+from .rules import Rule
 from .snapshot import Snapshot
 
 MAX_CHAIN_DEPTH = 3  # levels of incidents-of-incidents per batch
 CHAIN_FORMAT = "incident"
+
+
+def consumed(rules: Sequence[Rule]) -> frozenset[str]:
+    """Ids of the rules whose incidents another rule could match (an event whose ``eventType`` is the
+    rule id): what chaining feeds back.
+
+    Linear in the rules, not quadratic (1,000 rules took 17 s testing every pair): knowing only an
+    event's type, a query's answer depends only on its conditions on ``eventType``, so rule ids for
+    which every distinct such condition answers alike share one pass over the rule set."""
+    leaves: dict[str, Node] = {}
+    for rule in rules:
+        _event_type_leaves(rule.query.tree, leaves)
+    conditions = list(leaves.values())
+    by_answers: dict[tuple[bool | None, ...], frozenset[str]] = {}
+    out = []
+    for rule in rules:
+        known = {"eventType": rule.id}
+        answers = tuple(partial_eval(leaf, known) for leaf in conditions)
+        consumers = by_answers.get(answers)
+        if consumers is None:
+            consumers = by_answers[answers] = frozenset(o.id for o in rules if o.query.could_match(known))
+        if consumers - {rule.id}:  # a rule never consumes its own incidents
+            out.append(rule.id)
+    return frozenset(out)
+
+
+def _event_type_leaves(node: Node, found: dict[str, Node]) -> None:
+    """Collect the distinct conditions on ``eventType`` under ``node`` (keyed by their text form)."""
+    if isinstance(node, (And, Or)):
+        for child in node.children:
+            _event_type_leaves(child, found)
+    elif isinstance(node, Not):
+        _event_type_leaves(node.child, found)
+    elif node.attr == "eventType":
+        found.setdefault(repr(node), node)
 
 
 def as_events(snapshots: Iterable[Snapshot], wanted: frozenset[str], depth: int) -> list[NormalizedEvent]:

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, cast
 import orjson
 
 from . import entities
-from .chaining import CHAIN_FORMAT, MAX_CHAIN_DEPTH, as_events
+from .chaining import CHAIN_FORMAT, MAX_CHAIN_DEPTH, as_events, consumed
 from .dispatch import Dispatch
 from .errors import StoreError
 from .normalize import ALERT, EVIDENCE, EVIDENCE_EVENT_TYPE, NormalizedEvent, iso, raw_evidence
@@ -742,9 +742,7 @@ class Engine:
         self.rules_by_id = {r.id: r for r in self.rules}
         self.timed = any(r.sequence and sequence.timed(r) for r in self.rules)  # needs event-time progress
         # Rules whose incidents some other rule consumes (eventType = rule id): fed back, see shared/chaining.py.
-        self._chained = frozenset(
-            r.id for r in self.rules if any(o.id != r.id and o.query.could_match({"eventType": r.id}) for o in self.rules)
-        )
+        self._chained = consumed(self.rules)
         # Alert evidence rows are not alerts: only rules that declare `alertEvidence: events` see them.
         self.evidence_rules = [r for r in self.rules if r.evidence_events]
         self._dispatch, self._evidence_dispatch = Dispatch(self.rules), Dispatch(self.evidence_rules)

@@ -7,13 +7,16 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
-from shared.chaining import MAX_CHAIN_DEPTH
+from shared.chaining import MAX_CHAIN_DEPTH, consumed
 from shared.engine import Engine
 from shared.errors import StoreError
 from shared.rules import Rule, parse_rule_text
 from shared.state import MemoryStateStore
 
+from .test_dispatch import make_rule
 from .test_sequence import CRED, PERSIST, T0, ev, rule
 
 
@@ -138,3 +141,42 @@ def test_incidents_chained_from_a_timer_fired_absence_survive_a_failure_at_each_
     assert sorted((r, rev) for r, _, rev in latest) == [("ON_ON_UNATTENDED", 1), ("ON_UNATTENDED", 1), ("SEQ_TEST", 1)]
     assert len(queued) == len(first) + 3  # the failed tick's messages, then each incident once more
     assert set(first) <= set(queued)  # what a failed tick sent is sent again byte for byte (consumers drop it)
+
+
+# Conditions on eventType naming rule ids (R0..R5, any case, parts of them) and on another attribute.
+_TYPES = ["R0", "r1", "R2", "R", "1", "R10", "MS-Defender-Alert", ""]
+
+
+@st.composite
+def _condition(draw: st.DrawFn) -> str:
+    attr = draw(st.sampled_from(["eventType", "eventType", "alertName"]))
+    op = draw(st.sampled_from(["=", "!=", "CONTAIN", "NOT CONTAIN", "IN", "NOT IN", "IS NULL", "IS NOT NULL"]))
+    if op in ("IN", "NOT IN"):
+        listed = draw(st.lists(st.sampled_from(_TYPES), min_size=1, max_size=3))
+        return f"{attr} {op} ({', '.join(orjson.dumps(v).decode() for v in listed)})"
+    if op.startswith("IS"):
+        return f"{attr} {op}"
+    return f"{attr} {op} {orjson.dumps(draw(st.sampled_from(_TYPES))).decode()}"
+
+
+_queries = st.recursive(
+    _condition(),
+    lambda inner: (
+        st.tuples(inner, st.sampled_from([" AND ", " OR "]), inner).map(lambda t: f"({t[0]}{t[1]}{t[2]})")
+        | inner.map(lambda q: f"NOT ({q})")
+    ),
+    max_leaves=4,
+)
+
+
+@given(st.lists(_queries, min_size=1, max_size=6))
+@example(['eventType = "R1"', 'eventType CONTAIN "r"'])
+@example(['eventType = "R0"', 'alertName = "x"'])
+@example(['NOT (eventType = "R0")', 'eventType IN ("R0", "R1")'])
+@settings(max_examples=150, deadline=None)
+def test_the_rules_whose_incidents_are_chained_are_those_another_rule_could_match(texts: list[str]) -> None:
+    """What ``consumed`` finds in one pass per distinct answer of the eventType conditions equals
+    testing every pair of rules (a rule's own incidents never count)."""
+    rules = [make_rule(i, q) for i, q in enumerate(texts)]
+    brute = {r.id for r in rules if any(o.id != r.id and o.query.could_match({"eventType": r.id}) for o in rules)}
+    assert consumed(rules) == brute

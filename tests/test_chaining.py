@@ -16,7 +16,7 @@ from shared.errors import StoreError
 from shared.rules import Rule, parse_rule_text
 from shared.state import MemoryStateStore
 
-from .test_dispatch import make_rule
+from .test_dispatch import condition_texts, make_rule, query_texts
 from .test_sequence import CRED, PERSIST, T0, ev, rule
 
 
@@ -147,26 +147,7 @@ def test_incidents_chained_from_a_timer_fired_absence_survive_a_failure_at_each_
 _TYPES = ["R0", "r1", "R2", "R", "1", "R10", "MS-Defender-Alert", ""]
 
 
-@st.composite
-def _condition(draw: st.DrawFn) -> str:
-    attr = draw(st.sampled_from(["eventType", "eventType", "alertName"]))
-    op = draw(st.sampled_from(["=", "!=", "CONTAIN", "NOT CONTAIN", "IN", "NOT IN", "IS NULL", "IS NOT NULL"]))
-    if op in ("IN", "NOT IN"):
-        listed = draw(st.lists(st.sampled_from(_TYPES), min_size=1, max_size=3))
-        return f"{attr} {op} ({', '.join(orjson.dumps(v).decode() for v in listed)})"
-    if op.startswith("IS"):
-        return f"{attr} {op}"
-    return f"{attr} {op} {orjson.dumps(draw(st.sampled_from(_TYPES))).decode()}"
-
-
-_queries = st.recursive(
-    _condition(),
-    lambda inner: (
-        st.tuples(inner, st.sampled_from([" AND ", " OR "]), inner).map(lambda t: f"({t[0]}{t[1]}{t[2]})")
-        | inner.map(lambda q: f"NOT ({q})")
-    ),
-    max_leaves=4,
-)
+_queries = query_texts(condition_texts(["eventType", "eventType", "alertName"], st.sampled_from(_TYPES)), max_leaves=4)
 
 
 @given(st.lists(_queries, min_size=1, max_size=6))

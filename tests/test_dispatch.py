@@ -35,25 +35,35 @@ def _literal(value: Any) -> str:
 values = st.sampled_from(TEXTS) | st.integers(-2, 6)
 
 
-@st.composite
-def conditions(draw: st.DrawFn) -> str:
-    attr = draw(st.sampled_from(ATTRS))
-    op = draw(st.sampled_from(["=", "!=", "CONTAIN", "NOT CONTAIN", "IN", "NOT IN", "IS NULL", "IS NOT NULL"]))
-    if op in ("IN", "NOT IN"):
-        return f"{attr} {op} ({', '.join(_literal(v) for v in draw(st.lists(values, min_size=1, max_size=3)))})"
-    if op.startswith("IS"):
-        return f"{attr} {op}"
-    return f"{attr} {op} {_literal(draw(values))}"
+def condition_texts(attrs: list[str], literals: st.SearchStrategy[Any]) -> st.SearchStrategy[str]:
+    """Query conditions on ``attrs`` with every operator, comparing with ``literals``."""
+
+    @st.composite
+    def condition(draw: st.DrawFn) -> str:
+        attr = draw(st.sampled_from(attrs))
+        op = draw(st.sampled_from(["=", "!=", "CONTAIN", "NOT CONTAIN", "IN", "NOT IN", "IS NULL", "IS NOT NULL"]))
+        if op in ("IN", "NOT IN"):
+            return f"{attr} {op} ({', '.join(_literal(v) for v in draw(st.lists(literals, min_size=1, max_size=3)))})"
+        if op.startswith("IS"):
+            return f"{attr} {op}"
+        return f"{attr} {op} {_literal(draw(literals))}"
+
+    return condition()
 
 
-queries = st.recursive(
-    conditions(),
-    lambda inner: (
-        st.tuples(inner, st.sampled_from([" AND ", " OR "]), inner).map(lambda t: f"({t[0]}{t[1]}{t[2]})")
-        | inner.map(lambda q: f"NOT ({q})")
-    ),
-    max_leaves=5,
-)
+def query_texts(leaves: st.SearchStrategy[str], max_leaves: int = 5) -> st.SearchStrategy[str]:
+    """Queries of ``leaves`` joined by AND, OR and NOT."""
+    return st.recursive(
+        leaves,
+        lambda inner: (
+            st.tuples(inner, st.sampled_from([" AND ", " OR "]), inner).map(lambda t: f"({t[0]}{t[1]}{t[2]})")
+            | inner.map(lambda q: f"NOT ({q})")
+        ),
+        max_leaves=max_leaves,
+    )
+
+
+queries = query_texts(condition_texts(ATTRS, values))
 
 scalars = st.none() | st.sampled_from(TEXTS) | st.integers(-2, 6) | st.booleans()
 attribute_values = scalars | st.lists(scalars, max_size=3) | st.lists(scalars, max_size=3).map(tuple)

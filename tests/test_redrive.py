@@ -6,6 +6,7 @@ import base64
 import hashlib
 import io
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -60,7 +61,8 @@ class Env:
 
 @pytest.fixture
 def env(azurite: Azurite, request: pytest.FixtureRequest) -> Iterator[Env]:
-    yield Env(azurite, hashlib.blake2b(request.node.nodeid.encode(), digest_size=5).hexdigest())
+    # fresh names per run: a second run against the same Azurite must not meet the first run's queues
+    yield Env(azurite, hashlib.blake2b(request.node.nodeid.encode() + os.urandom(8), digest_size=5).hexdigest())
 
 
 def test_list_show_and_resend_to_a_file_round_trip_the_original_bytes(env: Env, tmp_path: Path) -> None:

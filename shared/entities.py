@@ -30,6 +30,7 @@ from urllib.parse import quote
 import orjson
 
 from .normalize import NormalizedEvent
+from .values import TextMemo
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +116,6 @@ _DICT_KINDS = frozenset(("files", "processes", "techniques"))  # kinds whose val
 
 
 MAX_IP_CACHE = 4096  # address texts whose parsed form is remembered (a feed repeats a few thousand)
-MAX_CACHED_TEXTS = 4096  # technique texts whose reading is remembered (input: bounded)
-MAX_CACHED_TEXT_CHARS = 1024  # only texts this short are remembered (real ones are a few hundred characters)
 _IPS: dict[str, str | None] = {}
 
 
@@ -275,15 +274,8 @@ class EntityBag:
 
     def technique(self, tid: Any, name: Any = None) -> None:
         found: tuple[str, str | None] | None
-        if type(tid) is str and len(tid) <= 64 and (name is None or (type(name) is str and len(name) <= MAX_CACHED_TEXT_CHARS)):
-            key = (tid, name)  # remembered (short texts only): the same few come back
-            if key in _TECHNIQUE_OF:
-                found = _TECHNIQUE_OF[key]
-            else:
-                found = _technique(tid, name)
-                if len(_TECHNIQUE_OF) >= MAX_CACHED_TEXTS:
-                    _TECHNIQUE_OF.clear()
-                _TECHNIQUE_OF[key] = found
+        if type(tid) is str and len(tid) <= 64 and (name is None or type(name) is str):  # remembered: the same few come back
+            found = _TECHNIQUE_OF((tid, name), len(name or ""))
         else:
             found = _technique(tid, name)
         if found is not None:
@@ -352,9 +344,6 @@ class EntityBag:
         return _fit(out)
 
 
-_TECHNIQUE_OF: dict[tuple[str, str | None], tuple[str, str | None] | None] = {}
-
-
 def _technique(tid: Any, name: Any) -> tuple[str, str | None] | None:
     """``(id, name)`` of a technique as kept (cut, upper-cased id), or None when ``tid`` is no technique id."""
     text = _cut(tid, 16)
@@ -364,6 +353,9 @@ def _technique(tid: Any, name: Any) -> tuple[str, str | None] | None:
     if not _TECHNIQUE.match(text):
         return None
     return text, _cut(name, 128)
+
+
+_TECHNIQUE_OF: TextMemo[tuple[str, str | None], tuple[str, str | None] | None] = TextMemo(lambda key: _technique(*key))
 
 
 def _items(entities: Mapping[str, Any], kind: str) -> list[Any]:
@@ -562,21 +554,12 @@ def _split(value: Any) -> list[str]:
     return [part.strip() for part in re.split(r"[;,]", value) if part.strip()]
 
 
-_TECHNIQUES_OF: dict[str, tuple[tuple[str, str | None], ...]] = {}
-
-
 def _streaming_techniques(value: Any) -> tuple[tuple[str, str | None], ...]:
     """``(id, name)`` of each technique of ``AttackTechniques`` (``"Name (T1234)"`` or a bare id)
     as :func:`_technique` reads it (invalid ones left out); remembered per text (a feed repeats a few)."""
-    if type(value) is not str or len(value) > MAX_CACHED_TEXT_CHARS:
-        return _read_techniques(value)
-    found = _TECHNIQUES_OF.get(value)
-    if found is None:
-        found = _read_techniques(value)
-        if len(_TECHNIQUES_OF) >= MAX_CACHED_TEXTS:
-            _TECHNIQUES_OF.clear()
-        _TECHNIQUES_OF[value] = found
-    return found
+    if type(value) is str:
+        return _TECHNIQUES_OF(value, len(value))
+    return _read_techniques(value)
 
 
 def _read_techniques(value: Any) -> tuple[tuple[str, str | None], ...]:
@@ -587,6 +570,9 @@ def _read_techniques(value: Any) -> tuple[tuple[str, str | None], ...]:
         if found is not None:
             out.append(found)
     return tuple(out)
+
+
+_TECHNIQUES_OF: TextMemo[str, tuple[tuple[str, str | None], ...]] = TextMemo(_read_techniques)
 
 
 def _technique_texts(value: Any) -> list[str]:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Union
 import orjson
 
 from .errors import RecordError
+from .values import TextMemo
 
 if TYPE_CHECKING:
     from .preparse import LineFilter
@@ -192,24 +193,13 @@ def technique_ids(values: Iterable[Any]) -> tuple[str, ...]:
     return tuple(out)
 
 
-MAX_CACHED_TEXTS = 4096  # distinct AttackTechniques / Category texts whose reading is remembered (input: bounded)
-MAX_CACHED_TEXT_CHARS = 1024  # only texts this short are remembered (real ones are a few hundred characters)
-_TECHNIQUES_OF: dict[str, tuple[str, ...]] = {}
-
-
 def streaming_techniques(value: Any) -> tuple[str, ...]:
     """``AttackTechniques``: a string holding a JSON list of ``"Name (Txxxx.yyy)"``, or ``""``.
 
     A feed repeats a few technique texts: the ids of a text are remembered (the answer depends on
     the text alone)."""
-    if type(value) is str and len(value) <= MAX_CACHED_TEXT_CHARS:
-        found = _TECHNIQUES_OF.get(value)
-        if found is None:
-            found = _read_techniques(value)
-            if len(_TECHNIQUES_OF) >= MAX_CACHED_TEXTS:
-                _TECHNIQUES_OF.clear()
-            _TECHNIQUES_OF[value] = found
-        return found
+    if type(value) is str:
+        return _TECHNIQUES_OF(value, len(value))
     return _read_techniques(value)
 
 
@@ -229,6 +219,9 @@ def _read_techniques(value: Any) -> tuple[str, ...]:
     found = [m for item in items if isinstance(item, str) for m in _TECHNIQUE_IN_TEXT.findall(item)]
     bare = [item for item in items if isinstance(item, str) and _TECHNIQUE.match(item.strip().upper())]
     return technique_ids(found + bare)
+
+
+_TECHNIQUES_OF: TextMemo[str, tuple[str, ...]] = TextMemo(_read_techniques)
 
 
 def _check_techniques(props: dict[str, Any]) -> tuple[str, ...]:
@@ -282,20 +275,19 @@ def content_hash(obj: Any) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-_PASCAL_OF: dict[str, str] = {}
 _PASCAL_SPLIT = re.compile(r"[\s_/]+")
 
 
 def _pascal(text: str) -> str:
     """``credential access`` -> ``CredentialAccess`` (remembered: a feed has a few dozen categories)."""
-    out = _PASCAL_OF.get(text)
-    if out is None:
-        out = "".join(part[:1].upper() + part[1:] for part in _PASCAL_SPLIT.split(text) if part)
-        if len(text) <= MAX_CACHED_TEXT_CHARS:
-            if len(_PASCAL_OF) >= MAX_CACHED_TEXTS:
-                _PASCAL_OF.clear()
-            _PASCAL_OF[text] = out
-    return out
+    return _PASCAL_OF(text, len(text))
+
+
+def _read_pascal(text: str) -> str:
+    return "".join(part[:1].upper() + part[1:] for part in _PASCAL_SPLIT.split(text) if part)
+
+
+_PASCAL_OF: TextMemo[str, str] = TextMemo(_read_pascal)
 
 
 _GRAPH_INCIDENT_FIELDS = (  # (attribute, Graph incident property), copied as text when present
@@ -793,20 +785,17 @@ def _short(text: str, limit: int = MAX_KEY_CHARS_IN_REASON) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-_ALERT_TYPE_OF: dict[str | None, tuple[str, str]] = {}
-
-
 def _alert_type(category_text: str | None) -> tuple[str, str]:
     """``(event type, category)`` of an AlertInfo row with this ``Category`` text (remembered per text)."""
-    found = _ALERT_TYPE_OF.get(category_text)
-    if found is None:
-        category = _category(category_text)
-        found = ("MS-Defender-Endpoint-Alert" + (f"-{_pascal(category)}" if category else ""), category)
-        if category_text is None or len(category_text) <= MAX_CACHED_TEXT_CHARS:
-            if len(_ALERT_TYPE_OF) >= MAX_CACHED_TEXTS:
-                _ALERT_TYPE_OF.clear()
-            _ALERT_TYPE_OF[category_text] = found
-    return found
+    return _ALERT_TYPE_OF(category_text, len(category_text or ""))
+
+
+def _read_alert_type(category_text: str | None) -> tuple[str, str]:
+    category = _category(category_text)
+    return "MS-Defender-Endpoint-Alert" + (f"-{_pascal(category)}" if category else ""), category
+
+
+_ALERT_TYPE_OF: TextMemo[str | None, tuple[str, str]] = TextMemo(_read_alert_type)
 
 
 def _category(value: str | None) -> str:

@@ -2,8 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any, Generic, TypeVar
+
+MAX_CACHED_TEXTS = 4096  # answers a TextMemo keeps (its keys are input: bounded)
+MAX_CACHED_TEXT_CHARS = 1024  # only inputs this short are remembered (real ones are a few hundred characters)
+
+_K = TypeVar("_K", bound=Hashable)
+_V = TypeVar("_V")
+_MISSING: Any = object()
+
+
+class TextMemo(dict[_K, _V], Generic[_K, _V]):
+    """``read(key)``, remembered: for answers that depend on a short input text alone (technique
+    lists, category spellings, which a feed repeats). At most ``MAX_CACHED_TEXTS`` answers, of keys
+    whose texts total at most ``MAX_CACHED_TEXT_CHARS`` (a record may hold a 1 MiB text); when full,
+    it starts over."""
+
+    __slots__ = ("_read",)
+
+    def __init__(self, read: Callable[[_K], _V]) -> None:
+        super().__init__()
+        self._read = read
+
+    def __call__(self, key: _K, chars: int) -> _V:
+        """The answer for ``key``, whose texts are ``chars`` long."""
+        found = self.get(key, _MISSING)
+        if found is _MISSING:
+            found = self._read(key)
+            if chars <= MAX_CACHED_TEXT_CHARS:
+                if len(self) >= MAX_CACHED_TEXTS:
+                    self.clear()
+                self[key] = found
+        return found  # type: ignore[no-any-return]
 
 
 def as_number(value: Any) -> float | None:

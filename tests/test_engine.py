@@ -317,6 +317,16 @@ def scribble_everything(value: Any) -> None:
         value.append("scribbled")
 
 
+def feed_and_scribble(clean: Timeline, scribbled: Timeline, batch: list[Any]) -> None:
+    """Feed ``batch`` to both timelines, which must emit the same bytes, then scribble over every
+    snapshot ``scribbled`` emitted (its store must not notice)."""
+    expected = [orjson.dumps(s) for s in clean.feed(*batch)]
+    got = scribbled.feed(*batch)
+    assert [orjson.dumps(s) for s in got] == expected
+    for snap in got:
+        scribble_everything(snap)
+
+
 @pytest.mark.parametrize("live_limit", [0, 4096])
 def test_what_a_consumer_does_to_emitted_snapshots_never_changes_the_stored_incident(live_limit: int) -> None:
     """The in-memory store keeps saved states as objects: no snapshot may share a list or dict
@@ -330,11 +340,7 @@ def test_what_a_consumer_does_to_emitted_snapshots_never_changes_the_stored_inci
         [alert("v2", at=30, hostName="ws-2", user="b")],  # redelivered: re-emitted from the outbox
     ]
     for batch in batches:
-        expected = [orjson.dumps(s) for s in clean.feed(*batch)]
-        got = scribbled.feed(*batch)
-        assert [orjson.dumps(s) for s in got] == expected
-        for snap in got:
-            scribble_everything(snap)
+        feed_and_scribble(clean, scribbled, batch)
     assert len(clean.snapshots) >= 4
 
 

@@ -369,13 +369,13 @@ def test_remembered_technique_texts_read_as_a_fresh_reading_does(text: str) -> N
 
 
 def test_remembered_readings_stay_bounded() -> None:
-    from shared import normalize
+    from shared import normalize, values
 
-    for i in range(normalize.MAX_CACHED_TEXTS + 10):
+    for i in range(values.MAX_CACHED_TEXTS + 10):
         streaming_techniques(f'["Task (T{1000 + i % 9000})"]')
         normalize._pascal(f"category {i}")
-    assert len(normalize._TECHNIQUES_OF) <= normalize.MAX_CACHED_TEXTS
-    assert len(normalize._PASCAL_OF) <= normalize.MAX_CACHED_TEXTS
+    assert len(normalize._TECHNIQUES_OF) <= values.MAX_CACHED_TEXTS
+    assert len(normalize._PASCAL_OF) <= values.MAX_CACHED_TEXTS
     assert normalize._pascal("credential_access/ lateral movement") == "CredentialAccessLateralMovement"
 
 
@@ -407,7 +407,7 @@ def test_json_lines_give_what_each_line_read_alone_gives() -> None:
 
 
 def test_long_texts_are_read_but_not_remembered() -> None:
-    from shared import entities, normalize
+    from shared import entities, normalize, values
 
     long_list = orjson.dumps([f"Task {'x' * 2000} (T1053.005)"]).decode()
     long_category = "Credential Access" + " " * 2000
@@ -423,4 +423,23 @@ def test_long_texts_are_read_but_not_remembered() -> None:
     assert [t["id"] for t in entities.extract(event)["techniques"]] == ["T1053.005"]
     remembered = [*normalize._TECHNIQUES_OF, *normalize._PASCAL_OF, *normalize._ALERT_TYPE_OF, *entities._TECHNIQUES_OF]
     remembered += [name or "" for _, name in entities._TECHNIQUE_OF]
-    assert remembered and max(len(text or "") for text in remembered) <= normalize.MAX_CACHED_TEXT_CHARS
+    assert remembered and max(len(text or "") for text in remembered) <= values.MAX_CACHED_TEXT_CHARS
+
+
+def test_a_text_memo_remembers_every_answer_of_a_short_text_even_none_and_reads_long_ones_each_time() -> None:
+    from shared.values import MAX_CACHED_TEXT_CHARS, MAX_CACHED_TEXTS, TextMemo
+
+    reads: list[str] = []
+
+    def read(text: str) -> str | None:
+        reads.append(text)
+        return None if text == "none" else text.upper()
+
+    memo: TextMemo[str, str | None] = TextMemo(read)
+    assert [memo("none", 4), memo("none", 4), memo("a", 1), memo("a", 1)] == [None, None, "A", "A"]
+    assert reads == ["none", "a"]
+    long = "x" * (MAX_CACHED_TEXT_CHARS + 1)
+    assert memo(long, len(long)) == memo(long, len(long)) == long.upper() and reads.count(long) == 2
+    for i in range(MAX_CACHED_TEXTS + 5):
+        memo(str(i), 1)
+    assert 0 < len(memo) <= MAX_CACHED_TEXTS

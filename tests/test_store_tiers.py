@@ -23,7 +23,7 @@ from shared.normalize import NormalizedEvent, Normalizer
 from shared.rules import default_rules_dir, parse_rule_text
 from shared.state import LIVE_STATES, Change, GroupKey, GroupState, Incident, KeysConflict, Loaded, MemoryStateStore
 
-from .test_engine import Timeline, alert, scribble_everything
+from .test_engine import Timeline, alert, feed_and_scribble
 
 NOW = 1_800_000_000_000
 
@@ -272,12 +272,7 @@ def test_a_consumer_changing_a_list_in_an_emitted_trigger_event_never_changes_a_
     clean, scribbled = (Timeline([rule], MemoryStateStore(live_limit=n)) for n in (0, live_limit))
     for i, tactic in enumerate(["Execution", "Persistence", "CredentialAccess", "Discovery"]):
         event: dict[str, Any] = {attr: [tactic, {"k": ["v"]}], "hostName": "ws-1", "extra": {"o": {"p": [1]}}}
-        batch = [alert(f"v{i}", at=10 * i, **event)]
-        expected = [orjson.dumps(s) for s in clean.feed(*batch)]
-        got = scribbled.feed(*batch)
-        assert [orjson.dumps(s) for s in got] == expected
-        for snap in got:
-            scribble_everything(snap)
+        feed_and_scribble(clean, scribbled, [alert(f"v{i}", at=10 * i, **event)])
     assert len(clean.snapshots) >= 2
 
 

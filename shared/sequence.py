@@ -349,25 +349,25 @@ class _Run:
                 self.trigger(deadline, None, attrs, [])
             else:
                 self.stats.add("absences_cancelled", rule=rule.id)
-            self._find_pending(max((e[0] for e in self.st.entries), default=a))
+            if self._find_pending() is not None:
+                self.stats.add("absences_pending", rule=rule.id)
             pending = self.ext.get("p")
         inc = self.st.incident
         after = rule.clear.after_s if rule.clear is not None else None
         if after is not None and inc is not None and progress > inc.last_trigger + after * 1000:
             self.clear(inc.last_trigger + after * 1000, [])
 
-    def _find_pending(self, upto: int) -> None:
-        """Start the next absence: the left side's earliest completion after the last resolved one."""
-        rule = self.rule
-        assert isinstance(rule.pattern, Absent)
+    def _find_pending(self) -> int | None:
+        """Start the next absence: the left side's earliest completion after the last resolved one
+        (over every entry held, whatever order they arrived in); its completion time, if any."""
         floor = self._floor()
-        ends = sorted({int(e[0]) for e in self.st.entries if e[0] <= upto and (floor is None or e[0] > floor)})
+        ends = sorted({int(e[0]) for e in self.st.entries if floor is None or e[0] > floor})
         for end in ends:
             match = self._left(end, floor)
             if match is not None:
                 self._pend(match)
-                self.stats.add("absences_pending", rule=rule.id)
-                return
+                return match.completion
+        return None
 
     def _floor(self) -> int | None:
         """Left-side events at or before this time belong to resolved absences or a closed incident."""
@@ -391,15 +391,14 @@ class _Run:
         rule = self.rule
         if isinstance(rule.pattern, Absent):
             pending = self.ext.get("p")
-            if pending is None:
-                self._find_pending(t)
-            elif pending[0] - self.window <= t <= pending[0]:
-                # an event at or before the left side's completion, in its window (one tied with it
-                # that arrived after it, or a late one): the pending absence carries what that window
-                # holds, as when all its events are there first; a completion it would move is kept
-                match = self._left(int(pending[0]), self._floor())
-                if match is not None and match.completion == pending[0]:
-                    self._pend(match)
+            if pending is None or t <= pending[0]:
+                # the pending absence is the left side's earliest completion after the floor, as in
+                # event-time order: an event at or before it (a late one, or one tied with it that
+                # arrived after it) can complete the left side earlier, or change what its window holds
+                self.ext["p"] = None
+                found = self._find_pending()
+                if found is not None and (pending is None or found != pending[0]):
+                    self.stats.add("absences_pending", rule=rule.id)
             return
         assert rule.pattern is not None
         triggered: list[int] = self.ext.setdefault("t", [])

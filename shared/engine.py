@@ -27,6 +27,7 @@ from .normalize import ALERT, EVIDENCE, EVIDENCE_EVENT_TYPE, NormalizedEvent, is
 from .rules import Rule
 from .snapshot import RuleFields, Snapshot, TriggerEvent
 from .state import (
+    MAX_ATTRIBUTES_BYTES,
     MAX_ENTRY_BYTES,
     MAX_RECORD_BYTES,
     MAX_STATE_BYTES,
@@ -40,6 +41,7 @@ from .state import (
     Loaded,
     OutboxRecord,
     StateStore,
+    cut_attributes,
     identity_hash,
     packed_record,
     record_size_within,
@@ -128,6 +130,29 @@ def _bounded(value: str) -> str:
     return f"{folded[: MAX_GROUP_VALUE_CHARS - 20]}...#{digest}"
 
 
+MAX_KEY_BYTES = 16 * 1024  # a group key's values, JSON-encoded: the rest of a state's 60 KiB is its window and incident
+_MAX_CHAR_BYTES = 6  # the most one character takes in JSON (a control character escaped as \u00XX)
+
+
+def bounded_key(values: list[str]) -> list[str]:
+    """Group-by values whose JSON takes at most ``MAX_KEY_BYTES`` (so the key leaves its state room):
+    unchanged when they already do (every key of a rule with a handful of group-by attributes); else
+    each value longer than an equal share is cut and hashed as ``_bounded`` does (hash-only, 20
+    characters, for the smallest shares), so distinct values stay distinct. Holds for any rule with
+    at most ``MAX_KEY_BYTES // 23`` (712) group-by attributes."""
+    if sum(map(len, values)) * _MAX_CHAR_BYTES <= MAX_KEY_BYTES or len(orjson.dumps(values)) <= MAX_KEY_BYTES:
+        return values
+    share = max(20, (MAX_KEY_BYTES // len(values) - 3) // _MAX_CHAR_BYTES)
+    return [v if len(v) <= share else _shortened(v, share) for v in values]
+
+
+def _shortened(value: str, chars: int) -> str:
+    """``value`` as ``chars`` characters: the start of its lower-cased form, ``...#`` and BLAKE2b-64 of it."""
+    folded = value.lower()
+    digest = hashlib.blake2b(folded.encode(errors="surrogatepass"), digest_size=8).hexdigest()
+    return f"{folded[: chars - 20]}...#{digest}"
+
+
 TENANT_ATTR = "tenantId"
 MAX_RECORD_IDS = 4096  # identities one outbox record keeps (a group's new events in one batch)
 
@@ -155,6 +180,8 @@ def group_key(rule: Rule, event: NormalizedEvent) -> GroupKey:
     tenant = sys.intern(_group_value(attrs.get(TENANT_ATTR)))
     if TENANT_ATTR not in group_by:
         values.append(tenant)
+    if len(values) > 2:  # one or two values of at most 512 characters: far within MAX_KEY_BYTES
+        values = bounded_key(values)
     return GroupKey(rule.id, tuple(values), tenant)
 
 
@@ -377,6 +404,10 @@ class _Outbox:
     def record_own(ids: list[int], owns: list[dict[str, Any]], rule: Rule, key: GroupKey) -> tuple[bytes, list[Snapshot]]:
         """:meth:`record` of the snapshots whose own fields are ``owns`` (see :func:`own_fields`):
         the same record and snapshots, without taking the snapshots apart again when they fit."""
+        mapped = len(rule.mappings)
+        for own in owns:
+            if len(own["attributes"]) < mapped:  # the state had to drop some (GroupState.shrink)
+                own["attributesTrimmed"] = True
         data = OutboxRecord(ids[-MAX_RECORD_IDS:], owns).encode()
         fixed = rule_fields(rule, key)
         snapshots = [assemble(fixed, own) for own in owns]
@@ -401,7 +432,36 @@ class _Outbox:
         while len(data) > MAX_RECORD_BYTES - 4 and kept > 1:  # hundreds of episodes: keep the newest that fit
             kept = max(1, min(kept - 1, kept * (MAX_RECORD_BYTES - 4) // len(data)))
             data = packed_record(OutboxRecord(ids, [_own(s) for s in snapshots[-kept:]]).encode())
+        if len(data) > MAX_RECORD_BYTES - 4:  # one snapshot too big even trimmed: the last resort
+            room = MAX_RECORD_BYTES - 4 - 64 - 16 - len(orjson.dumps(ids)) * 1001 // 1000  # 16: the record's brackets
+            snapshots[-1] = _last_resort(snapshots[-1], room)
+            data = packed_record(OutboxRecord(ids, [_own(snapshots[-1])]).encode())
         return data, snapshots
+
+
+def _last_resort(snapshot: Snapshot, room: int) -> Snapshot:
+    """``snapshot`` with its own fields (what a record keeps) within ``room`` bytes of JSON, by deflate's
+    bound (so packed, too): no trigger events, no entities (``entitiesTrimmed``), then its attributes
+    dropped largest first (``attributesTrimmed``). What is left (id, revision, action, counts, times,
+    the markers) takes a few hundred bytes, so it always fits a record (``MAX_RECORD_BYTES`` less
+    ``MAX_RECORD_IDS`` identities leaves 350 KiB)."""
+    out = cast(dict[str, Any], dict(snapshot))
+    dropped = len(out.get("triggerEvents", []))
+    out["triggerEvents"] = []
+    out["triggerEventsTrimmed"] = out.get("triggerEventsTrimmed", 0) + dropped
+    if out.get("entities"):
+        out["entities"] = entities.empty()
+        out["entitiesTrimmed"] = True
+    attributes = dict(out.get("attributes", {}))
+    out["attributes"] = attributes
+    size = len(orjson.dumps(_own(cast(Snapshot, out)))) + 24  # 24: room for the marker
+    for cost, name in sorted(((len(orjson.dumps([k, v])), k) for k, v in attributes.items()), key=lambda c: (-c[0], c[1])):
+        if size + size // 1000 <= room:
+            break
+        del attributes[name]
+        out["attributesTrimmed"] = True
+        size -= cost - 2  # '["k",v]' is one byte longer than '"k":v,' and two longer than a last '"k":v'
+    return cast(Snapshot, out)
 
 
 def _own(snapshot: Snapshot) -> dict[str, Any]:
@@ -616,8 +676,19 @@ def _entry_size(entry: list[Any]) -> int:
 
 
 def _fit(st: GroupState) -> int:
-    """Evict the oldest entries until the encoded state fits one Table property (never fail a write)."""
-    small_values = sum(len(v) for v in st.key.values) < 4096 and all(len(e) == 2 for e in st.entries[-1:])
+    """Evict the oldest entries until the encoded state fits one Table property (never fail a write);
+    with none left, ``GroupState.shrink`` cuts what the incident holds. Skipped when the state surely
+    fits: few COUNT(*) entries (~45 bytes each), and key and incident texts of under 4,096 characters
+    (6 bytes each at most) beside entities of 8 KiB at most (incident and pending). An incident's
+    attributes are first cut to ``MAX_ATTRIBUTES_BYTES`` (``cut_attributes``): only hundreds of mappings
+    or hostile values take that much, and a window is worth more than what they display."""
+    inc = st.incident
+    chars = sum(len(v) for v in st.key.values)
+    if inc is not None:
+        chars += sum(len(k) + _chars(v) for k, v in inc.attributes.items())
+        if chars * 6 > MAX_ATTRIBUTES_BYTES:  # first, whatever the window: a window is what correlates
+            cut_attributes(inc.attributes)
+    small_values = chars < 4096 and all(len(e) == 2 for e in st.entries[-1:])
     if len(st.entries) < SIZE_CHECK_ENTRIES and small_values:
         return 0
     evicted = 0
@@ -625,7 +696,16 @@ def _fit(st: GroupState) -> int:
     while size > MAX_STATE_BYTES and st.entries:
         evicted += _evict(st, max(1, len(st.entries) // 10))
         size = len(st.to_bytes())
+    if size > MAX_STATE_BYTES:
+        st.shrink()
     return evicted
+
+
+def _chars(value: Any) -> int:
+    """Characters of an attribute value's JSON, bounded from above (numbers take at most 24)."""
+    if type(value) is str:
+        return len(value)
+    return 24 if value is None or type(value) in (int, float, bool) else len(orjson.dumps(value))
 
 
 def _insert_sorted(entries: list[list[Any]], entry: list[Any]) -> None:

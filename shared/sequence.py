@@ -41,6 +41,7 @@ from .engine import (
     Stats,
     _group_value,
     _Outbox,
+    bounded_key,
     incident_id,
     json_copy,
     mapped_number,
@@ -52,7 +53,7 @@ from .pattern import Absent, AllOf, AnyOf, PatternNode, Sub, Then
 from .query import CrossCompare, Ref
 from .rules import CompiledSub, Rule
 from .snapshot import Snapshot
-from .state import MAX_STATE_BYTES, GroupKey, GroupState, Incident, identity_hash
+from .state import MAX_STATE_BYTES, GroupKey, GroupState, Incident, cut_attributes, identity_hash
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ def _key(rule: Rule, attrs: tuple[str, ...], event: NormalizedEvent) -> GroupKey
     tenant = _value(event, TENANT_ATTR)
     if TENANT_ATTR not in rule.key_attrs:
         values.append(tenant)
+    if len(values) > 2:
+        values = bounded_key(values)
     return GroupKey(rule.id, tuple(values), tenant)
 
 
@@ -494,7 +497,8 @@ def apply_events(
             if not sub.query.matches(event.attrs) or _sub_key(rule, sub, event) != key:
                 continue
             late = st.newest is not None and t < st.newest - window
-            if (ident, sub.index) in seen or late:
+            # an entry evicted to fit (count or bytes) is no longer seen: its outbox record still knows it
+            if (ident, sub.index) in seen or late or (st.evicted and outbox.find(ident) is not None):
                 pos = outbox.find(ident)
                 if pos is not None:
                     replay.add(pos)
@@ -568,7 +572,10 @@ def _emit(rule: Rule, key: GroupKey, touched: list[tuple[Incident, str, list[Nor
         if inc.unannounced:  # every earlier revision was excepted: this is the first anyone sees
             action, inc.unannounced = "created", False
         stats.add("incidents_" + action, rule=rule.id)
-        out.append(snapshot(rule, key, inc, action, evidence))
+        snap = snapshot(rule, key, inc, action, evidence)
+        if len(inc.attributes) < len(rule.mappings):  # the state had to drop some (GroupState.shrink)
+            snap["attributesTrimmed"] = True
+        out.append(snap)
     return out
 
 
@@ -594,10 +601,20 @@ def _trim(run: _Run) -> None:
 
 
 def _fit_bytes(run: _Run) -> None:
-    """Once per call: evict the oldest entries until the encoded state fits one Table property."""
+    """Once per call: cut the incident's and a pending absence's attributes to ``MAX_ATTRIBUTES_BYTES``,
+    evict the oldest entries until the encoded state fits one Table property, and with none left let
+    ``GroupState.shrink`` cut the rest."""
     st = run.st
-    while st.entries and len(st.to_bytes()) > MAX_STATE_BYTES:
+    pending = run.ext.get("p")
+    for attributes in (st.incident.attributes if st.incident else None, pending[3] if pending else None):
+        if attributes:  # first, whatever the window: a window is what correlates
+            cut_attributes(attributes)
+    size = len(st.to_bytes())
+    while st.entries and size > MAX_STATE_BYTES:
         drop = max(1, len(st.entries) // 10)
         del st.entries[:drop]
         st.evicted += drop
         run.stats.add("evicted", drop, rule=run.rule.id)
+        size = len(st.to_bytes())
+    if size > MAX_STATE_BYTES:
+        st.shrink()

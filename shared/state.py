@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from .entities import expand
+from .entities import KINDS, empty, expand
 from .errors import ConcurrencyConflict
 
 STATE_VERSION = 2
@@ -172,6 +172,26 @@ class OutboxRecord:
         unpacker = zlib.decompressobj(zdict=_ZDICT)
         ids, snapshots = orjson.loads(unpacker.decompress(data) + unpacker.flush())
         return cls(ids, snapshots)
+
+
+MAX_ATTRIBUTES_BYTES = 16 * 1024  # an incident's attributes, JSON-encoded, in its group state (and so in its snapshots)
+
+
+def cut_attributes(attributes: dict[str, Any], limit: int = MAX_ATTRIBUTES_BYTES) -> int:
+    """Drop attributes, largest first (by their JSON; ties by name), until ``attributes`` encodes
+    within ``limit`` bytes; returns how many were dropped. Deterministic, and a no-op on attributes
+    that fit (every rule mapping a few values: only hundreds of mappings or hostile values reach it)."""
+    size = len(orjson.dumps(attributes))
+    if size <= limit:
+        return 0
+    dropped = 0
+    for cost, name in sorted(((len(orjson.dumps([k, v])), k) for k, v in attributes.items()), key=lambda c: (-c[0], c[1])):
+        if size <= limit:
+            break
+        del attributes[name]
+        dropped += 1
+        size -= cost - 2  # '["k",v]' is one byte longer than '"k":v,' and two longer than a last '"k":v'
+    return dropped
 
 
 def packed_record(record: bytes) -> bytes:
@@ -316,6 +336,42 @@ class GroupState:
             self.outbox_bytes()  # the exact sizes: pack them
             while len(outbox) > 1 and sum(4 + len(r) for r in outbox) > MAX_OUTBOX_BYTES:
                 outbox.pop(0)
+
+    def shrink(self, limit: int = MAX_STATE_BYTES) -> int:
+        """The last resort once no window entry is left, so that ``to_bytes()`` fits ``limit`` whatever
+        a rule maps: drop incident attributes (of the open incident and of a pending absence's, which
+        becomes one) largest first, then the entities no trigger has taken yet, then a pending
+        absence's values of its left side (cross-subpattern conditions against them are skipped),
+        then the incident's entities (listed in their ``truncated``). Returns how many attributes
+        were dropped (a snapshot says ``attributesTrimmed``: it holds fewer than its rule maps).
+
+        Bound: what is left is the key (``engine.MAX_KEY_BYTES``), a sequence rule's trigger times
+        (200) and fixed fields: far under ``MAX_STATE_BYTES``. Deterministic: the same state is cut alike."""
+        size = len(self.to_bytes())
+        dropped = 0
+        pending = (self.ext or {}).get("p")
+        while size > limit:
+            pools = [self.incident.attributes if self.incident is not None else {}]
+            if pending is not None and isinstance(pending[3], dict):
+                pools.append(pending[3])
+            before = dropped
+            for pool in pools:
+                dropped += cut_attributes(pool, len(orjson.dumps(pool)) - (size - limit) // len(pools) - 1)
+            if dropped == before:
+                break
+            size = len(self.to_bytes())
+        if size > limit and self.pending:
+            self.pending = None
+            size = len(self.to_bytes())
+        if size > limit and pending is not None and pending[2]:
+            pending[2] = {}
+            size = len(self.to_bytes())
+        if size > limit and self.incident is not None and self.incident.entities:
+            held = self.incident.entities
+            cut = empty()
+            cut["truncated"] = [k for k in KINDS if held.get(k) or k in held.get("truncated", ())]
+            self.incident.entities = cut
+        return dropped
 
     def encode(self) -> bytes:
         """The stored form: ``to_bytes`` deflated (version 1 stored the JSON as is)."""

@@ -508,6 +508,7 @@ class MemoryStateStore:
         self._zdicts: list[bytes] = []  # by rule number: the deflate dictionary's start (_STATE_ZDICT, rule id)
         self._loaded: dict[GroupKey, bytes] = {}  # compact keys of the last load's packed or absent keys
         self._lock = threading.Lock()
+        self._closed = False
         self.calls = {"load": 0, "save": 0, "purge": 0}
         if hot_limit is not None and hot_limit < 1:
             raise ValueError(f"hot_limit must be at least 1, not {hot_limit}")
@@ -560,6 +561,7 @@ class MemoryStateStore:
         self.calls["load"] += 1
         out: dict[GroupKey, Loaded] = {}
         with self._lock:
+            self._check_open()
             live, data = self._live, self._data
             cks = self._loaded = {k: self._key(k) for k in keys if k not in live}  # the save that follows reuses them
             spilled = self._spill.get([ck for ck in cks.values() if ck not in data]) if self._spill else {}
@@ -583,6 +585,7 @@ class MemoryStateStore:
         self.calls["save"] += 1
         conflicts: list[GroupKey] = []
         with self._lock:
+            self._check_open()
             live, data, loaded = self._live, self._data, self._loaded
             cks = {c.key: loaded.get(c.key) or self._key(c.key) for c in changes if c.key not in live}
             on_disk = self._spill.versions([ck for ck in cks.values() if ck not in data]) if self._spill else {}
@@ -646,6 +649,7 @@ class MemoryStateStore:
     def purge_expired(self, now_ms: int) -> int:
         self.calls["purge"] += 1
         with self._lock:
+            self._check_open()
             dead = [ck for ck, v in self._data.items() if _HEAD.unpack_from(v)[1] <= now_ms]
             for ck in dead:
                 del self._data[ck]
@@ -662,6 +666,7 @@ class MemoryStateStore:
         self.calls["load"] += 1
         out: dict[GroupKey, Loaded] = {}
         with self._lock:
+            self._check_open()
             for ck, packed in self._spill.due(progress_ms, now_ms, limit) if self._spill else ():
                 state = _unpack(self._zdict(ck), packed)
                 out[state.key] = Loaded(state, _HEAD.unpack_from(packed)[0])
@@ -683,15 +688,18 @@ class MemoryStateStore:
 
     def save_progress(self, partition: str, event_ms: int, wall_ms: int) -> None:
         with self._lock:
+            self._check_open()
             self._progress[partition] = (event_ms, wall_ms)
 
     def load_progress(self) -> dict[str, tuple[int, int]]:
         with self._lock:
+            self._check_open()
             return dict(self._progress)
 
     def stored(self, key: GroupKey) -> tuple[bytes, bytes, int, int]:
         """What the Table store would hold for ``key``: (encoded state, outbox, version, expiry). For tests."""
         with self._lock:
+            self._check_open()
             held = self._live.get(key)
             if held is not None:
                 return held[0].encode(), held[0].outbox_bytes(), held[1], held[2]
@@ -707,6 +715,7 @@ class MemoryStateStore:
         """Store an encoded state (any encoding version) as is, bypassing the token check: a write like
         ``save``'s (the newest, from whichever tier held the key; its due time kept). For tests."""
         with self._lock:
+            self._check_open()
             ck = self._key(key)
             due = self._due.pop(key, None)
             due = self._due_packed.pop(ck, None) if due is None else due
@@ -724,14 +733,24 @@ class MemoryStateStore:
         """The keys of the states held in memory, least recently written first (not those on disk), as
         their states hold them. For tests."""
         with self._lock:
+            self._check_open()
             return [*(_unpack(self._zdict(ck), packed).key for ck, packed in self._data.items()), *self._live]
 
     def close(self) -> None:
-        """Delete the spill file, if any (the in-memory states stay)."""
+        """Drop every state, in memory and in the spill file (which is deleted). The store then refuses
+        every call that reads or writes states (``ValueError``, as a closed file does): a store that
+        answered after losing part of its states would hand out absences for groups it once held."""
         with self._lock:
+            self._closed = True
             if self._spill is not None:
                 self._spill.close()
                 self._spill = None
+            for held in (self._live, self._data, self._due, self._due_packed, self._progress, self._loaded):
+                held.clear()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("the in-memory state store is closed: its states were dropped")
 
     @property
     def on_disk(self) -> int:

@@ -276,3 +276,24 @@ def test_groups_share_a_state_exactly_when_their_keys_are_equal(
             assert state is not None and state.to_bytes() == last.to_bytes()
     if hot_limit is None:
         assert {(k.rule_id, k.norm) for k in store.held_keys()} == {(k.rule_id, k.norm) for k in written}
+
+
+def test_a_closed_store_holds_nothing_and_refuses_every_read_and_write(tmp_path: Path) -> None:
+    """Closing used to delete only the spill file: later loads then answered from memory for some
+    groups and "absent" for those that had been on disk, silently."""
+    store = MemoryStateStore(hot_limit=2, live_limit=1, spill_dir=str(tmp_path))
+    keys = [GroupKey("R", (str(i),)) for i in range(5)]
+    store.save([Change(k, state_for(k), None, NOW + 60_000, due_at=NOW) for k in keys])
+    assert store.on_disk == 3 and len(store) == 5  # one live, one packed, three on disk
+    store.close()
+    assert len(store) == 0 and store.on_disk == 0 and not os.listdir(tmp_path)
+    calls = [
+        lambda: store.load(keys, NOW),
+        lambda: store.save([Change(keys[0], state_for(keys[0]), None, NOW + 60_000)]),
+        lambda: store.load_due(NOW, NOW, 10),
+        lambda: store.purge_expired(NOW),
+        lambda: store.stored(keys[0]),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="closed"):
+            call()

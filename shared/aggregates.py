@@ -8,6 +8,7 @@ parentheses. A compiled constraint declares which per-event values the window mu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -16,9 +17,12 @@ from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedInput, VisitError
 
 from .errors import RuleError
+from .query import MAX_NUMBER_DIGITS, check_length
 from .values import as_number, as_text, is_empty, iter_values
 
 FUNCTIONS = ("COUNT", "SUM", "AVG", "MIN", "MAX")
+MAX_CONSTRAINT_CHARS = 4_096  # FortiSIEM constraints are a few comparisons
+MAX_CONSTRAINT_DEPTH = 32  # evaluated recursively for every event of every group
 
 GRAMMAR = r"""
 ?start: or_expr
@@ -136,14 +140,18 @@ class _ToTree(Transformer[Token, Any]):
 
     def compare(self, aggregate: Aggregate, op: Token, number: Token) -> Comparison:
         operator = "!=" if str(op) == "<>" else str(op)
-        return Comparison(aggregate, operator, float(number))
+        bound = float(number)
+        if not math.isfinite(bound) or len(number) > MAX_NUMBER_DIGITS:
+            raise RuleError(f"number of {len(number)} characters (at most {MAX_NUMBER_DIGITS})", column=number.column)
+        return Comparison(aggregate, operator, bound)
 
 
 def _parse(parser: Lark, text: str, what: str) -> Any:
     if not isinstance(text, str) or not text.strip():
         raise RuleError(f"empty {what}")
+    check_length(text, what, MAX_CONSTRAINT_CHARS)
     try:
-        return _ToTree().transform(parser.parse(text))
+        tree = _ToTree().transform(parser.parse(text))
     except UnexpectedInput as exc:
         token = getattr(exc, "token", None)
         if token is None or token.type == "$END":
@@ -154,7 +162,23 @@ def _parse(parser: Lark, text: str, what: str) -> Any:
     except VisitError as exc:
         if isinstance(exc.orig_exc, RuleError):
             raise RuleError(exc.orig_exc.reason, column=exc.orig_exc.column, text=text) from None
-        raise
+        raise RuleError(f"cannot compile ({exc.orig_exc})", text=text) from None
+    except RecursionError:
+        raise RuleError(f"{what} nested too deeply", text=text) from None
+    if not isinstance(tree, Aggregate) and _depth(tree) > MAX_CONSTRAINT_DEPTH:
+        raise RuleError(f"{what} nested more than {MAX_CONSTRAINT_DEPTH} levels deep (AND, OR)", text=text)
+    return tree
+
+
+def _depth(root: ConstraintNode) -> int:
+    deepest = 0
+    stack: list[tuple[ConstraintNode, int]] = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if not isinstance(node, Comparison):
+            stack.extend((c, depth + 1) for c in node.children)
+    return deepest
 
 
 def parse_aggregate(text: str) -> Aggregate:

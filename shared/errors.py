@@ -5,6 +5,17 @@ All errors derive from :class:`CorrelatorError` (a ``ValueError``), so callers c
 
 from __future__ import annotations
 
+MAX_QUOTED_CHARS = 200  # an error quotes at most this much of the offending text
+
+
+def one_line(text: str) -> str:
+    """``text`` with every line break, control, format (bidirectional, zero-width) and separator
+    character escaped (``\\n``, ``\\x1b``, ``\\u202e``), so a message from hostile input stays one
+    line and cannot restyle a terminal or reorder what it shows."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
 
 class CorrelatorError(ValueError):
     """Root of every error this package raises on purpose."""
@@ -39,8 +50,9 @@ class RuleError(CorrelatorError):
             parts.append(f"column {self.column}")
         parts.append(self.reason)
         if self.text is not None:
-            parts[-1] += f" in {self.text!r}"
-        return ": ".join(parts)
+            shown = self.text if len(self.text) <= MAX_QUOTED_CHARS else self.text[:MAX_QUOTED_CHARS] + "..."
+            parts[-1] += f" in {shown!r}"
+        return one_line(": ".join(parts))
 
     def located(self, *, file: str | None = None, field: str | None = None) -> RuleError:
         """Return a copy with the file and/or field filled in where they were unknown."""

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import RuleError
+from .errors import RuleError, one_line
 from .normalize import EVIDENCE_EVENT_TYPE, INCIDENT_EVENT_TYPE
 from .query import Node, parse_query, partial_eval
 from .rules import Rule, default_groups
@@ -92,7 +92,7 @@ class Warning:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.file}: {self.field}: warning [{self.code}]: {self.message}"
+        return one_line(f"{self.file}: {self.field}: warning [{self.code}]: {self.message}")
 
 
 def produced(event_type: str) -> bool:

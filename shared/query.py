@@ -38,6 +38,11 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 from .errors import RuleError
 from .values import as_number, as_text, is_empty
 
+MAX_QUERY_CHARS = 65_536  # the largest shipped or imported query is under 1,000 characters
+MAX_QUERY_DEPTH = 32  # nested AND/OR/NOT: each level is a frame in every walk and a parenthesis in compile_node
+MAX_QUERY_CONDITIONS = 1_000  # conditions (an IN list is one); each costs load time and a closure
+MAX_NUMBER_DIGITS = 100  # a number literal longer than this is not a count, a severity nor a port
+
 Predicate = Callable[[Mapping[str, Any]], bool]
 Literal = Union[str, int, float]
 
@@ -216,6 +221,8 @@ def _child_text(node: Node) -> str:
 
 def _number(token: Token) -> int | float:
     text = str(token)
+    if len(text) > MAX_NUMBER_DIGITS:
+        raise RuleError(f"number of {len(text)} characters (at most {MAX_NUMBER_DIGITS})", column=token.column)
     return float(text) if "." in text else int(text)
 
 
@@ -328,6 +335,7 @@ def parse_query(text: str, groups: Groups | None = None) -> Node:
     """
     if not isinstance(text, str) or not text.strip():
         raise RuleError("empty query")
+    check_length(text, "query", MAX_QUERY_CHARS)
     try:
         tree = _PARSER.parse(text)
         result = _ToTree(groups).transform(tree)
@@ -339,10 +347,35 @@ def parse_query(text: str, groups: Groups | None = None) -> Node:
             raise RuleError(err.reason, column=err.column, text=err.text) from None
         raise RuleError(f"cannot compile ({exc.orig_exc})", text=text) from None
     except RecursionError:
-        raise RuleError("query nested too deeply", text=text[:80]) from None
+        raise RuleError(f"query nested more than {MAX_QUERY_DEPTH} levels deep (AND, OR, NOT)") from None
     if isinstance(result, Token):  # a bare attribute or literal is not a condition
         raise RuleError("a condition is missing its operator", column=1, text=text)
+    _check_shape(result)
     return result
+
+
+def check_length(text: str, what: str, limit: int) -> None:
+    """Raises: RuleError when ``text`` is longer than ``limit`` characters (before any parsing)."""
+    if len(text) > limit:
+        raise RuleError(f"{what} of {len(text)} characters (at most {limit})")
+
+
+def _check_shape(root: Node) -> None:
+    """At most ``MAX_QUERY_DEPTH`` levels and ``MAX_QUERY_CONDITIONS`` conditions (walked without recursion)."""
+    conditions = 0
+    stack: list[tuple[Node, int]] = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_QUERY_DEPTH:
+            raise RuleError(f"query nested more than {MAX_QUERY_DEPTH} levels deep (AND, OR, NOT)")
+        if isinstance(node, (And, Or)):
+            stack.extend((c, depth + 1) for c in node.children)
+        elif isinstance(node, Not):
+            stack.append((node.child, depth + 1))
+        else:
+            conditions += 1
+    if conditions > MAX_QUERY_CONDITIONS:
+        raise RuleError(f"query of {conditions} conditions (at most {MAX_QUERY_CONDITIONS})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -736,6 +769,7 @@ def parse_correlation(text: str) -> tuple[CrossCompare, ...]:
     """
     if not isinstance(text, str) or not text.strip():
         raise RuleError("empty correlation condition")
+    check_length(text, "correlation condition", MAX_QUERY_CHARS)
     try:
         result = _ToCorrelation().transform(_CORRELATION_PARSER.parse(text))
     except UnexpectedInput as exc:
@@ -745,5 +779,7 @@ def parse_correlation(text: str) -> tuple[CrossCompare, ...]:
     except VisitError as exc:
         if isinstance(exc.orig_exc, RuleError):
             raise RuleError(exc.orig_exc.reason, column=exc.orig_exc.column, text=text) from None
-        raise
+        raise RuleError(f"cannot compile ({exc.orig_exc})", text=text) from None
+    except RecursionError:
+        raise RuleError("correlation condition nested too deeply", text=text) from None
     return result if isinstance(result, tuple) else (result,)

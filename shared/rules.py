@@ -13,12 +13,14 @@ and rules with a ``clear`` condition, run in :mod:`shared.sequence`. Single-subp
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -32,9 +34,23 @@ from .query import CrossCompare, Groups, Leaf, Node, Query, Ref, mentions, parse
 from .suggest import unknown_key_hint
 
 DEFAULT_INCIDENT_LIFETIME_S = 24 * 3600  # FortiSIEM keeps an incident Active until cleared
+MAX_WINDOW_S = 30 * 86400  # time windows and quiet periods: a month of state per group at most
+MAX_INCIDENT_LIFETIME_S = 365 * 86400  # epoch milliseconds plus a lifetime stay far inside INT64
+MAX_TEST_OFFSET_S = 10 * 365 * 86400  # rule-test offsets: a decade, so start + offset is a datetime
+ATTRIBUTE_NAME_HINT = (
+    "not an attribute name (a letter, '_', '$' or '@', then letters, digits, '_', '.', '$', '@'; at most 200; "
+    "no spaces or invisible characters)"
+)
+ATTRIBUTE_NAME = r"^[A-Za-z_$@][A-Za-z0-9_.$@]{0,199}$"  # as the query language reads attribute names
 MAX_RULE_FILE_BYTES = 1 << 20  # a rule file is configuration, not data
+MAX_YAML_DEPTH = 64  # PyYAML composes and constructs recursively; Defender payloads nest about 10 deep
+MAX_YAML_NODES = 250_000  # values once aliases are expanded: no "billion laughs" reaches the model
 RULE_SUFFIXES = (".yaml", ".yml")
 GROUPS_DIR = "groups"  # event-type groups beside the rules
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_LAST_START = datetime(9000, 1, 1, tzinfo=timezone.utc)
 
 
 class _Model(BaseModel):
@@ -53,7 +69,7 @@ class MitreRef(_Model):
 class SubpatternModel(_Model):
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     query: str
-    group_by: list[str] = Field(alias="groupBy", default_factory=list)
+    group_by: list[Annotated[str, Field(pattern=ATTRIBUTE_NAME)]] = Field(alias="groupBy", default_factory=list)
     constraint: str = Field(alias="aggregateConstraint")
 
     @field_validator("group_by")
@@ -81,16 +97,18 @@ class RuleSource(_Model):
 class TestEvent(_Model):
     """One event of a rule test timeline: normalized attributes or a raw Defender payload."""
 
-    at: float = Field(ge=0, description="offset in seconds from the start of the timeline")
+    at: float = Field(
+        ge=0, le=MAX_TEST_OFFSET_S, allow_inf_nan=False, description="offset in seconds from the start of the timeline"
+    )
     event: dict[str, Any] | None = None
     raw: Any = None
     format: str = "auto"
 
 
 class ExpectedIncidents(_Model):
-    incidents: int = Field(ge=0, description="distinct incidents (incident ids) expected")
+    incidents: int = Field(ge=0, strict=True, description="distinct incidents (incident ids) expected")
     attributes: list[dict[str, Any]] = Field(default_factory=list)
-    revisions: int | None = Field(default=None, ge=0, description="snapshots expected, if checked")
+    revisions: int | None = Field(default=None, ge=0, strict=True, description="snapshots expected, if checked")
 
 
 class RuleTestCase(_Model):
@@ -98,12 +116,23 @@ class RuleTestCase(_Model):
     description: str | None = None
     events: list[TestEvent]
     start: AwareDatetime | None = Field(
-        default=None, description="event time of offset 0 (default 2026-01-01T00:00:00Z, a Thursday)"
+        default=None, description="event time of offset 0 (default 2026-01-01T00:00:00Z, a Thursday), years 1970 to 9000"
     )
     until: float | None = Field(
-        default=None, ge=0, description="offset to let event time reach after the events (fires due absences and quiet clears)"
+        default=None,
+        ge=0,
+        le=MAX_TEST_OFFSET_S,
+        allow_inf_nan=False,
+        description="offset to let event time reach after the events (fires due absences and quiet clears)",
     )
     expect: ExpectedIncidents
+
+    @field_validator("start")
+    @classmethod
+    def _start_in_range(cls, value: datetime | None) -> datetime | None:
+        if value is not None and not _EPOCH <= value <= _LAST_START:
+            raise ValueError("must be between 1970-01-01 and 9000-01-01 (offsets are added to it)")
+        return value
 
 
 class PeriodModel(_Model):
@@ -134,7 +163,11 @@ class ClearModel(_Model):
     """FortiSIEM clear condition: an open incident is closed with an ``action: cleared`` snapshot."""
 
     after: int | None = Field(
-        default=None, gt=0, le=30 * 86400, description="seconds without a trigger (FortiSIEM 'Original Rule Does Not Trigger')"
+        default=None,
+        gt=0,
+        le=MAX_WINDOW_S,
+        strict=True,
+        description="seconds without a trigger (FortiSIEM 'Original Rule Does Not Trigger')",
     )
     query: str | None = Field(
         default=None, description="an event matching this query, with the incident's group-by values, clears it"
@@ -148,7 +181,7 @@ class RuleModel(_Model):
     name: str
     description: str = ""
     enabled: bool = True
-    severity: int = Field(ge=1, le=10)
+    severity: int = Field(ge=1, le=10, strict=True)
     category: str
     tactics: list[MitreRef] = Field(default_factory=list)
     techniques: list[MitreRef] = Field(default_factory=list)
@@ -156,14 +189,16 @@ class RuleModel(_Model):
     data_sources: list[str] = Field(alias="dataSources", default_factory=list)
     detection: str = "Correlation"
     remediation: str = ""
-    time_window: int = Field(alias="timeWindow", gt=0, le=30 * 86400)
-    incident_lifetime: int = Field(alias="incidentLifetime", default=DEFAULT_INCIDENT_LIFETIME_S, gt=0)
+    time_window: int = Field(alias="timeWindow", gt=0, le=MAX_WINDOW_S, strict=True)
+    incident_lifetime: int = Field(
+        alias="incidentLifetime", default=DEFAULT_INCIDENT_LIFETIME_S, gt=0, le=MAX_INCIDENT_LIFETIME_S, strict=True
+    )
     subpatterns: list[SubpatternModel] = Field(min_length=1)
     pattern: str | None = Field(default=None, description="how subpatterns combine; required with several subpatterns")
     correlation: str | None = Field(
         default=None, description="conditions between subpatterns, e.g. 'a.hostName = b.hostName AND a.user != b.user'"
     )
-    incident_attributes: dict[str, str] = Field(alias="incidentAttributes")
+    incident_attributes: dict[Annotated[str, Field(pattern=ATTRIBUTE_NAME)], str] = Field(alias="incidentAttributes")
     alert_evidence: Literal["join", "events"] = Field(
         default="join",
         alias="alertEvidence",
@@ -621,17 +656,133 @@ def parse_rule_text(text: str, path: str = "<rule>", groups: Groups | None = Non
 
 
 def _yaml_mapping(text: str, path: str, what: str) -> dict[str, Any]:
+    data = load_yaml(text, path)
+    if not isinstance(data, dict):
+        raise RuleError(what, file=path)
+    return data
+
+
+class _RuleYamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, stricter where a silent reading would hide a mistake or cost unbounded work:
+    a key that repeats is an error (PyYAML keeps the last), nesting deeper than ``MAX_YAML_DEPTH`` is an
+    error (the composer recurses), and an integer too long for Python is a located error."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", self.peek_event().start_mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # keys merged from an anchor may be overridden: that is what '<<' is for
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:
+                    continue  # an unhashable key: PyYAML's own error names it
+                if first is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} repeats (first at line {first.start_mark.line + 1})", key_node.start_mark
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node: Any) -> Any:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"integer of {len(str(node.value))} characters is too long", node.start_mark
+            ) from None
+
+
+_RuleYamlLoader.add_constructor("tag:yaml.org,2002:int", _RuleYamlLoader.construct_yaml_int)
+
+
+def _expanded_size(root: yaml.Node, path: str) -> int:
+    """Nodes the document holds once every alias is expanded (each use of an anchor counts again),
+    computed without expanding; an alias inside the node it names (a cycle) is an error."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    open_nodes: set[int] = set()
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            open_nodes.discard(key)
+            children = _children(node)
+            sizes[key] = min(1 + sum(sizes[id(c)] for c in children), MAX_YAML_NODES + 1)
+            continue
+        if key in sizes:
+            continue
+        if key in open_nodes:
+            mark = node.start_mark
+            raise RuleError(
+                f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: an alias refers to a node that contains it",
+                file=path,
+            )
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in _children(node) if id(c) not in sizes)
+    return sizes[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def load_yaml(text: str, path: str) -> Any:
+    """One YAML document of a rule or group file, read safely (no Python tags) and within bounds.
+
+    Raises:
+        RuleError: not YAML, a key that repeats, nesting deeper than ``MAX_YAML_DEPTH``, more than
+            ``MAX_YAML_NODES`` values once aliases are expanded, or an alias cycle; located by line and column.
+    """
+    loader: _RuleYamlLoader | None = None
     try:
-        data = yaml.safe_load(text)
+        loader = _RuleYamlLoader(text)  # the reader checks every character here
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, path) > MAX_YAML_NODES:
+            raise RuleError(
+                f"more than {MAX_YAML_NODES} values once aliases are expanded (a rule file is configuration)", file=path
+            )
+        return loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
         raise RuleError(f"invalid YAML at {where}: {exc.problem}", file=path) from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        raise RuleError(
+            f"invalid YAML at line {line}, column {column}: character {chr(exc.character)!r} is not allowed in YAML",
+            file=path,
+        ) from None
     except yaml.YAMLError as exc:
         raise RuleError(f"invalid YAML: {exc}", file=path) from None
-    if not isinstance(data, dict):
-        raise RuleError(what, file=path)
-    return data
+    except RecursionError:
+        raise RuleError(f"invalid YAML: nested too deeply (at most {MAX_YAML_DEPTH} levels)", file=path) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -645,33 +796,61 @@ def _validate(model: type[_M], data: dict[str, Any], path: str) -> _M:
         first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
         if first["type"] == "extra_forbidden":  # name the likely key instead of pydantic's wording
             first = {**first, "msg": unknown_key_hint(model, first["loc"])}
+        elif first["type"] == "string_pattern_mismatch" and first.get("ctx", {}).get("pattern") == ATTRIBUTE_NAME:
+            first = {**first, "msg": ATTRIBUTE_NAME_HINT}
         bad = first.get("input")
         shown = None if isinstance(bad, (dict, list)) or bad is None else str(bad)[:120]
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise RuleError(first["msg"] + more, file=path, field=_loc_text(first["loc"]), text=shown) from None
 
 
-def _read(path: Path) -> str:
+def read_text_file(path: Path) -> str:
+    """A rule or group file's text: a regular file (a FIFO or a device would block or never end) of
+    at most ``MAX_RULE_FILE_BYTES``, read no further than that, in UTF-8 (a leading BOM is dropped)."""
     try:
-        if path.stat().st_size > MAX_RULE_FILE_BYTES:
-            raise RuleError(f"file larger than {MAX_RULE_FILE_BYTES} bytes", file=str(path))
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RuleError(f"cannot read file ({exc})", file=str(path)) from None
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # opening a FIFO must not wait for a writer
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RuleError("not a regular file (a FIFO, a device or a socket is never read as a rule)", file=str(path))
+        try:
+            data = handle.read(MAX_RULE_FILE_BYTES + 1)
+        except OSError as exc:
+            raise _unreadable(path, exc) from None
+    if len(data) > MAX_RULE_FILE_BYTES:
+        raise RuleError(f"file larger than {MAX_RULE_FILE_BYTES} bytes", file=str(path))
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        raise RuleError(f"not UTF-8 text (byte {exc.start + 1}: {exc.reason})", file=str(path)) from None
+
+
+def _unreadable(path: Path, exc: OSError) -> RuleError:
+    if path.is_symlink() and not path.exists():
+        return RuleError(f"a symbolic link to {os.readlink(path)!r}, which does not exist", file=str(path))
+    if not os.path.lexists(path):
+        return RuleError("no such file or folder", file=str(path))
+    return RuleError(f"cannot read file ({exc.strerror or exc})", file=str(path))
 
 
 def load_rule_file(path: Path, groups: Groups | None = None) -> Rule:
     """Raises: RuleError (also for an unreadable or oversized file)."""
-    return parse_rule_text(_read(path), str(path), groups)
+    return parse_rule_text(read_text_file(path), str(path), groups)
 
 
 def rule_files(path: Path) -> list[Path]:
-    """Rule files under ``path``; files in a ``groups`` folder are event-type groups, not rules."""
+    """Rule files under ``path``; files in a ``groups`` folder are event-type groups, not rules.
+
+    Every entry named ``*.yaml``/``*.yml`` that is not a folder is listed, so one that cannot be read
+    (a dangling link, a FIFO) is reported when loaded instead of silently left out. Symbolic links to
+    folders are not followed (no loops).
+    """
     if path.is_dir():
         return sorted(
             p
             for p in path.rglob("*")
-            if p.suffix in RULE_SUFFIXES and p.is_file() and GROUPS_DIR not in p.relative_to(path).parts
+            if p.suffix in RULE_SUFFIXES and not p.is_dir() and GROUPS_DIR not in p.relative_to(path).parts
         )
     return [path]
 
@@ -703,10 +882,12 @@ def load_groups(paths: Iterable[Path]) -> dict[str, tuple[str, ...]]:
     seen: dict[str, str] = {}
     errors: list[RuleError] = []
     for root in paths:
-        files = sorted(p for p in root.rglob("*") if p.suffix in RULE_SUFFIXES and p.is_file()) if root.is_dir() else [root]
+        files = sorted(p for p in root.rglob("*") if p.suffix in RULE_SUFFIXES and not p.is_dir()) if root.is_dir() else [root]
         for file in files:
             try:
-                data = _yaml_mapping(_read(file), str(file), "a group file must hold 'groups:', a list of {name, eventTypes}")
+                data = _yaml_mapping(
+                    read_text_file(file), str(file), "a group file must hold 'groups:', a list of {name, eventTypes}"
+                )
                 parsed = _validate(GroupFileModel, data, str(file))
             except RuleError as err:
                 errors.append(err)

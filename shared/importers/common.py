@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable
@@ -11,9 +12,9 @@ from typing import Any
 
 import yaml
 
-from ..errors import RuleError
+from ..errors import RuleError, one_line
 from ..lint import lint_rule
-from ..rules import parse_rule_text
+from ..rules import MAX_RULE_FILE_BYTES, parse_rule_text
 from ..schema import MODELINE_PREFIX, default_schema_path
 
 # MITRE ATT&CK Enterprise tactics (id, name, Sigma tag / short name).
@@ -33,6 +34,7 @@ TACTICS = (
     ("TA0010", "Exfiltration", "exfiltration"),
     ("TA0040", "Impact", "impact"),
 )
+MAX_NOTE_CHARS = 500  # a note quoting a value of the export quotes at most this much of it
 _TACTIC_KEYS = {k.lower().replace(" ", "").replace("_", ""): (i, n) for i, n, s in TACTICS for k in (i, n, s)}
 
 
@@ -64,7 +66,8 @@ class Note:
     kind: str = "not carried over"  # | "reconstructed" | "unsupported" | "invalid" | "warning"
 
     def __str__(self) -> str:
-        return f"{self.source}: rule {self.rule}: {self.element}: {self.kind}: {self.reason}"
+        reason = self.reason if len(self.reason) <= MAX_NOTE_CHARS else self.reason[:MAX_NOTE_CHARS] + "..."
+        return one_line(f"{self.source}: rule {self.rule}: {self.element}: {self.kind}: {reason}")
 
 
 @dataclass
@@ -108,8 +111,12 @@ class Written:
 
 def check(item: Imported, path: str) -> bool:
     """Load the generated text as the engine would; errors and lint warnings become notes."""
+    text = item.text()
+    if len(text.encode("utf-8")) > MAX_RULE_FILE_BYTES:
+        item.note("rule", f"the imported rule does not load: larger than {MAX_RULE_FILE_BYTES} bytes", "invalid")
+        return False
     try:
-        rule = parse_rule_text(item.text(), path)
+        rule = parse_rule_text(text, path)
     except RuleError as err:
         item.note(err.field or "rule", f"the imported rule does not load: {err.reason}", "invalid")
         return False
@@ -126,6 +133,13 @@ def write_all(items: Iterable[Imported], out: Path, *, force: bool = False) -> l
         path = out / f"{item.rule}.yaml"
         if not item.data.get("subpatterns"):
             item.note("rule", "nothing to match could be converted; no file written", "skipped")
+            written.append(Written(path, item, False, False))
+            continue
+        size = len(json.dumps(item.data, ensure_ascii=False, default=str))  # cheap, before PyYAML's slow emitter
+        if size > MAX_RULE_FILE_BYTES:
+            item.note(
+                "rule", f"about {size} bytes, over the {MAX_RULE_FILE_BYTES}-byte rule file limit; no file written", "invalid"
+            )
             written.append(Written(path, item, False, False))
             continue
         item.schema_ref = os.path.relpath(default_schema_path(), out.resolve()).replace(os.sep, "/")

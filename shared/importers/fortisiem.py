@@ -58,6 +58,14 @@ def _parse_xml(data: bytes, name: str) -> Element:
     return root
 
 
+def _whole_number(text: str | None) -> int | None:
+    """``text`` as a non-negative integer if it is one written in ASCII digits (``str.isdigit`` also
+    accepts '²' and Arabic-Indic digits, and ``int`` refuses numbers of more than 4,300 digits)."""
+    if not text or len(text) > 18 or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
+
+
 def _text(el: Element | None) -> str:
     return " ".join((el.text or "").split()) if el is not None else ""
 
@@ -162,8 +170,9 @@ def _clear(item: Imported, el: Element) -> dict[str, Any] | None:
     clear: dict[str, Any] = {}
     quiet = el.find("QuietPeriod")
     seconds = (quiet.get("seconds") or quiet.get("value") or _text(quiet)) if quiet is not None else el.get("quietPeriod")
-    if seconds and str(seconds).isdigit():
-        clear["after"] = int(seconds)
+    after = _whole_number(seconds)
+    if after is not None:
+        clear["after"] = after
     clause = el.find("PatternClause")
     if clause is not None:
         queries = [_text(s.find("SingleEvtConstr")) for s in clause.findall("SubPattern")]
@@ -200,7 +209,7 @@ def convert_rule(el: Element, source: str, position: int) -> Imported:
     if not raw_id:
         item.reconstructed("id", f"the export has no rule id (GUI exports omit it); made from {event_type or 'the file name'}")
     severity_text = incident.get("severity", "") if incident is not None else ""
-    severity = int(severity_text) if severity_text.isdigit() else 0
+    severity = _whole_number(severity_text) or 0
     if not 1 <= severity <= 10:
         item.reconstructed("severity", f"IncidentDef severity {severity_text!r} is not 1-10; 5 used")
         severity = 5
@@ -232,8 +241,9 @@ def convert_rule(el: Element, source: str, position: int) -> Imported:
     clause = el.find("PatternClause")
     subs_el = clause.findall("SubPattern") if clause is not None else []
     window = clause.get("window", "") if clause is not None else ""
-    if window.isdigit() and int(window) > 0:
-        data["timeWindow"] = int(window)
+    seconds = _whole_number(window)
+    if seconds:
+        data["timeWindow"] = seconds
     else:
         data["timeWindow"] = 300
         item.reconstructed("timeWindow", f"PatternClause window {window!r} is not a positive number; 300 s used")

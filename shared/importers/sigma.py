@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import RuleImportError
+from ..errors import RuleError, RuleImportError
+from ..rules import read_text_file
 from .common import Imported, mitre_ref, rule_id, tactic
 
 DEFAULT_WINDOW_S = 300
@@ -485,10 +486,11 @@ def convert_collection(paths: Iterable[Path]) -> list[Imported]:
     origin: dict[int, str] = {}
     for path in paths:
         try:
-            text = path.read_text(encoding="utf-8")
+            text = read_text_file(path)  # a regular file of at most 1 MiB: PyYAML reads about 1 MB/s
+        except RuleError as exc:
+            raise RuleImportError(str(exc)) from None
+        try:
             collection = sigma.collection.SigmaCollection.from_yaml(text, resolve_references=False)
-        except OSError as exc:
-            raise RuleImportError(f"{path}: cannot read ({exc.strerror})") from None
         except Exception as exc:  # pySigma's SigmaError family and YAML errors
             raise RuleImportError(f"{path}: not a valid Sigma rule ({exc})") from None
         for rule in collection.rules:

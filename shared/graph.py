@@ -38,11 +38,11 @@ from urllib.parse import urlencode
 
 import orjson
 import requests
-from requests.adapters import HTTPAdapter
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import LocationParseError
 from urllib3.util import Retry, parse_url
 
+from . import httpedge
 from .errors import CorrelatorError
 from .normalize import iso, parse_time
 from .tables import TableBacked
@@ -214,8 +214,9 @@ def graph_session(retries: int = 3, backoff_s: float = 0.5) -> requests.Session:
         raise_on_status=False,
     )
     session = requests.Session()
-    session.mount("https://", HTTPAdapter(max_retries=retry))
-    session.mount("http://", HTTPAdapter(max_retries=retry))
+    adapter = httpedge.WatchedAdapter(max_retries=retry)  # its connections obey httpedge.hard_deadline
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
     session.trust_env = False
     return session
 
@@ -247,25 +248,10 @@ def retry_after_seconds(value: str | None) -> float | None:
     Raises:
         GraphError: a value that is not a finite, non-negative number or a date.
     """
-    if value is None:
-        return None
-    text = value.strip()
     try:
-        seconds = float(text)
-    except ValueError:
-        from email.utils import parsedate_to_datetime
-
-        try:
-            when = parsedate_to_datetime(text)
-        except (TypeError, ValueError, IndexError, OverflowError):
-            raise GraphError(f"unusable Retry-After {text[:40]!r}") from None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        seconds = (when - datetime.now(timezone.utc)).total_seconds()
-        return max(0.0, seconds)
-    if not math.isfinite(seconds) or seconds < 0:
-        raise GraphError(f"unusable Retry-After {text[:40]!r}")
-    return seconds
+        return httpedge.retry_after_seconds(value)
+    except ValueError as exc:
+        raise GraphError(str(exc)) from None
 
 
 @dataclass
@@ -483,18 +469,25 @@ class GraphPoller:
             started = self.monotonic()
             deadline = started + MAX_REQUEST_S
             timeout = max(1.0, min(self.timeout_s, self._deadline - started))
-            try:
-                response = self.session.get(
-                    url,
-                    headers={"Authorization": f"Bearer {token}", "Prefer": "include-unknown-enum-members"},
-                    timeout=timeout,
-                    allow_redirects=False,
-                    stream=True,  # the body is read below against the deadline and the size cap
-                )
-                with response:
-                    body = self._body(response, deadline) if response.status_code == 200 else b""
-            except (requests.RequestException, Urllib3Error) as exc:
-                raise GraphError(f"GET failed ({type(exc).__name__})") from None
+            # the whole request, headers included, ends within MAX_REQUEST_S: the watchdog cuts the
+            # connection of a server dripping any part of its answer (sessions with a WatchedAdapter)
+            with httpedge.hard_deadline(MAX_REQUEST_S) as expired:
+                try:
+                    response = self.session.get(
+                        url,
+                        headers={"Authorization": f"Bearer {token}", "Prefer": "include-unknown-enum-members"},
+                        timeout=timeout,
+                        allow_redirects=False,
+                        stream=True,  # the body is read below against the deadline and the size cap
+                    )
+                    with response:
+                        body = self._body(response, deadline) if response.status_code == 200 else b""
+                except (requests.RequestException, Urllib3Error, OSError) as exc:
+                    if expired.is_set():
+                        raise GraphError(self._CUT) from None
+                    raise GraphError(f"GET failed ({type(exc).__name__})") from None
+            if expired.is_set():  # cut while the body arrived: what was read is not the whole page
+                raise GraphError(self._CUT)
             status = response.status_code
             if status == 401 and not refreshed:
                 refreshed = True
@@ -519,6 +512,8 @@ class GraphPoller:
                 raise GraphError(f"{resource} response is not a JSON object")
             return page, token
 
+    _CUT = "response still arriving at the request's time limit; polled again next run"
+
     def _body(self, response: requests.Response, deadline: float) -> bytes:
         """The body, read in chunks: a server that drips it slowly is cut at ``deadline`` (each read
         alone would stay within the read timeout), and one larger than ``MAX_PAGE_BYTES`` is refused.
@@ -531,7 +526,7 @@ class GraphPoller:
             if size > MAX_PAGE_BYTES:
                 raise GraphError(f"response larger than {MAX_PAGE_BYTES} bytes; refused")
             if self.monotonic() > deadline:
-                raise GraphError("response still arriving at the request's time limit; polled again next run")
+                raise GraphError(self._CUT)
             chunks.append(chunk)
         return b"".join(chunks)
 

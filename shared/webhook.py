@@ -1,7 +1,8 @@
 """Incidents forwarded to webhooks: signed, retried, idempotent, never lost.
 
-Pure parts (payload formats, signing, verification, filters) and the HTTP edge (``requests`` with
-``urllib3``'s ``Retry`` for backoff, jitter and ``Retry-After``). Delivery records (which revision of
+Pure parts (payload formats, signing, verification, filters) and the HTTP edge (``requests``, one
+attempt at a time under a hard deadline; :func:`deliver` retries with backoff, jitter and
+``Retry-After`` within a time budget). Delivery records (which revision of
 which incident reached which target) sit behind a small interface with a Table Storage and an
 in-memory implementation.
 
@@ -13,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import ipaddress
 import logging
+import random
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,13 +28,14 @@ from urllib.parse import urljoin
 import orjson
 import requests
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
-from requests.adapters import HTTPAdapter
+from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import LocationParseError
-from urllib3.util import Retry, parse_url
+from urllib3.util import parse_url
 
 from . import views
 from .engine import fit_snapshot
 from .errors import CorrelatorError, SettingsError, StoreError
+from .httpedge import WatchedAdapter, hard_deadline, retry_after_seconds
 from .snapshot import Snapshot, as_snapshot
 from .tables import TableBacked
 
@@ -342,10 +346,8 @@ def headers_for(target: WebhookTarget, snapshot: Mapping[str, Any], body: bytes,
 
 # -- HTTP --------------------------------------------------------------------------------------
 
-
-class _Retry(Retry):
-    # Honour Retry-After on every status we retry, not only 413/429/503.
-    RETRY_AFTER_STATUS_CODES = frozenset(RETRY_STATUSES)
+DELIVERY_BUDGET_S = 60.0  # one target's delivery of one message: every attempt and every wait
+MESSAGE_BUDGET_S = 300.0  # every target of one message: half the function timeout (host.json, 10 min)
 
 
 @dataclass
@@ -353,83 +355,132 @@ class Attempt:
     status: int | None
     attempts: int
     location: str | None = None
+    retry_after: str | None = None
 
 
 class Poster(Protocol):
-    def post(self, target: WebhookTarget, url: str, body: bytes, headers: dict[str, str]) -> Attempt: ...
+    def post(self, target: WebhookTarget, url: str, body: bytes, headers: dict[str, str], deadline_s: float) -> Attempt:
+        """One POST, answered (status line and headers) within ``deadline_s`` seconds.
+
+        Raises: DeliveryError (transient) on a network error or no answer in time.
+        """
+        ...
 
 
 class RequestsPoster:
-    """POST with timeouts and retries (exponential backoff with jitter, ``Retry-After``)."""
+    """One POST per call with ``requests``, bounded as a whole: a watchdog shuts the connection down
+    when ``deadline_s`` passes (the read timeout alone bounds each read, so a receiver dripping its
+    answer a byte at a time could hold a connection for ever). The response body is never read: an
+    endless or compressed body costs nothing."""
 
     def __init__(self) -> None:
-        self._sessions: dict[tuple[int, float], requests.Session] = {}
+        self._session = requests.Session()
+        adapter = WatchedAdapter(max_retries=0)  # retries and waits are deliver()'s, within its budget
+        self._session.mount("https://", adapter)
+        self._session.mount("http://", adapter)
+        self._session.trust_env = False  # no proxy or netrc credentials picked up from the environment
 
-    def _session(self, target: WebhookTarget) -> requests.Session:
-        key = (target.retries, target.backoff_s)
-        session = self._sessions.get(key)
-        if session is None:
-            retry = _Retry(
-                total=target.retries,
-                connect=target.retries,
-                read=target.retries,
-                status=target.retries,
-                other=0,
-                redirect=0,
-                allowed_methods=None,  # POST too: the Idempotency-Key makes a repeat harmless
-                status_forcelist=RETRY_STATUSES,
-                backoff_factor=target.backoff_s,
-                backoff_max=60,
-                backoff_jitter=target.backoff_s / 2,
-                respect_retry_after_header=True,
-                retry_after_max=120,
-                raise_on_status=False,
-                raise_on_redirect=False,
-            )
-            session = requests.Session()
-            session.mount("https://", HTTPAdapter(max_retries=retry))
-            session.mount("http://", HTTPAdapter(max_retries=retry))
-            session.trust_env = False  # no proxy or netrc credentials picked up from the environment
-            self._sessions[key] = session
-        return session
-
-    def post(self, target: WebhookTarget, url: str, body: bytes, headers: dict[str, str]) -> Attempt:
-        try:
-            response = self._session(target).post(
-                url, data=body, headers=headers, timeout=target.timeout_s, allow_redirects=False
-            )
-        except requests.RequestException as exc:
-            raise DeliveryError(f"{type(exc).__name__} after retries", permanent=False) from None
-        history = getattr(getattr(response.raw, "retries", None), "history", ()) or ()
-        return Attempt(response.status_code, len(history) + 1, response.headers.get("Location"))
+    def post(self, target: WebhookTarget, url: str, body: bytes, headers: dict[str, str], deadline_s: float) -> Attempt:
+        with hard_deadline(deadline_s) as expired:
+            try:
+                timeout = min(target.timeout_s, deadline_s)
+                with self._session.post(
+                    url, data=body, headers=headers, timeout=timeout, allow_redirects=False, stream=True
+                ) as response:
+                    status = response.status_code
+                    location, retry_after = response.headers.get("Location"), response.headers.get("Retry-After")
+            except (requests.RequestException, Urllib3Error, http.client.HTTPException, OSError) as exc:
+                why = f"no answer within {deadline_s:g}s" if expired.is_set() else type(exc).__name__
+                raise DeliveryError(why, permanent=False) from None
+        if expired.is_set():  # answered, but cut while the rest arrived: not an answer to rely on
+            raise DeliveryError(f"no answer within {deadline_s:g}s", permanent=False)
+        return Attempt(status, 1, location, retry_after)
 
 
-def deliver(target: WebhookTarget, snapshot: Snapshot, poster: Poster, now: Callable[[], float] = time.time) -> Attempt:
-    """POST one snapshot to one target, following redirects only within the same host.
+def deliver(
+    target: WebhookTarget,
+    snapshot: Snapshot,
+    poster: Poster,
+    now: Callable[[], float] = time.time,
+    *,
+    budget_s: float = DELIVERY_BUDGET_S,
+    monotonic: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Attempt:
+    """POST one snapshot to one target within ``budget_s`` seconds: retried on network errors, no
+    answer within the target's timeout, 408, 429 and 5xx (honouring ``Retry-After`` while the wait
+    fits the budget, else exponential backoff with jitter), redirects followed only within the same
+    scheme, host and port.
 
     Raises:
         DeliveryError: ``permanent`` for 4xx (other than 408/429) and refused redirects; transient
-            for 5xx/429/408 and network errors once the retry budget is spent.
+            once the retries or the budget are spent, or for a wait the budget cannot hold.
     """
     url = target.endpoint()
     body = payload_for(target, snapshot)
-    for _ in range(MAX_REDIRECTS + 1):
-        result = poster.post(target, url, body, headers_for(target, snapshot, body, now()))
-        status = result.status or 0
-        if 200 <= status < 300:
-            return result
-        if status in (301, 302, 303, 307, 308) and result.location:
-            try:
-                nxt = checked_url(urljoin(url, result.location), allow_http=target.allow_http, where="redirect")
-            except SettingsError as exc:
-                raise DeliveryError(f"refused redirect ({exc})", permanent=True, status=status) from None
-            if _origin(nxt) != _origin(url):
-                raise DeliveryError(f"refused redirect to another host ({_origin(nxt)[1]})", permanent=True, status=status)
-            url = nxt
-            continue
-        permanent = (400 <= status < 500 and status not in (408, 429)) or 300 <= status < 400
-        raise DeliveryError(f"HTTP {status} after {result.attempts} attempt(s)", permanent=permanent, status=status)
-    raise DeliveryError("too many redirects", permanent=True)
+    deadline = monotonic() + budget_s
+    attempts = failures = redirects = 0
+    while True:
+        left = deadline - monotonic()
+        if left <= 0:
+            raise DeliveryError(f"delivery budget of {budget_s:g}s spent after {attempts} attempt(s)", permanent=False)
+        attempts += 1
+        try:
+            result = poster.post(target, url, body, headers_for(target, snapshot, body, now()), min(target.timeout_s, left))
+        except DeliveryError as err:
+            status, why, after = None, str(err), None
+        else:
+            status, why = result.status or 0, f"HTTP {result.status}"
+            if 200 <= status < 300:
+                return Attempt(status, attempts)
+            if status in (301, 302, 303, 307, 308) and result.location:
+                url = _redirected(target, url, result.location, status)
+                redirects += 1
+                if redirects > MAX_REDIRECTS:
+                    raise DeliveryError("too many redirects", permanent=True, status=status)
+                continue
+            if 300 <= status < 500 and status not in RETRY_STATUSES:
+                raise DeliveryError(f"{why} after {attempts} attempt(s)", permanent=True, status=status)
+            after = result.retry_after
+        if (status is not None and status not in RETRY_STATUSES) or failures >= target.retries:
+            raise DeliveryError(f"{why} after {attempts} attempt(s)", permanent=False, status=status)
+        failures += 1
+        wait = _wait_s(target, failures, after)
+        left = deadline - monotonic()
+        if wait > left:
+            asked = f"Retry-After {after.strip()[:40]!r}" if after else f"a backoff of {wait:.1f}s"
+            raise DeliveryError(
+                f"{why} after {attempts} attempt(s); {asked} exceeds the {max(0.0, left):.0f}s left of the "
+                f"{budget_s:g}s delivery budget (the queue delivers the message again)",
+                permanent=False,
+                status=status,
+            )
+        sleep(wait)
+
+
+def _wait_s(target: WebhookTarget, failures: int, retry_after: str | None) -> float:
+    """The wait before the next attempt: ``Retry-After`` when usable, else exponential backoff with jitter."""
+    try:
+        asked = retry_after_seconds(retry_after)
+    except ValueError:
+        asked = None
+    if asked is not None:
+        return asked
+    return target.backoff_s * 2.0 ** (failures - 1) + random.uniform(0, target.backoff_s / 2)
+
+
+def _redirected(target: WebhookTarget, url: str, location: str, status: int) -> str:
+    """The redirect's URL if it passes the URL policy and keeps the scheme, host and port.
+
+    Raises: DeliveryError (permanent) naming why it was refused.
+    """
+    try:
+        nxt = checked_url(urljoin(url, location), allow_http=target.allow_http, where="redirect")
+    except SettingsError as exc:
+        raise DeliveryError(f"refused redirect ({exc})", permanent=True, status=status) from None
+    if _origin(nxt) != _origin(url):
+        raise DeliveryError(f"refused redirect to another host ({_origin(nxt)[1]})", permanent=True, status=status)
+    return nxt
 
 
 def _origin(url: str) -> tuple[str, str, int]:
@@ -598,6 +649,9 @@ class Forwarder:
         poison: PoisonSink | None = None,
         max_dequeue_count: int = 5,
         now: Callable[[], float] = time.time,
+        *,
+        delivery_budget_s: float = DELIVERY_BUDGET_S,
+        message_budget_s: float = MESSAGE_BUDGET_S,
     ) -> None:
         for target in targets:
             target.check_url()
@@ -607,6 +661,7 @@ class Forwarder:
         self.poison = poison
         self.max_dequeue_count = max_dequeue_count
         self.now = now
+        self.delivery_budget_s, self.message_budget_s = delivery_budget_s, message_budget_s
 
     def handle(self, body: bytes, *, dequeue_count: int = 1, message_id: str | None = None) -> ForwardResult:
         """Deliver a queued snapshot.
@@ -625,7 +680,11 @@ class Forwarder:
             result.failed["*"] = "not an incident snapshot"
             return result
         transient: dict[str, str] = {}
-        for target in self.targets:
+        # each delivery of the message starts at another target and the message has a time budget, so
+        # a target that is slow on every attempt never keeps the incident from the others
+        start = (max(1, dequeue_count) - 1) % max(1, len(self.targets))
+        deadline = time.monotonic() + self.message_budget_s
+        for target in self.targets[start:] + self.targets[:start]:
             if not target.wants(snapshot):
                 result.skipped.append(target.name)
                 continue
@@ -635,8 +694,11 @@ class Forwarder:
             if self.deliveries.poisoned_revision(target.name, incident_id) >= revision:
                 result.skipped.append(target.name)  # this revision is on the poison queue already
                 continue
+            left = min(self.delivery_budget_s, deadline - time.monotonic())
             try:
-                attempt = deliver(target, snapshot, self.poster, self.now)
+                if left <= 0:
+                    raise DeliveryError(f"not tried: the message's {self.message_budget_s:g}s budget was spent", permanent=False)
+                attempt = deliver(target, snapshot, self.poster, self.now, budget_s=left)
             except DeliveryError as err:
                 reason = f"target {target.name}: {err}"
                 log.warning("webhook delivery failed: %s (incident %s revision %d)", reason, incident_id, revision)

@@ -99,6 +99,18 @@ class GraphEmulator:
                     except OSError:
                         pass  # the client gave up, as it should
                     return
+                if fault and fault[0] == "drip-headers":  # the status line at once, then a header a byte at a time
+                    stop = time.monotonic() + fault[1]
+                    try:
+                        self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                        while time.monotonic() < stop:
+                            self.wfile.write(b"z")
+                            self.wfile.flush()
+                            time.sleep(0.05)
+                    except OSError:
+                        pass
+                    self.close_connection = True
+                    return
                 if fault and fault[0] == "malformed":
                     self.send_response(200)
                     self.end_headers()
@@ -269,14 +281,15 @@ def counted_once(published: Published) -> list[int]:
     return sorted(s["attributes"]["incidentCount"] for s in result.incidents)
 
 
-def test_a_server_dripping_its_body_is_cut_at_the_request_limit_and_the_next_tenant_still_runs(
-    emu: GraphEmulator, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("drip", ["drip", "drip-headers"])  # its body, or a header line, a byte at a time
+def test_a_server_dripping_its_answer_is_cut_at_the_request_limit_and_the_next_tenant_still_runs(
+    emu: GraphEmulator, monkeypatch: pytest.MonkeyPatch, drip: str
 ) -> None:
     monkeypatch.setattr(graph, "MAX_REQUEST_S", 0.5)  # each read is quick; only a total limit stops it
     emu.alerts["tA"] = [alert("tA", n) for n in range(3)]
     emu.alerts["tB"] = [alert("tB", n) for n in range(2)]
     poller, published, _ = make_poller(emu)
-    emu.faults = [("drip", 20.0)]
+    emu.faults = [(drip, 20.0)]
     started = time.monotonic()
     results = poller.poll_all(["tA", "tB"])
     assert time.monotonic() - started < 15  # not the 20 s of the drip

@@ -140,9 +140,10 @@ class AlertBatchHandler:
         good: list[tuple[NormalizedEvent, Origin]] = []
         letters: list[dict[str, Any]] = []
         records = skipped = 0
-        for event in events:
+        enqueued = [_as_utc(e.enqueued_time) for e in events]
+        for event, enqueued_time in zip(events, enqueued, strict=True):
             sequence = event.sequence_number
-            origin = Origin(partition, sequence, event.enqueued_time)
+            origin = Origin(partition, sequence, enqueued_time)
             position = f"partition {partition} seq {sequence}"
             body = event.get_body()
             for item in self._guarded(body, position, arrival):
@@ -160,8 +161,8 @@ class AlertBatchHandler:
             self.engine.store.save_progress(partition, newest, to_ms(arrival))
         # after the engine: a failure re-runs an idempotent batch. The blob's day is the batch's first
         # enqueued time, part of the events themselves, so a retry after midnight names the same blob
-        enqueued = [e.enqueued_time for e in events if e.enqueued_time is not None]
-        self.writer.write(letters, when=min(enqueued) if enqueued else arrival)
+        known = [t for t in enqueued if t is not None]
+        self.writer.write(letters, when=min(known) if known else arrival)
         counts = result.stats.counts
         summary = {
             "partition": partition,
@@ -179,7 +180,7 @@ class AlertBatchHandler:
             "storageCalls": counts["storage_calls"],
             "etagConflicts": counts["etag_conflicts"],
             "evicted": counts["evicted"],
-            "maxLagSeconds": _lag(events, arrival),
+            "maxLagSeconds": _lag(known, arrival),
             "durationMs": round((time.monotonic() - started) * 1000, 1),
         }
         log.info("batch_summary %s", orjson.dumps(summary).decode(), extra={"custom_dimensions": summary})
@@ -220,14 +221,16 @@ class AlertBatchHandler:
         return BatchResult(first.incidents + second.incidents, first.stats)
 
 
-def _lag(events: Sequence[HubEvent], now: datetime) -> float | None:
-    times = [e.enqueued_time for e in events if e.enqueued_time is not None]
-    if not times:
+def _as_utc(ts: datetime | None) -> datetime | None:
+    """An enqueued time as an aware UTC time: the Functions library gives a naive one for a host time
+    without a zone (read as UTC) and an aware one otherwise, and one batch may hold both."""
+    return ts.replace(tzinfo=timezone.utc) if ts is not None and ts.tzinfo is None else ts
+
+
+def _lag(enqueued: Sequence[datetime], now: datetime) -> float | None:
+    if not enqueued:
         return None
-    oldest = min(times)
-    if oldest.tzinfo is None:
-        return None
-    return round((to_ms(now) - to_ms(oldest)) / 1000, 3)
+    return round((to_ms(now) - to_ms(min(enqueued))) / 1000, 3)
 
 
 @dataclass

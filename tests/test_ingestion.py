@@ -550,3 +550,22 @@ def test_a_batch_retried_after_midnight_rewrites_the_same_dead_letter_blob(hub: 
     hub.call([b"{bad", b"[1,2]"])  # same events, same enqueued time
     assert len(hub.claims.blobs) == 1
     assert NOW.strftime("%Y/%m/%d") in next(iter(hub.claims.blobs))  # named by the events' own day
+
+
+def test_a_batch_mixing_naive_and_aware_enqueued_times_is_processed_and_reads_naive_as_utc(hub: Harness) -> None:
+    """The Functions library gives a naive ``enqueued_time`` for a host time without a zone, an aware one
+    otherwise: a batch holding both must not fail (the retry policy would re-run it for ever)."""
+    naive = (NOW - timedelta(hours=1)).replace(tzinfo=None)
+    events = [
+        func.EventHubEvent(body=b"{bad", trigger_metadata=META, sequence_number=1, enqueued_time=naive),
+        func.EventHubEvent(
+            body=orjson.dumps(graph_alert("da1", at(0))), trigger_metadata=META, sequence_number=2, enqueued_time=NOW
+        ),
+    ]
+    out = Out()
+    app_functions()["correlate_alerts"].get_user_function()(events, out)  # type: ignore[attr-defined]
+    assert [json.loads(m)["ruleId"] for m in out.value or []].count(SEED) == 1
+    assert (hub.summary["rejected"], hub.summary["maxLagSeconds"]) == (1, 3600.0)
+    [message] = hub.queue.messages
+    assert json.loads(message)["claimCheck"]["blob"].startswith("rejected/2026/11/01/")
+    assert hub.letters()[0]["enqueuedTime"] == "2026-11-01T09:00:00+00:00"

@@ -101,7 +101,8 @@ class WebhookTarget(BaseModel):
         return checked_url(self.url, allow_http=self.allow_http, where=f"webhook target {self.name}")
 
     def wants(self, snapshot: Mapping[str, Any]) -> bool:
-        return snapshot.get("action") in self.actions and int(snapshot.get("severity", 0)) >= self.min_severity
+        severity = snapshot.get("severity", 0)
+        return snapshot.get("action") in self.actions and type(severity) is int and severity >= self.min_severity
 
 
 def _is_loopback(host: str) -> bool:
@@ -558,11 +559,11 @@ class TableDeliveryLog(TableBacked):
 
     def delivered_revision(self, target: str, incident_id: str) -> int:
         entity = self._get(target, incident_id)
-        return int(entity.get("revision", 0)) if entity else 0
+        return _read_int(entity.get("revision", 0)) if entity else 0
 
     def poisoned_revision(self, target: str, incident_id: str) -> int:
         entity = self._get(target, incident_id)
-        return int(entity.get("poisonedRevision", 0)) if entity else 0
+        return _read_int(entity.get("poisonedRevision", 0)) if entity else 0
 
     def record(self, target: str, incident_id: str, revision: int) -> None:
         self._raise_to(target, incident_id, "revision", revision)
@@ -592,13 +593,14 @@ class TableDeliveryLog(TableBacked):
                     entity = self.table.get_entity(pk, rk)
                 except ResourceNotFoundError:
                     try:
-                        self.table.create_entity({"PartitionKey": pk, "RowKey": rk, "incidentId": incident_id, prop: revision})
+                        entity = {"PartitionKey": pk, "RowKey": rk, "incidentId": incident_id, prop: _int64(revision)}
+                        self.table.create_entity(entity)
                         return
                     except ResourceExistsError:
                         continue
-                if int(entity.get(prop, 0)) >= revision:
+                if _read_int(entity.get(prop, 0)) >= revision:
                     return
-                entity[prop] = revision
+                entity[prop] = _int64(revision)
                 try:
                     etag, unchanged = entity.metadata["etag"], MatchConditions.IfNotModified
                     self.table.update_entity(entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=unchanged)
@@ -606,6 +608,18 @@ class TableDeliveryLog(TableBacked):
                 except ResourceModifiedError:
                     continue
         raise StoreError(f"delivery log write: {target}/{incident_id} kept changing under 5 conditional writes")
+
+
+def _int64(value: int) -> Any:
+    """An Int64 Table property: the SDK writes a Python int as Int32 and refuses one of 2**31 or more."""
+    from azure.data.tables import EdmType, EntityProperty
+
+    return EntityProperty(value, EdmType.INT64)
+
+
+def _read_int(value: Any) -> int:
+    """An Int32 property reads as an int, an Int64 one as an ``EntityProperty``."""
+    return int(getattr(value, "value", value))
 
 
 def forget_poisoned(deliveries: DeliveryLog, poison_message: Mapping[str, Any], body: bytes) -> list[str]:
@@ -675,8 +689,11 @@ class Forwarder:
         try:
             snapshot = as_snapshot(orjson.loads(body))
             incident_id, revision = snapshot["incidentId"], snapshot["revision"]
+            severity = snapshot.get("severity", 0)
+            if type(severity) is not int:  # the targets' filters compare it (a bool is not a severity)
+                raise ValueError(f"severity must be an integer, not {type(severity).__name__}")
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            self._to_poison(body, f"not an incident snapshot ({type(exc).__name__})", message_id)
+            self._to_poison(body, f"not an incident snapshot ({type(exc).__name__}: {str(exc)[:200]})", message_id)
             result.failed["*"] = "not an incident snapshot"
             return result
         transient: dict[str, str] = {}

@@ -62,4 +62,6 @@ def test_a_queued_message_that_is_not_a_snapshot_goes_to_the_poison_sink_named_a
     fw = Forwarder([], MemoryDeliveryLog(), poison=sink)
     result = fw.handle(orjson.dumps({"incidentId": "inc-1", "revision": "one"}), message_id="m1")
     assert result.failed == {"*": "not an incident snapshot"}
-    assert [p["reason"] for p in parked] == ["not an incident snapshot (ValueError)"]
+    assert [p["reason"] for p in parked] == [
+        "not an incident snapshot (ValueError: an incident snapshot needs a string incidentId and an integer revision)"
+    ]

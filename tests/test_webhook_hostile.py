@@ -14,9 +14,11 @@ from collections.abc import Callable, Iterator
 
 import orjson
 import pytest
+from azure.data.tables import TableClient
 
-from shared.webhook import DeliveryError, Forwarder, MemoryDeliveryLog, WebhookTarget
+from shared.webhook import DeliveryError, Forwarder, MemoryDeliveryLog, TableDeliveryLog, WebhookTarget
 
+from .conftest import Azurite
 from .test_webhook import Script, snapshot
 
 Behaviour = Callable[[socket.socket], None]
@@ -216,3 +218,37 @@ def test_each_delivery_of_a_message_starts_at_another_target(slow_and_good: tupl
     with pytest.raises(DeliveryError):  # the second delivery starts at the second target
         fw.handle(orjson.dumps(snapshot()), dequeue_count=2)
     assert len(server.requests) == 1
+
+
+# -- hostile messages --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("severity", ["high", "9", None, [9], True, 7.5])
+def test_a_message_whose_severity_is_not_an_integer_is_parked_at_once_with_its_reason(severity: object) -> None:
+    """Not a traceback on every dequeue (the host would park it after five, without a reason)."""
+    parked: list[dict[str, object]] = []
+    sink = type("Sink", (), {"send": lambda self, m: parked.append(orjson.loads(m))})()
+    body = orjson.dumps({**snapshot(), "severity": severity})
+    fw = Forwarder([hostile_target("http://127.0.0.1:9/x")], MemoryDeliveryLog(), poison=sink)
+    result = fw.handle(body, dequeue_count=1)
+    assert result.failed == {"*": "not an incident snapshot"} and not result.delivered
+    [message] = parked
+    assert "severity" in str(message["reason"]) and message["body"] == body.decode()
+
+
+@pytest.mark.azurite
+def test_a_revision_past_32_bits_is_delivered_and_recorded_once_on_table_storage(azurite: Azurite, table_name: str) -> None:
+    """Table Storage writes a Python int as Int32: a revision of 2**31 or more must still be recorded
+    (else the webhook gets the revision again on every dequeue)."""
+    server = Script()
+    try:
+        deliveries = TableDeliveryLog(TableClient.from_connection_string(azurite.connection_string, table_name))
+        fw = Forwarder([hostile_target(server.url)], deliveries)
+        for _ in range(2):
+            fw.handle(orjson.dumps(snapshot(revision=2**40)))
+        assert len(server.requests) == 1
+        assert deliveries.delivered_revision("default", "inc-abc") == 2**40
+        deliveries.record_poisoned("default", "inc-abc", 2**33)
+        assert deliveries.poisoned_revision("default", "inc-abc") == 2**33
+    finally:
+        server.close()

@@ -14,6 +14,8 @@ poison message; the forwarder's delivery records make a repeated re-queue delive
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import os
 import sys
@@ -153,6 +155,28 @@ def resend(
 # -- poison incidents -------------------------------------------------------------------------
 
 
+HOST_PARKED = "parked by the Functions host after its last dequeue (no reason recorded)"
+
+
+def poison_message(content: str) -> dict[str, Any]:
+    """A poison message as the forwarder writes it (JSON: ``reason``, ``body`` or ``claimCheck``), or
+    as the Functions host parks one itself when the function failed on every dequeue (a crash, a
+    timeout): the incident message as it was stored, base64 (``host.json`` ``messageEncoding``)."""
+    try:
+        parsed = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict):
+        return parsed
+    try:
+        decoded = base64.b64decode(content, validate=True)
+    except (binascii.Error, ValueError):
+        decoded = b""
+    if is_snapshot(decoded):
+        return {"reason": HOST_PARKED, "body": decoded.decode()}
+    return {"body": content}
+
+
 def poison_body(message: Mapping[str, Any], claims: ClaimStore) -> bytes:
     """The complete incident body of a poison message (inline, or behind its claim check)."""
     check = message.get("claimCheck")
@@ -226,17 +250,14 @@ def _requeue(
             break
         for message in fresh:
             seen.add(message.id)
-            try:
-                parsed = orjson.loads(message.content)
-            except orjson.JSONDecodeError:
-                parsed = {"body": message.content}
-            body = poison_body(parsed if isinstance(parsed, dict) else {"body": message.content}, claims)
+            parsed = poison_message(message.content)
+            body = poison_body(parsed, claims)
             if not is_snapshot(body):
                 err.write(f"poison message {message.id}: not an incident snapshot, left on the poison queue\n")
                 result.left += 1
                 left.append(message)
                 continue
-            if deliveries is not None and isinstance(parsed, dict):
+            if deliveries is not None:
                 from .webhook import forget_poisoned
 
                 forget_poisoned(deliveries, parsed, body)
@@ -250,19 +271,16 @@ def _requeue(
 def peek_poison(poison: Any, claims: ClaimStore) -> Iterator[dict[str, Any]]:
     """The first poison messages (a queue can only be peeked 32 deep), summarised."""
     for message in poison.peek_messages(max_messages=POISON_BATCH):
-        try:
-            parsed = orjson.loads(message.content)
-        except orjson.JSONDecodeError:
-            parsed = {"body": message.content}
-        body = poison_body(parsed, claims) if isinstance(parsed, dict) else b""
+        parsed = poison_message(message.content)
+        body = poison_body(parsed, claims)
         snap = orjson.loads(body) if is_snapshot(body) else {}
         yield {
             "messageId": message.id,
-            "reason": parsed.get("reason") if isinstance(parsed, dict) else None,
+            "reason": parsed.get("reason"),
             "incidentId": snap.get("incidentId"),
             "revision": snap.get("revision"),
             "bodyBytes": len(body),
-            "claimCheck": parsed.get("claimCheck") if isinstance(parsed, dict) else None,
+            "claimCheck": parsed.get("claimCheck"),
         }
 
 

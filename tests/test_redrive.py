@@ -168,6 +168,23 @@ def test_poison_incidents_are_requeued_base64_whole_and_only_once(env: Env) -> N
     assert json.loads(visible.content)["messageId"] == "m9"
 
 
+def test_an_incident_the_functions_host_parked_itself_is_listed_and_requeued(env: Env) -> None:
+    """After maxDequeueCount failed runs the host (not our code: a crash, a timeout) moves the message to
+    ``<queue>-poison`` as it was stored: base64, without a reason. It must not stay stuck there."""
+    poison_q = env.clients.queue(env.names["poison"])
+    poison_q.create_queue()
+    incidents = env.clients.queue(env.names["incidents"])
+    incidents.create_queue()
+    body = orjson.dumps({"incidentId": "inc-7", "revision": 3, "action": "updated"})
+    env.clients.queue(env.names["poison"], base64=True).send_message(body.decode())  # as the host stores it
+    [listed] = [json.loads(x) for x in env.cli("list", "--poison").stdout.splitlines()]
+    assert (listed["incidentId"], listed["revision"], listed["bodyBytes"]) == ("inc-7", 3, len(body))
+    result = env.cli("requeue-poison")
+    assert result.returncode == 0 and b"re-queued 1" in result.stderr
+    assert [base64.b64decode(m.content) for m in incidents.peek_messages(max_messages=32)] == [body]
+    assert poison_q.peek_messages(max_messages=32) == []
+
+
 def test_unreachable_storage_exits_3_with_one_line(tmp_path: Path) -> None:
     key = base64.b64encode(b"k" * 64).decode()
     conn = f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={key};BlobEndpoint=http://127.0.0.1:9/devstoreaccount1;"

@@ -229,7 +229,7 @@ def load_webhook_settings(
     if listed_text:
         try:
             listed = json.loads(listed_text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past the parser's depth
             listed = None
         if not isinstance(listed, list):
             raise SettingsError("app setting WEBHOOK_TARGETS: must be a JSON list of targets")

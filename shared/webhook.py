@@ -83,6 +83,8 @@ class WebhookTarget(BaseModel):
     @classmethod
     def _known_actions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         unknown = set(value) - {"created", "updated"}
+        if not value:
+            raise ValueError("names no action: the target would forward nothing (known: created, updated)")
         if unknown:
             raise ValueError(f"unknown actions {sorted(unknown)} (known: created, updated)")
         return value
@@ -120,8 +122,8 @@ def checked_url(raw: str, *, allow_http: bool, where: str) -> str:
 
     Raises: SettingsError naming ``where``.
     """
-    if "\\" in raw or any(ord(c) < 0x21 or ord(c) == 0x7F for c in raw):
-        raise SettingsError(f"{where}: URL contains a backslash, a space or a control character")
+    if "\\" in raw or any(ord(c) < 0x21 or ord(c) == 0x7F for c in raw) or not raw.isprintable():
+        raise SettingsError(f"{where}: URL contains a backslash, a space, a control or an invisible character")
     try:
         parsed = parse_url(raw)
     except LocationParseError:

@@ -42,6 +42,11 @@ UNRESOLVED = "@Microsoft.KeyVault(SecretUri=https://kv.vault.azure.net/secrets/x
         ("INCIDENTS_QUEUE", "double--dash"),
         ("INCIDENTS_POISON_QUEUE", "-poison"),
         ("WEBHOOK_URL", "http://hooks.example/a"),
+        ("WEBHOOK_ACTIONS", ","),  # no action at all: the target would forward nothing, silently
+        ("WEBHOOK_ACTIONS", " , "),
+        ("WEBHOOK_URL", "https://hooks.example/\udcff"),  # an undecodable byte in the environment
+        ("WEBHOOK_URL", "https://hooks.example/a\u200bb"),  # invisible in a portal, a different URL
+        ("WEBHOOK_TARGETS", "[" * 100_000 + "]" * 100_000),  # nested past the JSON parser's depth
     ],
 )
 def test_a_bad_webhook_setting_is_reported_under_its_own_name(name: str, value: str) -> None:
@@ -55,6 +60,7 @@ def test_a_bad_webhook_setting_is_reported_under_its_own_name(name: str, value: 
         ("minSeverity", 0, "WEBHOOK_TARGETS[0].minSeverity"),
         ("format", "xml", "WEBHOOK_TARGETS[0].format"),
         ("actions", ["nope"], "WEBHOOK_TARGETS[0].actions"),
+        ("actions", [], "WEBHOOK_TARGETS[0].actions"),
         ("url", "https://a\\@b.example/", "WEBHOOK_TARGETS[0].url"),
         ("colour", "red", "WEBHOOK_TARGETS[0]"),
     ],

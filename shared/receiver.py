@@ -89,7 +89,7 @@ def make_handler(
                 return
             try:
                 incident = as_snapshot(json.loads(body))
-            except ValueError:  # not JSON, or not an incident snapshot
+            except (ValueError, RecursionError):  # not JSON (or nested past the parser's depth), or not a snapshot
                 self._answer(400)
                 return
             with lock:  # host, user, tenant, link first; further entities indented below

@@ -323,6 +323,13 @@ class GraphSettings(BaseModel):
     eventhub_name: str
 
 
+def _is_eventhub_connection_string(text: str) -> bool:
+    """What ``EventHubProducerClient.from_connection_string`` accepts: an endpoint and a key (or a SAS)."""
+    parts = {k.strip().lower(): v for k, _, v in (p.partition("=") for p in text.split(";") if "=" in p)}
+    has_key = parts.get("sharedaccesskeyname") and parts.get("sharedaccesskey")
+    return bool(parts.get("endpoint", "").startswith("sb://") and (has_key or parts.get("sharedaccesssignature")))
+
+
 def load_graph_settings(env: Mapping[str, str] | None = None) -> GraphSettings:
     """Raises: SettingsError naming the setting."""
     source = _Source(env)
@@ -342,6 +349,11 @@ def load_graph_settings(env: Mapping[str, str] | None = None) -> GraphSettings:
     if tenants and not (namespace or connection):
         raise SettingsError(
             "app setting ALERTS_EVENTHUB__fullyQualifiedNamespace (or ALERTS_EVENTHUB) is needed to publish Graph alerts"
+        )
+    if tenants and connection and not namespace and not _is_eventhub_connection_string(connection):
+        raise SettingsError(
+            "app setting ALERTS_EVENTHUB: not an Event Hubs connection string (Endpoint=sb://<namespace>/;"
+            "SharedAccessKeyName=...;SharedAccessKey=...); in Azure set ALERTS_EVENTHUB__fullyQualifiedNamespace"
         )
     if tenants and not source.get("ALERTS_EVENTHUB_NAME"):
         raise SettingsError("app setting ALERTS_EVENTHUB_NAME is missing")

@@ -631,7 +631,11 @@ def test_a_polled_graph_incident_fires_fortisiems_incident_rule_unless_its_sever
 
 
 def test_graph_resources_setting_is_validated_and_defaults_to_alerts_and_incidents() -> None:
-    base = {"GRAPH_TENANTS": "t1", "ALERTS_EVENTHUB": "Endpoint=sb://x/", "ALERTS_EVENTHUB_NAME": "alerts"}
+    base = {
+        "GRAPH_TENANTS": "t1",
+        "ALERTS_EVENTHUB": "Endpoint=sb://x/;SharedAccessKeyName=k;SharedAccessKey=dg==",
+        "ALERTS_EVENTHUB_NAME": "alerts",
+    }
     assert load_graph_settings(base).resources == ("alerts_v2", "incidents")
     assert load_graph_settings({**base, "GRAPH_RESOURCES": "alerts_v2"}).resources == ("alerts_v2",)
     with pytest.raises(SettingsError, match="GRAPH_RESOURCES"):

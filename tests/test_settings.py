@@ -115,6 +115,16 @@ def test_a_bad_graph_setting_is_reported_under_its_own_name(name: str, value: st
         load_graph_settings({**GRAPH, name: value})
 
 
+@pytest.mark.parametrize("value", ["ns.servicebus.windows.net", "Endpoint=sb://ns/;SharedAccessKeyName=k"])
+def test_a_hub_connection_that_is_no_connection_string_is_named_before_the_poller_starts(value: str) -> None:
+    """Without the namespace setting, ALERTS_EVENTHUB must be a whole connection string: anything else
+    failed every timer tick with an AssertionError or the SDK's ValueError, never naming the setting."""
+    env = {k: v for k, v in GRAPH.items() if k != "ALERTS_EVENTHUB__fullyQualifiedNamespace"}
+    with pytest.raises(SettingsError, match=r"^app setting ALERTS_EVENTHUB: ") as caught:
+        load_graph_settings({**env, "ALERTS_EVENTHUB": value})
+    assert value not in str(caught.value)  # a connection string may hold a key: never echoed
+
+
 @pytest.mark.parametrize(
     ("name", "value"), [("STATE_TABLE", "bad name!"), ("INCIDENTS_QUEUE", "Bad_Queue"), ("REJECTED_QUEUE", "a--b")]
 )

@@ -14,7 +14,7 @@ Semantics (also in the README's rule-language section):
   anything else does not match); ``BETWEEN`` also compares IP addresses when both bounds are IPs;
 * ``=`` with a number literal compares numerically; with a string literal, as text;
 * regular expressions are Python ``re`` patterns, searched (not anchored), case-insensitive,
-  compiled once; a bad pattern is a rule error;
+  compiled once; a bad pattern, or one repeating a repeating group (``(a+)+``), is a rule error;
 * ``IN`` / ``NOT IN`` lists may name event-type groups (``Group@NAME``, FortiSIEM's syntax): the
   group's members (``rules/groups/*.yaml``) join the list; an unknown group is a rule error.
 
@@ -25,8 +25,10 @@ Cross-subpattern conditions (a multi-subpattern rule's ``correlation:``) use the
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -294,6 +296,15 @@ class _ToTree(Transformer[Token, Node]):
             re.compile(text)
         except re.error as exc:
             raise RuleError(f"bad regular expression ({exc})", column=pattern.column, text=text) from None
+        except (RecursionError, OverflowError):
+            raise RuleError("regular expression too complex", column=pattern.column, text=text) from None
+        if _nested_repeat(text):
+            raise RuleError(
+                "regular expression repeats a group that itself repeats (like '(a+)+'), which can take exponential "
+                "time on a value that almost matches; repeat once ('(ab|c)+'), or make the inner part atomic ('(?>a+)')",
+                column=pattern.column,
+                text=text,
+            )
         return Regexp(str(attr), text, negated)
 
     def not_regexp(self, attr: Token, pattern: Token) -> Node:
@@ -313,6 +324,37 @@ class _ToTree(Transformer[Token, Node]):
 
     def is_not_null(self, attr: Token) -> Node:
         return IsNull(str(attr), True)
+
+
+_SRE_PARSE: Any = importlib.import_module("re._parser" if sys.version_info >= (3, 11) else "sre_parse")
+_UNBOUNDED_REPEATS = ("MAX_REPEAT", "MIN_REPEAT")
+
+
+def _nested_repeat(pattern: str) -> bool:
+    """Whether an unbounded repeat (``*``, ``+``, ``{n,}``) holds another one: the shape that makes a
+    backtracking engine take exponential time (``(a+)+$`` on ``aaaa...b``). Possessive repeats and
+    atomic groups do not backtrack, so what they hold starts afresh."""
+    stack: list[tuple[Any, bool]] = [(_SRE_PARSE.parse(pattern), False)]
+    while stack:
+        items, inside = stack.pop()
+        for op, av in items:
+            name = str(op)
+            if name in _UNBOUNDED_REPEATS or name == "POSSESSIVE_REPEAT":
+                unbounded = av[1] == _SRE_PARSE.MAXREPEAT
+                if unbounded and inside and name != "POSSESSIVE_REPEAT":
+                    return True
+                stack.append((av[2], (inside or unbounded) and name != "POSSESSIVE_REPEAT"))
+            elif name == "SUBPATTERN":
+                stack.append((av[-1], inside))
+            elif name == "ATOMIC_GROUP":
+                stack.append((av, False))
+            elif name == "BRANCH":
+                stack.extend((branch, inside) for branch in av[1])
+            elif name in ("ASSERT", "ASSERT_NOT"):
+                stack.append((av[1], inside))
+            elif name == "GROUPREF_EXISTS":
+                stack.extend((part, inside) for part in av[1:] if part is not None)
+    return False
 
 
 def _syntax_error(exc: UnexpectedInput, text: str) -> RuleError:

@@ -30,13 +30,15 @@ from .errors import RuleError, RuleSetError
 from .normalize import EVIDENCE_EVENT_TYPE
 from .pattern import PatternNode, Sub, parse_pattern
 from .periods import DAYS, Day, Period, parse_clock, zone
-from .query import CrossCompare, Groups, Leaf, Node, Query, Ref, mentions, parse_correlation
+from .query import MAX_QUERY_CHARS, CrossCompare, Groups, Leaf, Node, Query, Ref, mentions, parse_correlation
 from .suggest import unknown_key_hint
 
 DEFAULT_INCIDENT_LIFETIME_S = 24 * 3600  # FortiSIEM keeps an incident Active until cleared
 MAX_WINDOW_S = 30 * 86400  # time windows and quiet periods: a month of state per group at most
 MAX_INCIDENT_LIFETIME_S = 365 * 86400  # epoch milliseconds plus a lifetime stay far inside INT64
 MAX_TEST_OFFSET_S = 10 * 365 * 86400  # rule-test offsets: a decade, so start + offset is a datetime
+MAX_PATTERN_CHARS = 4_096  # a pattern names a rule's few subpatterns
+MAX_RULE_QUERY_CHARS = 131_072  # all query, correlation and pattern text of one rule: about 1 s of parsing
 ATTRIBUTE_NAME_HINT = (
     "not an attribute name (a letter, '_', '$' or '@', then letters, digits, '_', '.', '$', '@'; at most 200; "
     "no spaces or invisible characters)"
@@ -194,7 +196,9 @@ class RuleModel(_Model):
         alias="incidentLifetime", default=DEFAULT_INCIDENT_LIFETIME_S, gt=0, le=MAX_INCIDENT_LIFETIME_S, strict=True
     )
     subpatterns: list[SubpatternModel] = Field(min_length=1)
-    pattern: str | None = Field(default=None, description="how subpatterns combine; required with several subpatterns")
+    pattern: str | None = Field(
+        default=None, max_length=MAX_PATTERN_CHARS, description="how subpatterns combine; required with several subpatterns"
+    )
     correlation: str | None = Field(
         default=None, description="conditions between subpatterns, e.g. 'a.hostName = b.hostName AND a.user != b.user'"
     )
@@ -336,6 +340,7 @@ def compile_rule(model: RuleModel, path: str = "<rule>", groups: Groups | None =
     """
     if groups is None:
         groups = default_groups()
+    _check_query_budget(model, path)
     subs_model = model.subpatterns
     names = [sp.name for sp in subs_model]
     for i, name in enumerate(names):
@@ -423,6 +428,20 @@ def compile_rule(model: RuleModel, path: str = "<rule>", groups: Groups | None =
         exceptions=exceptions,
         clear=clear,
     )
+
+
+def _check_query_budget(model: RuleModel, path: str) -> None:
+    """All query text of a rule, within ``MAX_RULE_QUERY_CHARS``, checked before any is parsed (a text
+    over its own cap is left to the located error of its field)."""
+    texts = [sp.query for sp in model.subpatterns] + [e.query for e in model.exceptions]
+    texts += [t for t in (model.pattern, model.correlation, model.clear.query if model.clear else None) if t]
+    lengths = [len(t) for t in texts if t]
+    total = sum(lengths)
+    if total > MAX_RULE_QUERY_CHARS and max(lengths) <= MAX_QUERY_CHARS:
+        raise RuleError(
+            f"queries, exceptions, correlation and pattern hold {total} characters together (at most {MAX_RULE_QUERY_CHARS})",
+            file=path,
+        )
 
 
 def _check_alert_evidence(model: RuleModel, queries: list[Query], path: str) -> None:

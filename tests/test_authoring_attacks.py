@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from shared.__main__ import main
 from shared.aggregates import Constraint
 from shared.errors import RuleError, one_line
-from shared.query import MAX_QUERY_CHARS, MAX_QUERY_CONDITIONS, MAX_QUERY_DEPTH, parse_correlation, parse_query
+from shared.query import MAX_QUERY_CHARS, MAX_QUERY_CONDITIONS, MAX_QUERY_DEPTH, Regexp, parse_correlation, parse_query
 from shared.rules import MAX_RULE_FILE_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, load_rules, parse_rule_text
 
 BASE: dict[str, Any] = {
@@ -492,3 +492,36 @@ def test_an_oversized_or_hostile_sigma_file_is_one_error_line(tmp_path: Path, te
     assert code == 1 and "Traceback" not in err
     (line,) = err.splitlines()
     assert line.startswith(f"error: {path}: {expected}") and line.isprintable()
+
+
+def test_the_query_text_of_one_rule_is_capped_as_a_whole(tmp_path: Path) -> None:
+    """Each exception under the per-query cap, 200 of them once took 12 s to load."""
+    query = " OR ".join(["hostName = 'x'"] * 900)
+    validate(
+        tmp_path, rule_text(exceptions=[{"query": query}] * 200), "r.yaml: queries, exceptions, correlation and pattern hold"
+    )
+
+
+def test_a_pattern_longer_than_its_cap_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+    subs = [{**BASE["subpatterns"][0], "name": n} for n in ("a", "b")]
+    validate(
+        tmp_path, rule_text(subpatterns=subs, pattern=" AND ".join(["a", "b"] * 1000)), "pattern: String should have at most 4096"
+    )
+
+
+@pytest.mark.parametrize("pattern", ["(a+)+$", "(a*)*b", "(\\\\w+\\\\.)+x", "((a|b)+c)*", "(?=(a+)+)x", "(x(?:y+){2,})+"])
+def test_a_regexp_that_repeats_a_repeating_group_is_refused(tmp_path: Path, pattern: str) -> None:
+    """Python's re backtracks: '(a+)+$' on 30 a's and a b takes minutes, on every event it is tried on."""
+    validate(
+        tmp_path, sub_text(query=f'alertName REGEXP "{pattern}"'), "subpatterns[0].query: column 18: regular expression repeats"
+    )
+
+
+@pytest.mark.parametrize(
+    "pattern", ["a+b+", ".*C:\\\\Perflogs\\\\.*", "(?:ab|c)+", "(a{1,5})+", "^.*foo.*$", "(?>a+)+", "(a++)+"]
+)
+def test_a_regexp_with_repeats_side_by_side_or_atomic_still_loads(pattern: str) -> None:
+    if "(?>" in pattern or "++" in pattern:
+        pytest.importorskip("re._parser", reason="atomic groups and possessive repeats need Python 3.11")
+    rule = parse_rule_text(sub_text(query=f'alertName REGEXP "{pattern}"'), "r.yaml")
+    assert isinstance(rule.query.tree, Regexp) and rule.query.tree.pattern == pattern

@@ -58,7 +58,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except RuleSetError as exc:
         for error in exc.errors:
             print(error, file=sys.stderr)
-        print(f"{len(exc.errors)} invalid rule file(s)", file=sys.stderr)
+        print(f"{len({e.file for e in exc.errors})} invalid rule file(s)", file=sys.stderr)
         return 1
     if empty:
         return 1

@@ -37,6 +37,7 @@ DEFAULT_INCIDENT_LIFETIME_S = 24 * 3600  # FortiSIEM keeps an incident Active un
 MAX_WINDOW_S = 30 * 86400  # time windows and quiet periods: a month of state per group at most
 MAX_INCIDENT_LIFETIME_S = 365 * 86400  # epoch milliseconds plus a lifetime stay far inside INT64
 MAX_TEST_OFFSET_S = 10 * 365 * 86400  # rule-test offsets: a decade, so start + offset is a datetime
+MAX_PROBLEMS_PER_FILE = 20  # schema problems listed for one file; the last line counts the rest
 MAX_PATTERN_CHARS = 4_096  # a pattern names a rule's few subpatterns
 MAX_RULE_QUERY_CHARS = 131_072  # all query, correlation and pattern text of one rule: about 1 s of parsing
 ATTRIBUTE_NAME_HINT = (
@@ -807,20 +808,40 @@ def load_yaml(text: str, path: str) -> Any:
 _M = TypeVar("_M", bound=BaseModel)
 
 
+class SchemaErrors(RuleError):
+    """Every schema problem of one file: reads as the first with a count of the others (the message a
+    single-error caller shows); ``problems`` holds each located on its own (``load_rules`` lists them)."""
+
+    def __init__(self, problems: list[RuleError], total: int) -> None:
+        first = problems[0]
+        more = f" (and {total - 1} more)" if total > 1 else ""
+        super().__init__(first.reason + more, file=first.file, field=first.field, text=first.text)
+        self.problems = problems
+
+
 def _validate(model: type[_M], data: dict[str, Any], path: str) -> _M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors()  # an unknown key first: it often explains a "Field required" beside it
-        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-        if first["type"] == "extra_forbidden":  # name the likely key instead of pydantic's wording
-            first = {**first, "msg": unknown_key_hint(model, first["loc"])}
-        elif first["type"] == "string_pattern_mismatch" and first.get("ctx", {}).get("pattern") == ATTRIBUTE_NAME:
-            first = {**first, "msg": ATTRIBUTE_NAME_HINT}
-        bad = first.get("input")
-        shown = None if isinstance(bad, (dict, list)) or bad is None else str(bad)[:120]
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise RuleError(first["msg"] + more, file=path, field=_loc_text(first["loc"]), text=shown) from None
+        errors = exc.errors()  # unknown keys first: one often explains a "Field required" beside it
+        errors.sort(key=lambda e: e["type"] != "extra_forbidden")
+        problems = [_schema_problem(model, e, path) for e in errors[:MAX_PROBLEMS_PER_FILE]]
+        if len(errors) > MAX_PROBLEMS_PER_FILE:
+            last = problems[-1]
+            extra = len(errors) - MAX_PROBLEMS_PER_FILE
+            problems[-1] = RuleError(f"{last.reason} (and {extra} more)", file=path, field=last.field, text=last.text)
+        raise SchemaErrors(problems, len(errors)) from None
+
+
+def _schema_problem(model: type[BaseModel], error: Any, path: str) -> RuleError:
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":  # name the likely key instead of pydantic's wording
+        message = unknown_key_hint(model, error["loc"])
+    elif error["type"] == "string_pattern_mismatch" and error.get("ctx", {}).get("pattern") == ATTRIBUTE_NAME:
+        message = ATTRIBUTE_NAME_HINT
+    bad = error.get("input")
+    shown = None if isinstance(bad, (dict, list)) or bad is None else str(bad)[:120]
+    return RuleError(message, file=path, field=_loc_text(error["loc"]), text=shown)
 
 
 def read_text_file(path: Path) -> str:
@@ -908,6 +929,9 @@ def load_groups(paths: Iterable[Path]) -> dict[str, tuple[str, ...]]:
                     read_text_file(file), str(file), "a group file must hold 'groups:', a list of {name, eventTypes}"
                 )
                 parsed = _validate(GroupFileModel, data, str(file))
+            except SchemaErrors as err:
+                errors.extend(err.problems)
+                continue
             except RuleError as err:
                 errors.append(err)
                 continue
@@ -963,6 +987,9 @@ def load_rules(paths: Iterable[Path]) -> list[Rule]:
         for file in rule_files(root):
             try:
                 rule = load_rule_file(file, groups)
+            except SchemaErrors as err:
+                errors.extend(err.problems)
+                continue
             except RuleError as err:
                 errors.append(err)
                 continue

@@ -525,3 +525,19 @@ def test_a_regexp_with_repeats_side_by_side_or_atomic_still_loads(pattern: str) 
         pytest.importorskip("re._parser", reason="atomic groups and possessive repeats need Python 3.11")
     rule = parse_rule_text(sub_text(query=f'alertName REGEXP "{pattern}"'), "r.yaml")
     assert isinstance(rule.query.tree, Regexp) and rule.query.tree.pattern == pattern
+
+
+def test_every_schema_problem_of_a_file_is_its_own_located_line(tmp_path: Path) -> None:
+    text = rule_text(severity=True, timeWindow=-1, incidentAttributes={"a b": "cred.hostName"}, timeWindw=5)
+    lines = validate(tmp_path, text).splitlines()
+    fields = [line.split(": ")[1] for line in lines]
+    assert fields == ["timeWindw", "severity", "timeWindow", "incidentAttributes.a b.[key]"]  # unknown key first
+    assert "did you mean 'timeWindow'?" in lines[0] and "1 invalid rule file(s)" in cli(["validate", str(tmp_path)])[2]
+
+
+def test_the_problems_listed_for_one_file_are_capped_and_counted(tmp_path: Path) -> None:
+    text = rule_text(impacts=[{"not": "a string"}] * 500)
+    lines = validate(tmp_path, text).splitlines()
+    assert len(lines) == 20 and lines[-1].endswith("(and 480 more)")
+    with pytest.raises(RuleError, match=r"impacts\[0\]: Input should be a valid string \(and 499 more\)"):
+        parse_rule_text(text, "r.yaml")

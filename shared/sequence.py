@@ -297,18 +297,17 @@ class _Run:
 
     def trigger(self, at: int, match: Match | None, attributes: dict[str, Any], evidence: list[NormalizedEvent]) -> None:
         rule, st = self.rule, self.st
-        first = min((e[0] for g in (match.instances.values() if match else ()) for e in g), default=at)
+        first = _first(match, at)
         inc = st.incident
         if inc is not None and at - inc.last_trigger > rule.lifetime_s * 1000:
             inc = None
         if inc is None:
             inc = Incident(incident_id(st.key, at), 1, first, at, at, at, 1, attributes, unannounced=bool(self.rule.exceptions))
+            self.ext.pop("w", None)
             action = "created"
         else:
             inc.revision += 1
-            if at - inc.window_start > self.window:
-                inc.trigger_count += 1
-                inc.window_start = at
+            self._count_window(inc, at)
             inc.first_seen = min(inc.first_seen, first)
             inc.last_seen = max(inc.last_seen, at)
             if at >= inc.last_trigger:  # the newest trigger in event time sets them, whatever the arrival order
@@ -322,6 +321,32 @@ class _Run:
         kept = ((prev[2] if prev else []) + evidence)[-MAX_TRIGGER_EVENTS:]
         self.touched[inc.incident_id] = (inc, action, kept)
         self.stats.add("triggers", rule=rule.id)
+
+    def _count_window(self, inc: Incident, at: int) -> None:
+        """``triggerCount``: the distinct event windows of the incident's triggers, each window opened
+        by the first trigger more than ``timeWindow`` after the previous window's start, over the
+        triggers in event-time order whatever their arrival order. The window starts are kept (those
+        a late trigger can still reach, see :func:`_trim`); a trigger arriving before a later start
+        re-derives the starts after it from the trigger times held (``t``)."""
+        starts: list[int] = list(self.ext.get("w") or [inc.window_start])
+        before = len(starts)
+        if at >= starts[-1]:
+            if at - starts[-1] > self.window:
+                starts.append(at)
+        else:
+            j = bisect_right(starts, at) - 1
+            if j < 0 or at - starts[j] > self.window:  # a new start, and those after it may move
+                tail = [at]
+                for t in self.ext.get("t", []):
+                    if t > tail[-1] + self.window:
+                        tail.append(int(t))
+                starts = starts[: j + 1] + tail
+        inc.trigger_count += len(starts) - before
+        inc.window_start = starts[-1]
+        if len(starts) > 1:
+            self.ext["w"] = starts
+        else:  # the incident's window start says it all: no extra bytes
+            self.ext.pop("w", None)
 
     def clear(self, at: int, evidence: list[NormalizedEvent]) -> None:
         inc = self.st.incident
@@ -411,8 +436,7 @@ class _Run:
         for end in ends:
             if end in triggered or (cleared is not None and end <= cleared):
                 continue
-            lo = end - self.window if cleared is None else max(end - self.window, cleared + 1)
-            match = evaluate(rule, rule.pattern, self.st.entries, lo, end, None, self.keys)
+            match = self._match(end)
             if match is not None:
                 triggered.append(end)
                 triggered.sort()
@@ -425,25 +449,43 @@ class _Run:
         can change what the newest trigger's window holds (an earlier event arriving late, or one at
         the trigger's own time arriving after it fired): its attributes are computed again, so the
         incident ends with the attributes of its newest trigger in event time whatever the arrival
-        order or batching (a new revision if they changed and this event triggered nothing)."""
-        rule, inc = self.rule, self.st.incident
-        if inc is None or not inc.last_trigger - self.window <= t <= inc.last_trigger:
+        order or batching. An event older than the incident's ``firstSeen`` can be the earliest of a
+        window that already triggered: those triggers' matches are found again and ``firstSeen``
+        takes their earliest event, as in event-time order. A new revision if either changed and
+        this event triggered nothing."""
+        inc = self.st.incident
+        if inc is None:
             return
-        if inc.last_trigger in fired:  # this event's own evaluation just set them
-            return
-        assert rule.pattern is not None
+        changed = False
         end = inc.last_trigger
-        cleared = self.ext.get("c")
-        lo = end - self.window if cleared is None else max(end - self.window, cleared + 1)
-        match = evaluate(rule, rule.pattern, self.st.entries, lo, end, None, self.keys)
-        attributes = _attributes(rule, match) if match is not None else inc.attributes
-        if attributes == inc.attributes:
+        if end - self.window <= t <= end and end not in fired:  # fired: this event's own evaluation set them
+            match = self._match(end)
+            attributes = _attributes(self.rule, match) if match is not None else inc.attributes
+            if attributes != inc.attributes:
+                inc.attributes, changed = attributes, True
+        if t < inc.first_seen:
+            reach = [end for end in self.ext.get("t", []) if t <= end <= t + self.window and end not in fired]
+            first = min((_first(m, end) for end in reach if (m := self._match(end)) is not None), default=inc.first_seen)
+            if first < inc.first_seen:
+                inc.first_seen, changed = first, True
+        if not changed:
             return
-        inc.attributes = attributes
         if not fired:  # one revision per event that changes the incident: a trigger of this event made it
             inc.revision += 1
         if inc.incident_id not in self.touched:
             self.touched[inc.incident_id] = (inc, "updated", [])
+
+    def _match(self, end: int) -> Match | None:
+        """The pattern's match in the window ending at ``end`` (not before the clear floor)."""
+        assert self.rule.pattern is not None
+        cleared = self.ext.get("c")
+        lo = end - self.window if cleared is None else max(end - self.window, cleared + 1)
+        return evaluate(self.rule, self.rule.pattern, self.st.entries, lo, end, None, self.keys)
+
+
+def _first(match: Match | None, at: int) -> int:
+    """The earliest event time of a match (``at`` for a match with no events: an absence)."""
+    return min((int(e[0]) for g in (match.instances.values() if match else ()) for e in g), default=at)
 
 
 def _migrate(st: GroupState) -> GroupState:
@@ -593,6 +635,10 @@ def _trim(run: _Run) -> None:
         st.entries = [e for e in st.entries if e[0] >= horizon]
     if "t" in run.ext:
         run.ext["t"] = [t for t in run.ext["t"] if t >= horizon][-MAX_TRIGGER_TIMES:]
+    starts = run.ext.get("w")
+    if starts and starts[0] < horizon:  # the last window start before the horizon still decides a late trigger's window
+        kept = [w for w in starts if w >= horizon]
+        run.ext["w"] = [max(w for w in starts if w < horizon), *kept]
     if len(st.entries) > MAX_SEQUENCE_ENTRIES:
         drop = len(st.entries) - MAX_SEQUENCE_ENTRIES
         del st.entries[:drop]

@@ -313,17 +313,21 @@ def _replayed(pattern: str, events: list[NormalizedEvent], batch: int, tmp: Any)
     path.write_bytes(b"\n".join(orjson.dumps({k: v for k, v in e.attrs.items() if k in _RAW}) for e in events))
     out = io.BytesIO()
     with mock.patch("shared.replay.REPLAY_BATCH", batch):
-        replay([str(path)], [rule(pattern, window=W)], fmt="normalized", out=out, err=io.StringIO(), clock=lambda: T0)
+        replay([str(path)], [rule(pattern, window=W)], fmt="normalized", out=out, err=io.StringIO(), clock=lambda: LATER)
     return [orjson.loads(line) for line in out.getvalue().splitlines()]
 
 
 _RAW = ("eventType", "hostName", "user", "tenantId", "alertIdStr", "eventTime")
+LATER = T0 + timedelta(days=1)  # the replay's clock: after every event (times ahead of it are clamped to it)
 
 
 @settings(max_examples=150, deadline=None)
 @given(delayed_streams, st.integers(1, 4), st.sampled_from(PATTERNS))
 @example(stream=[(141, 0, 0, 0), (120, 3, 0, 41), (40, 0, 0, 0)], batch=1, pattern="persist FOLLOWED_BY cred").via(
     "one late follower fires two triggers"
+)
+@example(stream=[(51, 0, 0, 0), (100, 0, 0, 0), (150, 0, 0, 0)], batch=3, pattern="persist OR cred").via(
+    "event times past the replay's clock"
 )
 def test_a_replay_of_any_delivery_within_the_lateness_gives_the_incidents_of_event_time_order(
     tmp_path_factory: Any, stream: list[tuple[int, int, int, int]], batch: int, pattern: str
@@ -340,3 +344,39 @@ def test_a_replay_of_any_delivery_within_the_lateness_gives_the_incidents_of_eve
         assert got == expected
     else:
         assert sorted(v[1:] for v in got.values()) == sorted(v[1:] for v in expected.values())
+
+
+def test_a_trigger_delivered_after_its_group_passed_the_quiet_clear_opens_nothing(new_store: StoreFactory) -> None:
+    """The documented limit of `clear: {after}`: persist@0, persist@300 (event time passed 0 + 200:
+    the incident is cleared at 200 and persist@300 opens a new one), then persist@150, not late but
+    at or before the published clear: it belongs to the closed incident and opens nothing. In
+    event-time order persist@150 keeps the incident open: one incident, three triggers."""
+    r = rule("persist OR cred", window=W, extra="clear:\n  after: 200\n")
+    p0, p1, p2 = (ev(PERSIST, at, alertIdStr=f"p{at}") for at in (0, 150, 300))
+    in_order, late = _fed(new_store, r, [p0, p1, p2], [p0, p2, p1])
+    assert [(s["revision"], s["lastSeen"], s["triggerCount"]) for s in in_order.snaps][-1] == (3, _at(300), 1)
+    assert len({s["incidentId"] for s in in_order.snaps}) == 1
+    assert [(s["action"], s["lastSeen"]) for s in late.snaps] == [
+        ("created", _at(0)),
+        ("cleared", _at(200)),
+        ("created", _at(300)),
+    ]
+
+
+def test_a_clearing_event_delivered_after_later_triggers_closes_them_with_the_incident(new_store: StoreFactory) -> None:
+    """The documented limit of `clear: {query}`: persist@0, persist@100, then the clearing event @50.
+    In event-time order the clear closes the incident of persist@0 and persist@100 opens a new one;
+    delivered last, it closes the one incident that both triggers joined."""
+    r = rule("persist OR cred", window=W, extra='clear:\n  query: eventType = "Host-Reimaged"\n')
+    p0, p1, wipe = ev(PERSIST, 0, alertIdStr="p0"), ev(PERSIST, 100, alertIdStr="p1"), ev("Host-Reimaged", 50, alertIdStr="w")
+    in_order, late = _fed(new_store, r, [p0, wipe, p1], [p0, p1, wipe])
+    assert [(s["action"], s["lastSeen"]) for s in in_order.snaps] == [
+        ("created", _at(0)),
+        ("cleared", _at(50)),
+        ("created", _at(100)),
+    ]
+    assert [(s["action"], s["revision"], s["lastSeen"]) for s in late.snaps] == [
+        ("created", 1, _at(0)),
+        ("updated", 2, _at(100)),
+        ("cleared", 3, _at(100)),
+    ]

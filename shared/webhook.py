@@ -640,6 +640,8 @@ def forget_poisoned(deliveries: DeliveryLog, poison_message: Mapping[str, Any], 
     return targets
 
 
+_INCIDENT_ID = re.compile(r"[\x21-\x7e]{1,256}")
+
 # -- the forwarder -------------------------------------------------------------------------------
 
 
@@ -694,6 +696,8 @@ class Forwarder:
             severity = snapshot.get("severity", 0)
             if type(severity) is not int:  # the targets' filters compare it (a bool is not a severity)
                 raise ValueError(f"severity must be an integer, not {type(severity).__name__}")
+            if not _INCIDENT_ID.fullmatch(incident_id):  # the engine's ids are inc-<hex>
+                raise ValueError("incidentId must be 1-256 visible ASCII characters (it goes into the Idempotency-Key header)")
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             self._to_poison(body, f"not an incident snapshot ({type(exc).__name__}: {str(exc)[:200]})", message_id)
             result.failed["*"] = "not an incident snapshot"

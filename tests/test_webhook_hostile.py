@@ -236,6 +236,23 @@ def test_a_message_whose_severity_is_not_an_integer_is_parked_at_once_with_its_r
     assert "severity" in str(message["reason"]) and message["body"] == body.decode()
 
 
+@pytest.mark.parametrize("incident", ["inc-\u20ac", "inc\r\nX-Forged: 1", "a" * 300, "", "inc id"])
+def test_a_message_whose_incident_id_cannot_be_a_header_is_parked_at_once_and_never_sent(incident: str) -> None:
+    """The id goes into the Idempotency-Key header (and log lines): a non-Latin-1 character raised a
+    UnicodeEncodeError on every dequeue, CR/LF was retried five times as if the receiver were down."""
+    parked: list[dict[str, object]] = []
+    sink = type("Sink", (), {"send": lambda self, m: parked.append(orjson.loads(m))})()
+    server = Script()
+    try:
+        fw = Forwarder([hostile_target(server.url)], MemoryDeliveryLog(), poison=sink)
+        result = fw.handle(orjson.dumps(snapshot(incident=incident)), dequeue_count=1)
+    finally:
+        server.close()
+    assert result.failed == {"*": "not an incident snapshot"} and server.requests == []
+    [message] = parked
+    assert "incidentId" in str(message["reason"])
+
+
 @pytest.mark.azurite
 def test_a_revision_past_32_bits_is_delivered_and_recorded_once_on_table_storage(azurite: Azurite, table_name: str) -> None:
     """Table Storage writes a Python int as Int32: a revision of 2**31 or more must still be recorded

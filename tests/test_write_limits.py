@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from shared import entities
@@ -372,3 +372,85 @@ def test_keys_cut_for_the_budget_differ_when_any_value_differs() -> None:
         changed[i] = "\x02" * 511 + "\x03"
         seen.add(tuple(bounded_key(changed)))
     assert len(seen) == 41
+
+
+# -- rules and events drawn at random: every write fits, every retry re-emits what was emitted -------------
+
+hostile_values = st.one_of(
+    st.text(max_size=20),
+    st.integers(0, 2**40).map(str),
+    st.integers(0, 2**31).map(lambda seed: cjk(random.Random(seed), 600)),
+    st.integers(1, 31).map(lambda c: chr(c) * 600),
+    st.lists(st.text(max_size=300), max_size=20),
+    st.floats(-1e300, 1e300),
+)
+
+
+@st.composite
+def rule_texts(draw: st.DrawFn) -> tuple[str, list[str], str]:
+    """A rule (as YAML) of any shape a user may write: classic or FOLLOWED_BY, 1-40 group-by
+    attributes, 0-120 mappings of group values and aggregates; with its event types."""
+    n = draw(st.sampled_from([40, 30, 12, 3, 1]))
+    maps = draw(st.sampled_from([120, 30, 5, 0]))
+    group_by = ", ".join(f"a{i}" for i in range(n))
+    constraint = draw(st.sampled_from(["COUNT(*) >= 1", "COUNT(DISTINCT v) >= 1", "SUM(w) >= 0 OR COUNT(*) >= 2"]))
+    sequence = draw(st.booleans())
+    subs = ["s", "t"] if sequence else ["s"]
+    values = [f"a{i % n}" for i in range(maps)]
+    aggregates = ["COUNT(*)", "COUNT(DISTINCT v)", "MAX(w)"]
+    sources = [aggregates[i % 3] if i % 4 == 3 else values[i] for i in range(maps)]
+    lines = [
+        f"  m{i}{'_' * draw(st.integers(0, 300)) if i < 3 else ''}: {subs[i % len(subs)]}.{sources[i]}\n" for i in range(maps)
+    ]
+    text = (
+        "id: RND\nname: w\nseverity: 3\ncategory: Security\ntimeWindow: 600\nincidentLifetime: 900\nsubpatterns:\n"
+        + "".join(
+            f"  - {{name: {s}, query: 'eventType = \"{s}x\"', groupBy: [{group_by}], aggregateConstraint: '{constraint}'}}\n"
+            for s in subs
+        )
+        + ("pattern: s FOLLOWED_BY t\n" if sequence else "")
+        + "incidentAttributes:\n  c: s.COUNT(*)\n"
+        + "".join(lines)
+    )
+    return text, [f"{s}x" for s in subs], "a0"
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> tuple[Rule, list[list[NormalizedEvent]]]:
+    text, types, _ = draw(rule_texts())
+    rule = parse_rule_text(text)
+    n = len(rule.subs[0].group_by) if rule.subs else len(rule.group_by)
+    kind = draw(st.sampled_from(["cjk", "control", "lists", "mixed"]))  # one kind for every value: the worst case
+    seed = draw(st.integers(0, 2**16))
+    long_values = {
+        "cjk": lambda j: cjk(random.Random(seed + j), 600),
+        "control": lambda j: chr(1 + (seed + j) % 31) * 600,
+        "lists": lambda j: [cjk(random.Random(seed + j + k), 60) for k in range(12)],
+        "mixed": lambda j: draw(hostile_values),
+    }[kind]
+    shared = {f"a{j}": long_values(j) for j in range(n)}
+    events = []
+    for i in range(draw(st.integers(1, 6))):
+        own = draw(st.dictionaries(st.sampled_from([f"a{j}" for j in range(n)]), hostile_values, max_size=3))
+        extra = {"v": draw(hostile_values), "w": draw(st.one_of(st.integers(0, 10**6), hostile_values))}
+        events.append(event(i, {**shared, **own, **extra}, seconds=draw(st.integers(0, 1200)), event_type=types[i % len(types)]))
+    cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(events) - 1)), max_size=2))))
+    batches = [events[a:b] for a, b in zip([0, *cuts], [*cuts, len(events)], strict=True) if events[a:b]]
+    return rule, batches
+
+
+@settings(max_examples=60)
+@given(scenarios())
+def test_any_rule_and_events_make_only_writes_table_accepts(scenario: tuple[Rule, list[list[NormalizedEvent]]]) -> None:
+    rule, batches = scenario
+    run_twice(MemoryStateStore(live_limit=0), [rule], batches)
+
+
+@settings(max_examples=8)
+@given(scenarios())
+def test_any_rule_and_events_make_only_writes_azure_table_accepts(
+    azurite: Any, scenario: tuple[Rule, list[list[NormalizedEvent]]]
+) -> None:
+    rule, batches = scenario
+    with fresh_table_store(azurite) as table:
+        run_twice(table, [rule], batches)

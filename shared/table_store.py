@@ -305,7 +305,8 @@ def _chunks(ops: list[tuple[Change, Any]]) -> Iterator[list[tuple[Change, Any]]]
     for item in ops:
         entity = item[1][1]
         binary = len(entity.get("state", b"")) + sum(len(entity.get(name, b"")) for name in OUTBOX_NAMES)
-        item_size = binary * 4 // 3 + len(entity.get("groupValues", "")) * 4 + 1024  # binary goes as base64
+        # binary goes as base64; text as JSON with every non-ASCII character escaped (12 bytes outside the BMP)
+        item_size = binary * 4 // 3 + len(entity.get("groupValues", "")) * 12 + 1024
         if chunk and (len(chunk) >= TRANSACTION_LIMIT or size + item_size > MAX_TRANSACTION_BYTES):
             yield chunk
             chunk, size = [], 0

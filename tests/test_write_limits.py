@@ -39,7 +39,7 @@ from shared.state import (
 )
 from shared.table_store import TableStateStore
 
-from .test_engine import fresh_table_store
+from .test_engine import FAILURE_POINTS, Flaky, deliver, fresh_table_store
 
 T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
 _NORM = Normalizer(fmt="normalized")
@@ -481,6 +481,7 @@ def test_any_rule_and_events_make_only_writes_table_accepts(scenario: tuple[Rule
     run_twice(MemoryStateStore(live_limit=0), [rule], batches)
 
 
+@pytest.mark.azurite
 @settings(max_examples=8)
 @given(scenarios())
 def test_any_rule_and_events_make_only_writes_azure_table_accepts(
@@ -509,6 +510,7 @@ class _TransactionLog:
         return getattr(self.inner, name)
 
 
+@pytest.mark.azurite
 def test_a_burst_of_big_states_with_long_readable_values_splits_into_transactions_table_takes(azurite: Any) -> None:
     """60 groups of one partition, each with a state of 60 KiB and readable group values of 4,000
     characters outside the BMP (12 bytes each in the request's JSON): every transaction is within
@@ -535,3 +537,59 @@ def test_a_burst_of_big_states_with_long_readable_values_splits_into_transaction
         table.save(changes)
         assert log.failures == []
         assert all(v.state is not None for v in table.load(keys, 0).values())
+
+
+def _absence_rule(mappings: int) -> Rule:
+    group_by = ", ".join(f"a{i}" for i in range(8))
+    return parse_rule_text(
+        "id: ABS\nname: w\nseverity: 3\ncategory: Security\ntimeWindow: 600\nincidentLifetime: 600\nsubpatterns:\n"
+        f"  - {{name: l, query: 'eventType = \"l\"', groupBy: [{group_by}], aggregateConstraint: 'COUNT(*) >= 1'}}\n"
+        f"  - {{name: r, query: 'eventType = \"r\"', groupBy: [{group_by}], aggregateConstraint: 'COUNT(*) >= 1'}}\n"
+        "pattern: l NOT FOLLOWED_BY r\nincidentAttributes:\n  n: l.COUNT(*)\n"
+        + "".join(f"  x{i}: l.a{i % 8}\n" for i in range(mappings))
+    )
+
+
+def test_a_pending_absence_of_oversized_attributes_fires_them_cut_and_says_so(store: StateStore) -> None:
+    rnd = random.Random(10)
+    values = {f"a{j}": cjk(rnd, 600) for j in range(8)}
+    snaps = run_twice(store, [_absence_rule(100)], [[event(0, values, event_type="l")], [event(1, values, 700, "l")]])
+    [fired] = snaps
+    assert fired["action"] == "created" and fired["attributesTrimmed"] is True
+    assert fired["lastSeen"].startswith("2026-03-01T00:10:00")  # at the deadline: the absence fired
+    assert len(orjson.dumps(fired["attributes"])) <= 16 * 1024
+
+
+def test_the_timer_fires_an_oversized_absence_within_the_limits(store: StateStore) -> None:
+    rnd = random.Random(11)
+    values = {f"a{j}": cjk(rnd, 600) for j in range(8)}
+    checked = Checked(store)
+    engine = Engine([_absence_rule(100)], checked, lambda: T0)
+    assert engine.process([event(0, values, event_type="l")]).incidents == []
+    [fired] = engine.fire_due(T0 + timedelta(seconds=601)).incidents
+    assert fired["attributesTrimmed"] is True and checked.violations == []
+
+
+@pytest.mark.parametrize("point", FAILURE_POINTS)
+def test_oversized_groups_retried_at_every_failure_point_deliver_what_a_clean_pass_does(point: str) -> None:
+    rnd = random.Random(12)
+    rule = make_rule(30, 120)
+    groups = [{f"a{j}": cjk(rnd, 600) for j in range(30)} for _ in range(2)]
+    batches = [[event(3 * b + i, groups[i % 2]) for i in range(3)] for b in range(3)]
+    clean: list[bytes] = []
+    reference = Engine([rule], MemoryStateStore(), lambda: T0)
+    for b in batches:
+        clean += [orjson.dumps(s) for s in reference.process(b).incidents]
+    store = Checked(MemoryStateStore(live_limit=0))
+    batch: list[NormalizedEvent] = []
+    raced: list[bytes] = []
+    other = Engine([rule], store, lambda: T0)
+    flaky = Flaky(store, race=lambda: raced.extend(orjson.dumps(s) for s in other.process(batch).incidents))
+    engine = Engine([rule], flaky, lambda: T0)
+    delivered: list[bytes] = []
+    for batch in batches:
+        delivered += raced + [orjson.dumps(s) for s in deliver(engine, flaky, batch, [point])]
+        raced.clear()
+    assert store.violations == []
+    assert sorted(set(delivered)) == sorted(set(clean))  # what a retry re-emits is byte for byte what was emitted
+    assert all(orjson.loads(s)["attributesTrimmed"] for s in delivered)

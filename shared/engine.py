@@ -448,7 +448,8 @@ def _last_resort(snapshot: Snapshot, room: int) -> Snapshot:
     out = cast(dict[str, Any], dict(snapshot))
     dropped = len(out.get("triggerEvents", []))
     out["triggerEvents"] = []
-    out["triggerEventsTrimmed"] = out.get("triggerEventsTrimmed", 0) + dropped
+    if dropped:
+        out["triggerEventsTrimmed"] = out.get("triggerEventsTrimmed", 0) + dropped
     if out.get("entities"):
         out["entities"] = entities.empty()
         out["entitiesTrimmed"] = True

@@ -435,7 +435,7 @@ def rule_texts(draw: st.DrawFn) -> tuple[str, list[str], str]:
     aggregates = ["COUNT(*)", "COUNT(DISTINCT v)", "MAX(w)"]
     sources = [aggregates[i % 3] if i % 4 == 3 else values[i] for i in range(maps)]
     lines = [
-        f"  m{i}{'_' * draw(st.integers(0, 300)) if i < 3 else ''}: {subs[i % len(subs)]}.{sources[i]}\n" for i in range(maps)
+        f"  m{i}{'_' * draw(st.integers(0, 190)) if i < 3 else ''}: {subs[i % len(subs)]}.{sources[i]}\n" for i in range(maps)
     ]
     text = (
         "id: RND\nname: w\nseverity: 3\ncategory: Security\ntimeWindow: 600\nincidentLifetime: 900\nsubpatterns:\n"

@@ -36,12 +36,14 @@ class RuleError(CorrelatorError):
         field: str | None = None,
         column: int | None = None,
         text: str | None = None,
+        line: int | None = None,
     ) -> None:
         self.reason = message
         self.file = file
         self.field = field
         self.column = column
         self.text = text
+        self.line = line  # of the field in the file, where the loader could tell
         super().__init__(self._render())
 
     def _render(self) -> str:
@@ -52,6 +54,8 @@ class RuleError(CorrelatorError):
         if self.text is not None:
             shown = self.text if len(self.text) <= MAX_QUOTED_CHARS else self.text[:MAX_QUOTED_CHARS] + "..."
             parts[-1] += f" in {shown!r}"
+        if self.line is not None:
+            parts[-1] += f" (line {self.line})"
         return one_line(": ".join(parts))
 
     def located(self, *, file: str | None = None, field: str | None = None) -> RuleError:
@@ -62,7 +66,14 @@ class RuleError(CorrelatorError):
             field=self._join_field(field, self.field),
             column=self.column,
             text=self.text,
+            line=self.line,
         )
+
+    def at_line(self, line: int | None) -> RuleError:
+        """Return a copy that names the line of its field (``None``: unchanged)."""
+        if line is None or self.line is not None:
+            return self
+        return RuleError(self.reason, file=self.file, field=self.field, column=self.column, text=self.text, line=line)
 
     @staticmethod
     def _join_field(outer: str | None, inner: str | None) -> str | None:

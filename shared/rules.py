@@ -14,6 +14,7 @@ and rules with a ``clear`` condition, run in :mod:`shared.sequence`. Single-subp
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -670,16 +671,48 @@ def parse_rule_text(text: str, path: str = "<rule>", groups: Groups | None = Non
     Raises:
         RuleError: the YAML, the schema, the query, the constraint or a mapping is invalid.
     """
-    data = _yaml_mapping(text, path, "a rule file must hold a mapping of rule fields")
-    model = _validate(RuleModel, data, path)
-    return compile_rule(model, path, groups)
+    data, root = _yaml_mapping_located(text, path, "a rule file must hold a mapping of rule fields")
+    try:
+        return compile_rule(_validate(RuleModel, data, path), path, groups)
+    except RuleError as err:
+        raise _with_lines(err, root) from None
 
 
-def _yaml_mapping(text: str, path: str, what: str) -> dict[str, Any]:
-    data = load_yaml(text, path)
-    if not isinstance(data, dict):
+def _with_lines(err: RuleError, root: yaml.Node) -> RuleError:
+    """``err`` (or each problem of a :class:`SchemaErrors`) naming the line of its field."""
+    if isinstance(err, SchemaErrors):
+        return SchemaErrors([p.at_line(_field_line(root, p.field)) for p in err.problems], err.total)
+    return err.at_line(_field_line(root, err.field))
+
+
+_FIELD_STEP = re.compile(r"\[(\d+)\]|\.?([^.\[\]]+)")
+
+
+def _field_line(root: yaml.Node, field: str | None) -> int | None:
+    """The 1-based line of ``field`` (``subpatterns[0].query``) in the document; as deep as its steps go
+    (a key holding a dot stops at its mapping)."""
+    if not field:
+        return None
+    node, line = root, None
+    for index, key in _FIELD_STEP.findall(field):
+        if index and isinstance(node, yaml.SequenceNode) and int(index) < len(node.value):
+            node = node.value[int(index)]
+            line = node.start_mark.line + 1
+        elif key and isinstance(node, yaml.MappingNode):
+            pair = next(((k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key), None)
+            if pair is None:
+                break
+            line, node = pair[0].start_mark.line + 1, pair[1]
+        else:
+            break
+    return line
+
+
+def _yaml_mapping_located(text: str, path: str, what: str) -> tuple[dict[str, Any], yaml.Node]:
+    data, root = _load_yaml_nodes(text, path)
+    if not isinstance(data, dict) or root is None:
         raise RuleError(what, file=path)
-    return data
+    return data, root
 
 
 class _RuleYamlLoader(yaml.SafeLoader):
@@ -774,17 +807,22 @@ def load_yaml(text: str, path: str) -> Any:
         RuleError: not YAML, a key that repeats, nesting deeper than ``MAX_YAML_DEPTH``, more than
             ``MAX_YAML_NODES`` values once aliases are expanded, or an alias cycle; located by line and column.
     """
+    return _load_yaml_nodes(text, path)[0]
+
+
+def _load_yaml_nodes(text: str, path: str) -> tuple[Any, yaml.Node | None]:
+    """The document's values and its node tree (for the lines of fields); see :func:`load_yaml`."""
     loader: _RuleYamlLoader | None = None
     try:
         loader = _RuleYamlLoader(text)  # the reader checks every character here
         node = loader.get_single_node()
         if node is None:
-            return None
+            return None, None
         if _expanded_size(node, path) > MAX_YAML_NODES:
             raise RuleError(
                 f"more than {MAX_YAML_NODES} values once aliases are expanded (a rule file is configuration)", file=path
             )
-        return loader.construct_document(node)
+        return loader.construct_document(node), node
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
@@ -815,8 +853,9 @@ class SchemaErrors(RuleError):
     def __init__(self, problems: list[RuleError], total: int) -> None:
         first = problems[0]
         more = f" (and {total - 1} more)" if total > 1 else ""
-        super().__init__(first.reason + more, file=first.file, field=first.field, text=first.text)
+        super().__init__(first.reason + more, file=first.file, field=first.field, text=first.text, line=first.line)
         self.problems = problems
+        self.total = total
 
 
 def _validate(model: type[_M], data: dict[str, Any], path: str) -> _M:
@@ -925,10 +964,13 @@ def load_groups(paths: Iterable[Path]) -> dict[str, tuple[str, ...]]:
         files = sorted(p for p in root.rglob("*") if p.suffix in RULE_SUFFIXES and not p.is_dir()) if root.is_dir() else [root]
         for file in files:
             try:
-                data = _yaml_mapping(
+                data, doc = _yaml_mapping_located(
                     read_text_file(file), str(file), "a group file must hold 'groups:', a list of {name, eventTypes}"
                 )
-                parsed = _validate(GroupFileModel, data, str(file))
+                try:
+                    parsed = _validate(GroupFileModel, data, str(file))
+                except RuleError as err:
+                    raise _with_lines(err, doc) from None
             except SchemaErrors as err:
                 errors.extend(err.problems)
                 continue

@@ -536,8 +536,24 @@ def test_every_schema_problem_of_a_file_is_its_own_located_line(tmp_path: Path) 
 
 
 def test_the_problems_listed_for_one_file_are_capped_and_counted(tmp_path: Path) -> None:
-    text = rule_text(impacts=[{"not": "a string"}] * 500)
+    text = rule_text(impacts=[{"not": f"a string {i}"} for i in range(500)])
     lines = validate(tmp_path, text).splitlines()
-    assert len(lines) == 20 and lines[-1].endswith("(and 480 more)")
-    with pytest.raises(RuleError, match=r"impacts\[0\]: Input should be a valid string \(and 499 more\)"):
+    line_of_20th = text.splitlines().index("- not: a string 19") + 1
+    assert len(lines) == 20 and lines[-1].endswith(
+        f"impacts[19]: Input should be a valid string (and 480 more) (line {line_of_20th})"
+    )
+    with pytest.raises(RuleError, match=r"impacts\[0\]: Input should be a valid string \(and 499 more\) \(line \d+\)"):
         parse_rule_text(text, "r.yaml")
+
+
+def test_an_error_names_the_line_of_its_field_in_the_file(tmp_path: Path) -> None:
+    text = (
+        rule_text(severity=11) + "tests:\n  - name: t\n    events:\n      - {at: .inf, event: {}}\n    expect: {incidents: 0}\n"
+    )
+    lines = validate(tmp_path, text).splitlines()
+    assert lines[0].endswith("severity: Input should be less than or equal to 10 in '11' (line 3)")
+    at_line = text.splitlines().index("      - {at: .inf, event: {}}") + 1
+    assert lines[1].endswith(f"tests[0].events[0].at: Input should be a finite number in 'inf' (line {at_line})")
+    query_error = validate(tmp_path, sub_text(query="eventType ="))
+    assert query_error.endswith("subpatterns[0].query: column 12: unexpected end of query in 'eventType =' (line 8)")
+    assert rule_text().splitlines()[7].startswith("  query: ")

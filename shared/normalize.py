@@ -805,6 +805,9 @@ def _category(value: str | None) -> str:
     return value
 
 
+RAW_NESTING_ROOM = 32  # levels a trigger event's values sit below in what holds them: outbox record, snapshot, webhook body
+
+
 def raw_evidence(raw: Any, limit: int = MAX_RAW_BYTES) -> Any:
     """The raw record for incident evidence, replaced by a marked preview when over ``limit``."""
     try:
@@ -814,7 +817,38 @@ def raw_evidence(raw: Any, limit: int = MAX_RAW_BYTES) -> Any:
     else:
         if len(data) <= limit:
             return raw
+    return _preview(data, limit)
+
+
+def _preview(data: bytes, limit: int = MAX_RAW_BYTES) -> dict[str, Any]:
     return {"truncated": True, "bytes": len(data), "preview": data[: limit // 2].decode("utf-8", "replace")}
+
+
+def writable_evidence(summary: dict[str, Any]) -> None:
+    """Make ``summary`` (a trigger event as a snapshot holds it) writable ``RAW_NESTING_ROOM`` levels
+    down, in place: its raw record, if it could not be, becomes a preview (as ``raw_evidence`` makes
+    for one orjson cannot write at all), and each such attribute value its JSON text (a Defender
+    column decoded from JSON, or a field of a normalized record, may nest 1,024 levels deep)."""
+    raw = summary.get("raw")
+    if type(raw) in (list, dict) and not _writable_at_room(raw):
+        summary["raw"] = _preview(raw_json(raw) or b"")
+    attributes = summary.get("attributes")
+    if not isinstance(attributes, dict):
+        return
+    for name, value in attributes.items():
+        if type(value) in (list, dict) and not _writable_at_room(value):
+            attributes[name] = (raw_json(value) or b"").decode("utf-8", "replace")
+
+
+def _writable_at_room(value: Any) -> bool:
+    wrapped = value
+    for _ in range(RAW_NESTING_ROOM):
+        wrapped = [wrapped]
+    try:
+        orjson.dumps(wrapped, default=str)
+    except TypeError:
+        return False
+    return True
 
 
 def iter_file(normalizer: Normalizer, stream: BinaryIO, name: str, arrival: Callable[[], datetime]) -> Iterator[Item]:

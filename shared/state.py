@@ -33,6 +33,7 @@ import orjson
 
 from .entities import KINDS, empty, expand
 from .errors import ConcurrencyConflict
+from .normalize import writable_evidence
 
 STATE_VERSION = 2
 MAX_WINDOW_ENTRIES = 1000  # entries per group window; COUNT(*) entries are ~40 bytes encoded
@@ -160,8 +161,19 @@ class OutboxRecord:
     def encode(self) -> bytes:
         """The record as a group state holds it until a store writes it: its JSON (see ``packed_record``),
         copied out of orjson's result, which keeps its whole output buffer (4 KiB at least) however
-        short the JSON: held by thousands of states, that was most of a replay's memory."""
-        return memoryview(orjson.dumps([self.ids, self.snapshots])).tobytes()
+        short the JSON: held by thousands of states, that was most of a replay's memory.
+
+        A trigger event's attribute nested too deep for orjson to write here (it writes 254 levels,
+        reads 1,024) is replaced, in place, by its JSON text (``writable_evidence``): the snapshots
+        made from these fields share their trigger events, so they carry what the record keeps."""
+        try:
+            data = orjson.dumps([self.ids, self.snapshots])
+        except TypeError:
+            for own in self.snapshots:
+                for event in own.get("triggerEvents") or ():
+                    writable_evidence(event)
+            data = orjson.dumps([self.ids, self.snapshots])
+        return memoryview(data).tobytes()
 
     @classmethod
     def decode(cls, data: bytes) -> OutboxRecord:

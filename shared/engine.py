@@ -27,12 +27,13 @@ from .normalize import ALERT, EVIDENCE, EVIDENCE_EVENT_TYPE, NormalizedEvent, is
 from .rules import Rule
 from .snapshot import RuleFields, Snapshot, TriggerEvent
 from .state import (
-    MAX_ATTRIBUTES_BYTES,
+    ATTRIBUTE_CHARS,
     MAX_ENTRY_BYTES,
     MAX_RECORD_BYTES,
     MAX_STATE_BYTES,
     MAX_WINDOW_ENTRIES,
     SIZE_CHECK_ENTRIES,
+    SURELY_SMALL_ATTRIBUTES,
     Change,
     GroupKey,
     GroupState,
@@ -180,7 +181,7 @@ def group_key(rule: Rule, event: NormalizedEvent) -> GroupKey:
     tenant = sys.intern(_group_value(attrs.get(TENANT_ATTR)))
     if TENANT_ATTR not in group_by:
         values.append(tenant)
-    if len(values) > 2:  # one or two values of at most 512 characters: far within MAX_KEY_BYTES
+    if len(values) > 5:  # up to five values of at most 512 characters are within MAX_KEY_BYTES
         values = bounded_key(values)
     return GroupKey(rule.id, tuple(values), tenant)
 
@@ -679,16 +680,15 @@ def _entry_size(entry: list[Any]) -> int:
 def _fit(st: GroupState) -> int:
     """Evict the oldest entries until the encoded state fits one Table property (never fail a write);
     with none left, ``GroupState.shrink`` cuts what the incident holds. Skipped when the state surely
-    fits: few COUNT(*) entries (~45 bytes each), and key and incident texts of under 4,096 characters
-    (6 bytes each at most) beside entities of 8 KiB at most (incident and pending). An incident's
-    attributes are first cut to ``MAX_ATTRIBUTES_BYTES`` (``cut_attributes``): only hundreds of mappings
-    or hostile values take that much, and a window is worth more than what they display."""
+    fits: few COUNT(*) entries (~45 bytes each), and key values and attributes of under 4,096
+    characters (6 bytes each at most) beside entities of 8 KiB at most (incident and pending). An
+    incident's attributes are first cut to ``MAX_ATTRIBUTES_BYTES`` (``cut_attributes``): only dozens
+    of mappings of long values take that much, and a window is worth more than what they display."""
     inc = st.incident
-    chars = sum(len(v) for v in st.key.values)
-    if inc is not None:
-        chars += sum(len(k) + _chars(v) for k, v in inc.attributes.items())
-        if chars * 6 > MAX_ATTRIBUTES_BYTES:  # first, whatever the window: a window is what correlates
-            cut_attributes(inc.attributes)
+    mapped = len(inc.attributes) if inc is not None else 0
+    if inc is not None and mapped > SURELY_SMALL_ATTRIBUTES:  # first, whatever the window: it correlates
+        cut_attributes(inc.attributes)
+    chars = sum(len(v) for v in st.key.values) + ATTRIBUTE_CHARS * mapped
     small_values = chars < 4096 and all(len(e) == 2 for e in st.entries[-1:])
     if len(st.entries) < SIZE_CHECK_ENTRIES and small_values:
         return 0
@@ -700,13 +700,6 @@ def _fit(st: GroupState) -> int:
     if size > MAX_STATE_BYTES:
         st.shrink()
     return evicted
-
-
-def _chars(value: Any) -> int:
-    """Characters of an attribute value's JSON, bounded from above (numbers take at most 24)."""
-    if type(value) is str:
-        return len(value)
-    return 24 if value is None or type(value) in (int, float, bool) else len(orjson.dumps(value))
 
 
 def _insert_sorted(entries: list[list[Any]], entry: list[Any]) -> None:

@@ -53,7 +53,7 @@ from .pattern import Absent, AllOf, AnyOf, PatternNode, Sub, Then
 from .query import CrossCompare, Ref
 from .rules import CompiledSub, Rule
 from .snapshot import Snapshot
-from .state import MAX_STATE_BYTES, GroupKey, GroupState, Incident, cut_attributes, identity_hash
+from .state import MAX_STATE_BYTES, SURELY_SMALL_ATTRIBUTES, GroupKey, GroupState, Incident, cut_attributes, identity_hash
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def _key(rule: Rule, attrs: tuple[str, ...], event: NormalizedEvent) -> GroupKey
     tenant = _value(event, TENANT_ATTR)
     if TENANT_ATTR not in rule.key_attrs:
         values.append(tenant)
-    if len(values) > 2:
+    if len(values) > 5:  # as engine.group_key
         values = bounded_key(values)
     return GroupKey(rule.id, tuple(values), tenant)
 
@@ -653,7 +653,7 @@ def _fit_bytes(run: _Run) -> None:
     st = run.st
     pending = run.ext.get("p")
     for attributes in (st.incident.attributes if st.incident else None, pending[3] if pending else None):
-        if attributes:  # first, whatever the window: a window is what correlates
+        if attributes and len(attributes) > SURELY_SMALL_ATTRIBUTES:  # first, whatever the window: it correlates
             cut_attributes(attributes)
     size = len(st.to_bytes())
     while st.entries and size > MAX_STATE_BYTES:

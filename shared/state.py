@@ -187,6 +187,11 @@ class OutboxRecord:
 
 
 MAX_ATTRIBUTES_BYTES = 16 * 1024  # an incident's attributes, JSON-encoded, in its group state (and so in its snapshots)
+# A mapped attribute is a name of at most 200 characters (the rule model's) and a group-by value of at
+# most 512 characters, a number or null: 712 characters of at most 6 bytes each in JSON. So this many
+# take at most MAX_ATTRIBUTES_BYTES, and need no measuring.
+SURELY_SMALL_ATTRIBUTES = 4
+ATTRIBUTE_CHARS = 712
 
 
 def cut_attributes(attributes: dict[str, Any], limit: int = MAX_ATTRIBUTES_BYTES) -> int:

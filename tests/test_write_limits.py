@@ -25,8 +25,11 @@ from shared.engine import MAX_KEY_BYTES, Engine, _Outbox, _own, bounded_key
 from shared.normalize import NormalizedEvent, Normalizer
 from shared.rules import Rule, parse_rule_text
 from shared.state import (
+    ATTRIBUTE_CHARS,
+    MAX_ATTRIBUTES_BYTES,
     MAX_RECORD_BYTES,
     MAX_STATE_BYTES,
+    SURELY_SMALL_ATTRIBUTES,
     Change,
     GroupKey,
     GroupState,
@@ -593,3 +596,18 @@ def test_oversized_groups_retried_at_every_failure_point_deliver_what_a_clean_pa
     assert store.violations == []
     assert sorted(set(delivered)) == sorted(set(clean))  # what a retry re-emits is byte for byte what was emitted
     assert all(orjson.loads(s)["attributesTrimmed"] for s in delivered)
+
+
+@given(
+    st.dictionaries(
+        st.text(min_size=1, max_size=200),
+        st.one_of(st.text(max_size=512), st.integers(-(2**63), 2**63 - 1), st.floats(), st.none()),
+        max_size=SURELY_SMALL_ATTRIBUTES,
+    )
+)
+@example({chr(0x7F + i) * 200: "\x01" * 512 for i in range(SURELY_SMALL_ATTRIBUTES)})
+def test_the_attributes_judged_small_without_measuring_are_within_the_attribute_budget(attrs: dict[str, Any]) -> None:
+    """Up to SURELY_SMALL_ATTRIBUTES mapped attributes (names of at most 200 characters, values group-by
+    values of at most 512 characters or numbers) are not measured: they must fit MAX_ATTRIBUTES_BYTES."""
+    assert len(orjson.dumps(attrs)) <= MAX_ATTRIBUTES_BYTES
+    assert all(len(k) + (len(v) if isinstance(v, str) else 24) <= ATTRIBUTE_CHARS for k, v in attrs.items())

@@ -22,11 +22,13 @@ The last line is JSON with every figure.
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import io
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +46,19 @@ from shared.normalize import Normalizer, iter_paths  # noqa: E402
 from shared.replay import replay  # noqa: E402
 from shared.rules import Rule, default_rules_dir, load_rules, parse_rule_text  # noqa: E402
 from shared.state import MemoryStateStore  # noqa: E402
+
+_WORK: list[Path] = []
+
+
+def work_file(name: str) -> Path:
+    """A file in this run's own temporary directory (made on first use, deleted at exit), so that
+    two runs at once never read or overwrite each other's files."""
+    if not _WORK:
+        tmp = tempfile.TemporaryDirectory(prefix="bench-engine-")
+        atexit.register(tmp.cleanup)
+        _WORK.append(Path(tmp.name))
+    return _WORK[0] / name
+
 
 EXTRA_CATEGORIES = ["Collection", "Exfiltration", "Impact", "LateralMovement", "CommandAndControl", "InitialAccess"]
 
@@ -143,11 +158,11 @@ class Bytewax:
 
     def __init__(self, python: str, rules: list[Rule]) -> None:
         self.python = python
-        self.specs = Path("/tmp/bench-bytewax-specs.json")
+        self.specs = work_file("bytewax-specs.json")
         self.specs.write_bytes(orjson.dumps([spec.data() for spec in baseline.specs_of(rules)]))
-        empty = Path("/tmp/bench-bytewax-empty.jsonl")
+        empty = work_file("bytewax-empty.jsonl")
         empty.write_bytes(b"")
-        self.startup = min(self._cpu(empty, Path("/tmp/bench-bytewax-empty-out.jsonl")) for _ in range(3))
+        self.startup = min(self._cpu(empty, work_file("bytewax-empty-out.jsonl")) for _ in range(3))
 
     def _cpu(self, source: Path, sink: Path) -> float:
         proc = subprocess.Popen(
@@ -164,7 +179,7 @@ class Bytewax:
 
 
 def stream_file(kind: str, records: int) -> Path:
-    path = Path(f"/tmp/bench-{kind}-{records}.jsonl")
+    path = work_file(f"{kind}-{records}.jsonl")
     path.write_bytes(streams.build(kind, records))
     return path
 
@@ -173,7 +188,7 @@ def bench_stream(
     kind: str, records: int, runs: int, rules: list[Rule], every_rule: list[Rule] | None, bytewax: Bytewax | None = None
 ) -> dict[str, Any]:
     path = stream_file(kind, records)
-    bytewax_out = Path(f"/tmp/bench-bytewax-{kind}-out.jsonl")
+    bytewax_out = work_file(f"bytewax-{kind}-out.jsonl")
     WALL.clear()
     engine_out, base_out, all_out = io.BytesIO(), io.BytesIO(), io.BytesIO()
     fns: dict[str, Callable[[], Any]] = {
@@ -251,9 +266,13 @@ def bench_scaling(records: int, runs: int, rules: list[Rule]) -> list[dict[str, 
     path = stream_file("alert-dense", records)
     sets = {n: rules + generated_rules(n - len(rules)) for n in (10, 100, 1000)}
     sinks = {n: io.BytesIO() for n in sets}
-    fns = {str(n): (lambda n=n: engine_run(path, sets[n], sinks[n])) for n in sets}
+
+    def run_rules(n: int) -> Callable[[], Any]:
+        return lambda: engine_run(path, sets[n], sinks[n])
+
+    fns = {str(n): run_rules(n) for n in sets}
     fns["1000 brute force"] = lambda: brute_force_run(path, sets[1000], io.BytesIO())
-    best = interleaved(runs, fns)  # type: ignore[arg-type]
+    best = interleaved(runs, fns)
     base = records / best["10"]
     brute = {"rules": "1000 (every rule tested, no index)", "records_per_s": round(records / best["1000 brute force"])}
     brute["vs_10_rules"] = round(records / best["1000 brute force"] / base, 2)
@@ -270,9 +289,8 @@ def bench_scaling(records: int, runs: int, rules: list[Rule]) -> list[dict[str, 
 
 def big_file(megabytes: int, kind: str) -> dict[str, Any]:
     """Replay a file of distinct records through ``python -m shared replay``; sample the child's RSS."""
-    path = Path(f"/tmp/bench-big-{kind}-{megabytes}mb.jsonl")
-    if not path.exists() or path.stat().st_size < megabytes * 1_000_000:
-        streams.write_file(path, kind, megabytes)
+    path = work_file(f"big-{kind}-{megabytes}mb.jsonl")
+    streams.write_file(path, kind, megabytes)
     start = time.perf_counter()
     # The child's own RSS from /proc: ru_maxrss of a child also counts the parent's pages at fork.
     proc = subprocess.Popen(

@@ -77,6 +77,7 @@ class CountingStore:
 
 def record(i: int, matching: bool, alert_id: str | None = None) -> bytes:
     ts = (T0 + timedelta(milliseconds=i)).isoformat().replace("+00:00", "Z")
+    props: dict[str, Any]
     if matching:
         props = {
             "Timestamp": ts,

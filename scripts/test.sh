@@ -19,6 +19,7 @@ step "ruff"
 
 step "mypy"
 .venv/bin/mypy
+.venv/bin/mypy -p benchmarks
 
 step "checkov (Bicep; every skip carries its justification inline)"
 .tools/checkov-venv/bin/checkov -d infra --framework bicep --compact --quiet --skip-download

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -66,7 +66,7 @@ class HubEvent(Protocol):
     def enqueued_time(self) -> datetime | None: ...
 
     @property
-    def metadata(self) -> dict[str, Any] | None: ...
+    def metadata(self) -> Mapping[str, Any] | None: ...
 
 
 class DeadLetters(Protocol):

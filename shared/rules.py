@@ -47,6 +47,7 @@ ATTRIBUTE_NAME_HINT = (
 )
 ATTRIBUTE_NAME = r"^[A-Za-z_$@][A-Za-z0-9_.$@]{0,199}$"  # as the query language reads attribute names
 MAX_RULE_FILE_BYTES = 1 << 20  # a rule file is configuration, not data
+MAX_GROUP_BY = 64  # group-by attributes of a subpattern: a group key must fit its budget (engine.MAX_KEY_BYTES)
 MAX_YAML_DEPTH = 64  # PyYAML composes and constructs recursively; Defender payloads nest about 10 deep
 MAX_YAML_NODES = 250_000  # values once aliases are expanded: no "billion laughs" reaches the model
 RULE_SUFFIXES = (".yaml", ".yml")
@@ -73,7 +74,9 @@ class MitreRef(_Model):
 class SubpatternModel(_Model):
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     query: str
-    group_by: list[Annotated[str, Field(pattern=ATTRIBUTE_NAME)]] = Field(alias="groupBy", default_factory=list)
+    group_by: list[Annotated[str, Field(pattern=ATTRIBUTE_NAME)]] = Field(
+        alias="groupBy", default_factory=list, max_length=MAX_GROUP_BY
+    )
     constraint: str = Field(alias="aggregateConstraint")
 
     @field_validator("group_by")

@@ -24,7 +24,7 @@ from shared.__main__ import main
 from shared.aggregates import Constraint
 from shared.errors import RuleError, one_line
 from shared.query import MAX_QUERY_CHARS, MAX_QUERY_CONDITIONS, MAX_QUERY_DEPTH, Regexp, parse_correlation, parse_query
-from shared.rules import MAX_RULE_FILE_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, load_rules, parse_rule_text
+from shared.rules import MAX_GROUP_BY, MAX_RULE_FILE_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, load_rules, parse_rule_text
 
 BASE: dict[str, Any] = {
     "id": "ATTACK_Base",
@@ -226,6 +226,13 @@ def test_a_bad_field_value_names_the_field(tmp_path: Path, field: str, value: An
 def test_a_group_by_attribute_no_event_can_carry_is_an_error(tmp_path: Path, name: str) -> None:
     """An invisible or confusable character would make the group-by silently never match."""
     validate(tmp_path, sub_text(groupBy=["tenantId", name]), "subpatterns[0].groupBy[1]: not an attribute name")
+
+
+def test_more_group_by_attributes_than_a_group_key_can_hold_is_an_error(tmp_path: Path) -> None:
+    """Past MAX_GROUP_BY the key budget (engine.MAX_KEY_BYTES) could no longer keep distinct groups apart."""
+    names = ["hostName", *(f"a{i}" for i in range(MAX_GROUP_BY))]
+    validate(tmp_path, sub_text(groupBy=names), "subpatterns[0].groupBy: List should have at most 64 items")
+    assert parse_rule_text(sub_text(groupBy=names[:MAX_GROUP_BY])).group_by == tuple(names[:MAX_GROUP_BY])
 
 
 @pytest.mark.parametrize(

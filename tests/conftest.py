@@ -141,11 +141,15 @@ def private_azurite(tmp_path: Path) -> Iterator[Azurite]:
     instance.stop()
 
 
+_RUN_SALT = os.urandom(8)  # names differ from run to run: a second run against the same Azurite meets none of the first's
+
+
 @pytest.fixture
 def table_name(request: pytest.FixtureRequest) -> str:
+    """A table name of this test and this run (queue, container and table names derive from it)."""
     import hashlib
 
-    return "t" + hashlib.blake2b(request.node.nodeid.encode(), digest_size=8).hexdigest()
+    return "t" + hashlib.blake2b(request.node.nodeid.encode(), digest_size=8, key=_RUN_SALT).hexdigest()
 
 
 _FUNCTIONS: dict[str, object] = {}
